@@ -1,0 +1,1 @@
+"""The ``wsi-psm`` command line (installed as ``wsi_psm.cli``)."""

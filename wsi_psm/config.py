@@ -1,0 +1,85 @@
+"""The one typed, frozen run configuration. It is written into every output so a run can be reproduced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TissueConfig(_Frozen):
+    thumb_mpp: float = Field(8.0, gt=0, description="resolution of the thumbnail the tissue mask is computed on")
+    min_area_um2: float = Field(20000.0, ge=0, description="tissue components smaller than this are dropped")
+
+
+class TileConfig(_Frozen):
+    core_um: float = Field(256.0, gt=0, description="side of a tile's core (the part that owns cells), micrometres")
+    margin_um: float = Field(20.0, gt=0, description="overlap margin on each side; must exceed the largest nucleus")
+    batch_size: int = Field(8, ge=1, description="tiles per batch sent to the network")
+    decode_workers: int = Field(2, ge=1, description="threads decoding tiles (Dask threaded scheduler)")
+    prefetch_batches: int = Field(3, ge=1, description="decoded batches allowed in flight ahead of the network")
+
+
+class PSMConfig(_Frozen):
+    """Self-supervised activation network and prior self-activation map."""
+
+    width: int = Field(32, ge=4, description="channels of the stem; shallow blocks use 2x")
+    fit_tiles: int = Field(64, ge=1, description="tiles sampled from the tissue to fit the network")
+    fit_steps: int = Field(300, ge=1, description="optimiser steps of the self-supervised fit")
+    fit_batch: int = Field(16, ge=1)
+    fit_crop_px: int = Field(128, ge=32, description="crop side used while fitting")
+    lr: float = Field(1e-3, gt=0)
+    task: Literal["rot180-similarity", "rotation"] = "rotation"
+
+
+class ClusterConfig(_Frozen):
+    """Turning PSM + stain into nucleus pseudo masks (scikit-learn k-means)."""
+
+    k: int = Field(3, ge=2, le=8)
+    sample_pixels: int = Field(200000, ge=1000, description="pixels sampled to fit the clustering")
+    min_hole_um2: float = Field(16.0, ge=0, description="holes smaller than this inside a nucleus are filled")
+
+
+class InstanceConfig(_Frozen):
+    min_area_um2: float = Field(8.0, ge=0, description="smaller objects are dropped (debris)")
+    max_area_um2: float = Field(300.0, gt=0, description="larger objects are dropped (not a nucleus)")
+    split_min_distance_um: float = Field(2.5, gt=0, description="minimum distance between two nucleus seeds")
+
+
+class RunConfig(_Frozen):
+    target_mpp: float = Field(0.5, gt=0, description="processing resolution, micrometres per pixel")
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    stain: Literal["auto", "he", "ihc-dab"] = "auto"
+    geojson_gzip: bool = Field(False, description="write cells.geojson.gz instead of cells.geojson")
+    tissue: TissueConfig = TissueConfig()
+    tiles: TileConfig = TileConfig()
+    psm: PSMConfig = PSMConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    instances: InstanceConfig = InstanceConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def with_updates(self, **changes: Any) -> RunConfig:
+        """A copy with top-level or dotted-path changes, e.g. ``{"tiles.batch_size": 4}``; None values are ignored."""
+        data = self.to_dict()
+        for key, value in changes.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return RunConfig.model_validate(data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        return cls.model_validate(json.loads(Path(path).read_text()))
