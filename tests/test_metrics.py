@@ -1,0 +1,278 @@
+"""Metrics on hand-made label images whose answers are worked out in the comments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from wsi_psm.metrics import (
+    aji,
+    detection_scores,
+    match_points,
+    object_dice,
+    overlaps,
+    panoptic_quality,
+    pixel_f1,
+    segmentation_scores,
+)
+
+
+def _toy() -> tuple[np.ndarray, np.ndarray]:
+    """GT: A (1), B (2), C (3), three 2x2 squares. Pred: A exact (5), B split in two columns (7, 8),
+    C missed, and a false positive 2x2 square (9)."""
+    gt = np.zeros((6, 6), np.int32)
+    gt[0:2, 0:2] = 1  # A
+    gt[0:2, 3:5] = 2  # B
+    gt[4:6, 0:2] = 3  # C
+    pred = np.zeros((6, 6), np.int32)
+    pred[0:2, 0:2] = 5  # A exactly
+    pred[0:2, 3] = 7  # left half of B
+    pred[0:2, 4] = 8  # right half of B
+    pred[4:6, 4:6] = 9  # false positive
+    return pred, gt
+
+
+def test_pixel_f1_toy() -> None:
+    pred, gt = _toy()
+    # pred fg 12 px, gt fg 12 px, overlap A (4) + B (4) = 8 -> 2*8 / 24
+    assert pixel_f1(pred > 0, gt > 0) == pytest.approx(2 / 3)
+
+
+def test_object_dice_toy() -> None:
+    pred, gt = _toy()
+    # GT side (weights area/12): A->5 Dice 1; B->7 (tie with 8, lower id) Dice 2*2/(4+2) = 2/3; C -> 0
+    #   (4*1 + 4*2/3 + 0) / 12 = 5/9
+    # pred side: 5->A 1 (w 4); 7->B 2/3 (w 2); 8->B 2/3 (w 2); 9 -> 0 (w 4)
+    #   (4 + 4/3 + 4/3) / 12 = 5/9
+    assert object_dice(pred, gt) == pytest.approx(5 / 9)
+
+
+def test_aji_toy() -> None:
+    pred, gt = _toy()
+    # A->5: I 4, U 4.  B->7 (IoU 2/4, tie with 8, lower id): I 2, U 4.  C unmatched: U += 4.
+    # unused predictions 8 (2 px) and 9 (4 px): U += 6.  AJI = 6 / 18
+    assert aji(pred, gt) == pytest.approx(1 / 3)
+
+
+def test_pq_toy() -> None:
+    pred, gt = _toy()
+    # only (5, A) has IoU > 0.5 (B's halves reach exactly 0.5): TP 1, FP 3 (7, 8, 9), FN 2 (B, C)
+    # DQ = 1 / (1 + 1.5 + 1) = 2/7, SQ = 1, PQ = 2/7
+    q = panoptic_quality(pred, gt)
+    assert q["dq"] == pytest.approx(2 / 7)
+    assert q["sq"] == pytest.approx(1.0)
+    assert q["pq"] == pytest.approx(2 / 7)
+
+
+def test_perfect_and_relabelled_prediction() -> None:
+    _, gt = _toy()
+    pred = np.where(gt > 0, gt * 1000 + 7, 0)  # same objects, other ids
+    s = segmentation_scores(pred, gt)
+    assert s == pytest.approx(
+        {"pixel_f1": 1, "object_dice": 1, "aji": 1, "pq": 1, "dq": 1, "sq": 1}
+    )
+
+
+def test_partial_overlap_iou() -> None:
+    gt = np.zeros((4, 8), np.int32)
+    gt[:, 0:4] = 1  # 16 px
+    pred = np.zeros_like(gt)
+    pred[:, 1:6] = 3  # 20 px, overlap 12 px, union 24 -> IoU 0.5 (not > 0.5), Dice 24/36
+    assert aji(pred, gt) == pytest.approx(12 / 24)
+    assert object_dice(pred, gt) == pytest.approx(24 / 36)
+    assert panoptic_quality(pred, gt)["pq"] == 0.0
+    pred[:] = 0
+    pred[:, 1:5] = 3  # 16 px, overlap 12, union 20 -> IoU 0.6: one match
+    assert panoptic_quality(pred, gt) == pytest.approx({"dq": 1.0, "sq": 0.6, "pq": 0.6})
+
+
+def test_empty_cases() -> None:
+    empty = np.zeros((5, 5), np.int32)
+    one = empty.copy()
+    one[1:3, 1:3] = 1
+    assert pixel_f1(empty, empty) == 1.0
+    assert object_dice(empty, empty) == 1.0
+    assert aji(empty, empty) == 1.0
+    assert panoptic_quality(empty, empty)["pq"] == 1.0
+    for a, b in ((one, empty), (empty, one)):
+        assert pixel_f1(a, b) == 0.0
+        assert object_dice(a, b) == 0.0
+        assert aji(a, b) == 0.0
+        assert panoptic_quality(a, b) == {"dq": 0.0, "sq": 0.0, "pq": 0.0}
+
+
+def test_shape_mismatch_and_bad_threshold() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        aji(np.zeros((3, 3), int), np.zeros((3, 4), int))
+    with pytest.raises(ValueError):
+        panoptic_quality(np.zeros((3, 3), int), np.zeros((3, 3), int), iou_thr=0.3)
+
+
+# --------------------------------------------------------------------------- against direct formulas
+
+
+def _random_labels(rng: np.random.Generator, shape=(64, 64), n=25) -> np.ndarray:
+    """Blobs from thresholded smoothed noise, cut into instances by a random Voronoi partition."""
+    fg = ndi.gaussian_filter(rng.random(shape), 2) > 0.5
+    seeds = np.zeros(shape, np.int32)
+    idx = rng.choice(seeds.size, n, replace=False)
+    seeds.flat[idx] = np.arange(1, n + 1)
+    _, (ri, ci) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+    lab = seeds[ri, ci] * fg
+    return (lab * rng.integers(1, 50)).astype(np.int32)  # non-consecutive ids
+
+
+def _slow_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Per-object loops over full images, straight from the papers' definitions."""
+    pids = [i for i in np.unique(pred) if i]
+    gids = [j for j in np.unique(gt) if j]
+
+    def best(mask, other, ids, key):
+        top, arg = 0.0, None
+        for k in ids:  # ascending ids, strict '>' keeps the lowest id on ties
+            v = key(mask, other == k)
+            if v > top:
+                top, arg = v, k
+        return arg
+
+    inter = lambda a, b: float(np.sum(a & b))  # noqa: E731
+    iou = lambda a, b: np.sum(a & b) / np.sum(a | b)  # noqa: E731
+    dice = lambda a, b: 2 * np.sum(a & b) / (a.sum() + b.sum())  # noqa: E731
+
+    g_area = sum(np.sum(gt == j) for j in gids)
+    p_area = sum(np.sum(pred == i) for i in pids)
+    g_side = sum(
+        np.sum(gt == j)
+        / g_area
+        * (dice(gt == j, pred == k) if (k := best(gt == j, pred, pids, inter)) else 0)
+        for j in gids
+    )
+    p_side = sum(
+        np.sum(pred == i)
+        / p_area
+        * (dice(pred == i, gt == k) if (k := best(pred == i, gt, gids, inter)) else 0)
+        for i in pids
+    )
+    c = u = 0.0
+    used = set()
+    for j in gids:
+        g = gt == j
+        k = best(g, pred, pids, iou)
+        if k is None:
+            u += g.sum()
+            continue
+        used.add(k)
+        c += np.sum(g & (pred == k))
+        u += np.sum(g | (pred == k))
+    u += sum(np.sum(pred == i) for i in pids if i not in used)
+    tp_iou = [iou(pred == i, gt == j) for i in pids for j in gids if iou(pred == i, gt == j) > 0.5]
+    tp = len(tp_iou)
+    dq = tp / (tp + 0.5 * (len(pids) - tp) + 0.5 * (len(gids) - tp))
+    sq = float(np.mean(tp_iou)) if tp else 0.0
+    return {"object_dice": 0.5 * (g_side + p_side), "aji": c / u, "pq": dq * sq, "dq": dq, "sq": sq}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_instance_metrics_match_direct_formulas(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    gt = _random_labels(rng)
+    pred = _random_labels(rng)
+    # make the prediction overlap the truth: shift it onto the truth partly
+    pred = np.where(
+        rng.random(gt.shape) < 0.02, 0, np.roll(gt, (1, 2), (0, 1)) * 3 + pred * (gt == 0)
+    )
+    fast = segmentation_scores(pred, gt)
+    slow = _slow_scores(pred, gt)
+    for key, value in slow.items():
+        assert fast[key] == pytest.approx(value), key
+
+
+def test_pixel_f1_matches_confusion_formula() -> None:
+    rng = np.random.default_rng(7)
+    p = rng.random((50, 40)) < 0.3
+    g = rng.random((50, 40)) < 0.4
+    tp = np.sum(p & g)
+    fp = np.sum(p & ~g)
+    fn = np.sum(~p & g)
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    assert pixel_f1(p, g) == pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_overlaps_table() -> None:
+    pred, gt = _toy()
+    ov = overlaps(pred, gt)
+    assert ov.pred_area.tolist() == [4, 2, 2, 4]
+    assert ov.gt_area.tolist() == [4, 4, 4]
+    table = sorted(zip(ov.pi.tolist(), ov.gi.tolist(), ov.inter.tolist(), strict=True))
+    assert table == [(0, 0, 4), (1, 1, 2), (2, 1, 2)]
+
+
+def test_huge_label_ids() -> None:
+    pred, gt = _toy()
+    big = np.where(pred > 0, pred.astype(np.int64) * 10**12, 0)
+    assert aji(big, gt) == pytest.approx(aji(pred, gt))
+
+
+# --------------------------------------------------------------------------- points
+
+
+def test_match_points_is_optimal_not_greedy() -> None:
+    # radius 2.1: A=(0,0)-X=(1.5,0) 1.5; B=(2.5,0)-X 1.0; B-Y=(4.5,0) 2.0; A-Y 4.5 (too far).
+    # Greedy nearest-first takes B-X and strands A; the optimum is A-X + B-Y: 2 matches.
+    pred = np.array([[0.0, 0.0], [2.5, 0.0]])
+    gt = np.array([[1.5, 0.0], [4.5, 0.0]])
+    tp, fp, fn, pairs = match_points(pred, gt, 2.1)
+    assert (tp, fp, fn) == (2, 0, 0)
+    assert pairs.tolist() == [[0, 0], [1, 1]]
+
+
+def test_match_points_radius_inclusive_and_empty() -> None:
+    pred = np.array([[0.0, 0.0], [10.0, 0.0], [100.0, 100.0]])
+    gt = np.array([[0.0, 0.0], [10.0, 5.0]])
+    tp, fp, fn, pairs = match_points(pred, gt, 5.0)  # (0,0) at distance 0, (10,0)-(10,5) exactly 5
+    assert (tp, fp, fn) == (2, 1, 0)
+    assert pairs.tolist() == [[0, 0], [1, 1]]
+    assert match_points(pred, gt, 4.9)[:3] == (1, 2, 1)
+    assert match_points(np.zeros((0, 2)), gt, 5)[:3] == (0, 0, 2)
+    assert match_points(pred, [], 5)[:3] == (0, 3, 0)
+    assert match_points([], [], 5)[:3] == (0, 0, 0)
+
+
+def test_match_points_many_points_one_to_one() -> None:
+    rng = np.random.default_rng(3)
+    gt = rng.random((2000, 2)) * 1000
+    pred = np.concatenate([gt[:1500] + rng.normal(0, 2, (1500, 2)), rng.random((300, 2)) * 1000])
+    tp, fp, fn, pairs = match_points(pred, gt, 10)
+    assert len(np.unique(pairs[:, 0])) == tp and len(np.unique(pairs[:, 1])) == tp
+    assert np.all(np.linalg.norm(pred[pairs[:, 0]] - gt[pairs[:, 1]], axis=1) <= 10)
+    assert tp + fp == len(pred) and tp + fn == len(gt)
+    assert tp >= 1500
+
+
+def test_detection_scores_per_class() -> None:
+    gt = {"Positive": np.array([[0, 0], [50, 50]]), "Negative": np.array([[100, 100]])}
+    pred = {
+        "Positive": np.array([[1, 1], [200, 200]]),  # 1 TP, 1 FP, 1 FN
+        "Negative": np.array([[103, 104], [300, 300], [400, 400]]),  # 1 TP (distance 5), 2 FP
+    }
+    s = detection_scores(pred, gt, radius=10)
+    pos, neg = s["classes"]["Positive"], s["classes"]["Negative"]
+    assert (pos["tp"], pos["fp"], pos["fn"]) == (1, 1, 1)
+    assert pos["precision"] == pytest.approx(0.5) and pos["recall"] == pytest.approx(0.5)
+    assert pos["f1"] == pytest.approx(0.5) and pos["count_error"] == 0
+    # Negative: P 1/3, R 1, F1 = 2/(2+2) = 0.5; 3 predicted vs 1 true
+    assert neg["precision"] == pytest.approx(1 / 3) and neg["recall"] == 1.0
+    assert (
+        neg["f1"] == pytest.approx(0.5) and neg["count_error"] == 2 and neg["abs_count_error"] == 2
+    )
+    assert s["mean_f1"] == pytest.approx(0.5)
+    # ignoring class: 2 TP of 5 predictions and 3 truths -> F1 = 4 / 8
+    assert s["overall"]["f1"] == pytest.approx(0.5)
+
+
+def test_detection_scores_missing_class() -> None:
+    gt = {"Positive": np.array([[0, 0]]), "Negative": np.zeros((0, 2))}
+    s = detection_scores({"Positive": np.array([[0, 0]])}, gt, radius=10)
+    assert s["classes"]["Negative"]["f1"] == 1.0  # nothing to find, nothing found
+    assert s["mean_f1"] == 1.0
