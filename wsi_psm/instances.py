@@ -1,0 +1,162 @@
+"""Nucleus foreground (and optionally a nucleus probability map) -> instance labels.
+
+Touching nuclei are separated by a marker-controlled watershed: markers are the peaks of the smoothed
+distance transform (times the smoothed probability when one is given), at least
+``split_min_distance_um`` apart. Sizes in the config are physical (µm, µm²) and converted with mpp.
+
+Every output label is one 4-connected piece, labels run 1..n in raster order of their first pixel,
+and the result depends only on the inputs (no randomness).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from skimage.feature import peak_local_max
+from skimage.measure import label as cc_label
+from skimage.segmentation import watershed
+
+from wsi_psm.config import InstanceConfig
+
+_FOUR = ndi.generate_binary_structure(2, 1)
+
+
+def fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
+    """``mask`` with background pockets of at most ``max_hole_px`` pixels (not touching the border) filled."""
+    mask = np.asarray(mask, dtype=bool)
+    if max_hole_px <= 0 or not mask.any():
+        return mask.copy()
+    holes, n = ndi.label(~mask, structure=_FOUR)
+    if n == 0:
+        return mask.copy()
+    size = np.bincount(holes.ravel(), minlength=n + 1)
+    fill = size <= max_hole_px
+    fill[0] = False
+    # background that reaches the edge of the array is outside, not a hole
+    edge = np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])
+    fill[edge] = False
+    return mask | fill[holes]
+
+
+def _relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarray:
+    """Drop labels outside [min_px, max_px] and renumber the rest 1..n, keeping their order."""
+    area = np.bincount(labels.ravel())
+    keep = (area >= min_px) & (area <= max_px)
+    keep[0] = False
+    lut = np.zeros(len(area), dtype=np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def _merge_shallow(
+    labels: np.ndarray, relief: np.ndarray, peak: np.ndarray, min_depth: float
+) -> np.ndarray:
+    """Merge adjacent watershed regions separated by a saddle less than ``min_depth`` below the lower peak.
+
+    ``peak[i]`` is the relief at the seed of label i+1. The saddle of two regions is the highest
+    relief along their shared boundary (the lower of the two pixels of each 4-neighbour pair).
+    """
+    a_parts, b_parts, v_parts = [], [], []
+    for a, b, ra, rb in (
+        (labels[:, :-1], labels[:, 1:], relief[:, :-1], relief[:, 1:]),
+        (labels[:-1], labels[1:], relief[:-1], relief[1:]),
+    ):
+        m = (a != b) & (a > 0) & (b > 0)
+        a_parts.append(a[m])
+        b_parts.append(b[m])
+        v_parts.append(np.minimum(ra[m], rb[m]))
+    a, b, v = (np.concatenate(x) for x in (a_parts, b_parts, v_parts))
+    if len(a) == 0:
+        return labels
+    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
+    n = len(peak) + 1
+    key = lo * n + hi
+    order = np.lexsort((-v, key))  # per pair, highest boundary value first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = key[order][1:] != key[order][:-1]
+    sel = order[first]
+    lo, hi, saddle = lo[sel], hi[sel], v[sel]
+    shallow = np.minimum(peak[lo - 1], peak[hi - 1]) - saddle < min_depth
+    if not shallow.any():
+        return labels
+    graph = coo_matrix((np.ones(int(shallow.sum())), (lo[shallow], hi[shallow])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+    # component ids are assigned in order of the smallest member, so background (0) keeps 0
+    return comp[labels].astype(np.int32)
+
+
+def split_instances(
+    foreground: np.ndarray,
+    *,
+    mpp: float,
+    cfg: InstanceConfig | None = None,
+    prob: np.ndarray | None = None,
+    smooth_um: float = 0.5,
+    max_hole_um2: float | None = None,
+    min_depth_um: float = 0.25,
+) -> np.ndarray:
+    """Instance labels (int32, 0 = background) from a boolean nucleus foreground.
+
+    Args:
+        foreground: 2-D boolean (or 0/non-0) nucleus mask.
+        mpp: micrometres per pixel of ``foreground``.
+        cfg: sizes (min/max nucleus area in µm², minimum seed distance in µm); defaults to
+            ``InstanceConfig()``.
+        prob: optional nucleus probability map in [0, 1], same shape; it multiplies the distance
+            relief so seeds and cut lines follow low-probability valleys between nuclei.
+        smooth_um: Gaussian sigma (µm) applied to the relief before peak finding, so a flat ridge of
+            the distance transform yields one seed rather than several.
+        min_depth_um: two touching regions are merged back when the lower of their peaks rises less
+            than this above the saddle between them (a flat ridge is one nucleus, not several).
+        max_hole_um2: holes up to this area inside the foreground are filled first
+            (default: the minimum nucleus area, i.e. anything too small to be a nucleus itself).
+    """
+    cfg = cfg or InstanceConfig()
+    fg = np.asarray(foreground)
+    if fg.ndim != 2:
+        raise ValueError(f"foreground must be 2-D, got shape {fg.shape}")
+    if not mpp > 0:
+        raise ValueError(f"mpp must be positive, got {mpp}")
+    fg = fg.astype(bool, copy=False)
+    if prob is not None:
+        prob = np.asarray(prob, dtype=np.float32)
+        if prob.shape != fg.shape:
+            raise ValueError(f"prob shape {prob.shape} != foreground shape {fg.shape}")
+    px_area = mpp * mpp
+    min_px = cfg.min_area_um2 / px_area
+    max_px = cfg.max_area_um2 / px_area
+    hole_px = (cfg.min_area_um2 if max_hole_um2 is None else max_hole_um2) / px_area
+
+    fg = fill_small_holes(fg, hole_px)
+    if not fg.any():
+        return np.zeros(fg.shape, dtype=np.int32)
+
+    relief = ndi.distance_transform_edt(fg).astype(np.float32)
+    sigma = smooth_um / mpp
+    if sigma > 0:
+        relief = ndi.gaussian_filter(relief, sigma)
+    if prob is not None:
+        relief *= ndi.gaussian_filter(prob, sigma) if sigma > 0 else prob
+    relief[~fg] = 0
+
+    min_dist = max(1, round(cfg.split_min_distance_um / mpp))
+    peaks = peak_local_max(relief, min_distance=min_dist, exclude_border=False, threshold_abs=1e-6)
+    markers = np.zeros(fg.shape, dtype=np.int32)
+    markers[peaks[:, 0], peaks[:, 1]] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    labels = watershed(-relief, markers, mask=fg, connectivity=1)
+    if min_depth_um > 0 and len(peaks) > 1:
+        labels = _merge_shallow(
+            labels, relief, relief[peaks[:, 0], peaks[:, 1]], min_depth_um / mpp
+        )
+
+    # components that got no seed (too thin for a peak) keep their own label
+    orphans = fg & (labels == 0)
+    if orphans.any():
+        extra, _ = ndi.label(orphans, structure=_FOUR)
+        labels = np.where(orphans, extra + len(peaks), labels)
+
+    # one 4-connected piece per label; equal-valued neighbours connect, so this splits only pieces
+    pieces = cc_label(labels, background=0, connectivity=1)
+    return _relabel_by_area(pieces, min_px, max_px)
