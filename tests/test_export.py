@@ -1,0 +1,400 @@
+"""export: streamed GeoJSON + GeoParquet with the same cells, summary.json, overlay, atomic folder."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import geopandas as gpd
+import jsonschema
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from shapely.geometry import box
+from skimage.draw import disk
+
+from wsi_psm.config import RunConfig
+from wsi_psm.errors import OutputExistsError, OutputWriteError
+from wsi_psm.export import (
+    CellRecord,
+    GeoJSONWriter,
+    GeoParquetWriter,
+    OutputFolder,
+    class_counts_summary,
+    config_json_schema,
+    load_schema,
+    render_overlay,
+    software_versions,
+    utc_now_iso,
+    write_summary,
+)
+from wsi_psm.polygons import MEASUREMENT_NAMES, labels_to_polygons, polygon_measurements
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK_CELLS = ROOT.parent / "shared" / "tools" / "check_cells.py"
+W, H = 2400, 1800  # level-0 size of the synthetic slide
+MPP = 0.25
+COLORS = {"tumour": (200, 30, 30), "stroma": (30, 160, 60), "immune": (40, 60, 220)}
+
+
+def synthetic_cells(n_side: int = 18, seed: int = 0) -> list[CellRecord]:
+    """Nuclei-like blobs on a jittered grid, traced at 2x downsampling into a level-0 frame."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((n_side * 24, n_side * 24), np.int32)
+    k = 0
+    for i in range(n_side):
+        for j in range(n_side):
+            k += 1
+            r = rng.uniform(3, 9)
+            centre = (i * 24 + 12 + rng.uniform(-2, 2), j * 24 + 12 + rng.uniform(-2, 2))
+            labels[disk(centre, r, shape=labels.shape)] = k
+    names = list(COLORS)
+    cells = []
+    for lab, poly in labels_to_polygons(labels, scale=1.984, offset=(301.5, 123.25)):
+        m = polygon_measurements(poly, MPP)
+        m["Hematoxylin OD mean"] = float(rng.uniform(0, 1))
+        m["undefined"] = float("nan")  # must be dropped from the GeoJSON
+        name = names[lab % 3]
+        cells.append(CellRecord(poly, name, COLORS[name], m))
+    return cells
+
+
+def summary_for(cells: list[CellRecord], tissue_mm2: float = 0.2) -> dict:
+    counts: dict[str, int] = {}
+    for c in cells:
+        counts[c.class_name] = counts.get(c.class_name, 0) + 1
+    return {
+        "slide": {
+            "name": "synthetic.svs",
+            "path": "/data/synthetic.svs",
+            "width": W,
+            "height": H,
+            "mpp": MPP,
+            "mpp_source": "metadata",
+            "vendor": None,
+            "backend": "synthetic",
+        },
+        "target_mpp": 0.5,
+        "tissue_area_mm2": tissue_mm2,
+        "cells_total": len(cells),
+        "class_counts": class_counts_summary(counts, COLORS, tissue_mm2),
+        "indices": {"ki67_index": None},
+        "counters": {"cells_dropped": 3},
+        "config": RunConfig().to_dict(),
+        "versions": software_versions(),
+        "timings_s": {"segment": 1.5, "export": 0.25},
+        "model": {"source": "fitted-on-slide", "path": None},
+        "outputs": ["cells.geojson", "cells.parquet", "overlay.png"],
+        "created": utc_now_iso(),
+    }
+
+
+@pytest.fixture(scope="module")
+def cells() -> list[CellRecord]:
+    return synthetic_cells()
+
+
+def write_all(folder: Path, cells: list[CellRecord], gz: bool, slide_key="synthetic.svs"):
+    name = "cells.geojson.gz" if gz else "cells.geojson"
+    with (
+        GeoJSONWriter(folder / name, gzip=gz, slide_key=slide_key) as gj,
+        GeoParquetWriter(folder / "cells.parquet", slide_key=slide_key, row_group_size=100) as gp,
+    ):
+        for c in cells:
+            assert gj.write(c) == gp.write(c)
+    write_summary(folder / "summary.json", summary_for(cells))
+    thumb = np.full((H // 8, W // 8, 3), 235, np.uint8)
+    render_overlay(thumb, iter(cells), 8.0, folder / "overlay.png")
+    return folder / name
+
+
+def load_geojson(path: Path) -> dict:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_outputs_round_trip_and_pass_the_checker(tmp_path, cells, gz):
+    final = tmp_path / "out" / "synthetic"
+    with OutputFolder(final, overwrite=False) as folder:
+        assert folder.parent == final.parent and folder.name.startswith(".synthetic.tmp-")
+        geojson_name = write_all(folder, cells, gz).name
+        assert not final.exists()
+    assert sorted(p.name for p in final.parent.iterdir()) == ["synthetic"]
+    assert {p.name for p in final.iterdir()} == {
+        geojson_name,
+        "cells.parquet",
+        "summary.json",
+        "overlay.png",
+    }
+
+    fc = load_geojson(final / geojson_name)
+    jsonschema.Draft202012Validator(load_schema("cells")).validate(fc)
+    feats = fc["features"]
+    assert len(feats) == len(cells) > 300
+    for f in feats:
+        p = f["properties"]
+        assert "type" not in p and p["objectType"] == "detection"
+        assert "undefined" not in p["measurements"]
+        assert set(MEASUREMENT_NAMES) <= set(p["measurements"])
+    assert len({f["id"] for f in feats}) == len(feats)
+
+    gj = gpd.read_file(f"/vsigzip/{final / geojson_name}" if gz else final / geojson_name)
+    gp = gpd.read_parquet(final / "cells.parquet")
+    assert gp.geometry.name == "geometry" and gp.crs is None
+    assert len(gj) == len(gp) == len(cells)
+    assert list(gp["id"]) == [f["id"] for f in feats]
+    assert list(gp["class"]) == [c.class_name for c in cells]
+    assert gp.geometry.geom_equals_exact(gj.geometry.set_crs(None, allow_override=True), 0).all()
+    # Geometry is the input rounded to 2 decimals; areas agree to rounding.
+    np.testing.assert_allclose(gp.area, [c.polygon.area for c in cells], rtol=1e-3)
+    np.testing.assert_allclose(
+        gp["Area µm^2"], [c.measurements["Area µm^2"] for c in cells], rtol=1e-5
+    )
+    assert gp["undefined"].isna().all() if "undefined" in gp else True
+    meta = json.loads(pq.ParquetFile(final / "cells.parquet").metadata.metadata[b"wsi_psm"])
+    assert meta["classes"] == {k: list(v) for k, v in COLORS.items()}
+
+    summary = json.loads((final / "summary.json").read_text())
+    jsonschema.Draft202012Validator(load_schema("summary")).validate(summary)
+    assert summary["cells_total"] == len(cells)
+
+    if not CHECK_CELLS.exists():
+        pytest.skip(f"{CHECK_CELLS} not available")
+    run = subprocess.run(
+        [sys.executable, str(CHECK_CELLS), str(final), str(W), str(H)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_ids_are_deterministic_and_gzip_bytes_reproducible(tmp_path, cells):
+    few = cells[:50]
+    paths = []
+    for i, key in enumerate(["a.svs", "a.svs", "b.svs"]):
+        (tmp_path / str(i)).mkdir()
+        p = tmp_path / str(i) / "cells.geojson.gz"
+        with GeoJSONWriter(p, gzip=True, slide_key=key) as w:
+            w.write_many(few)
+        paths.append(p)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    ids = [[f["id"] for f in load_geojson(p)["features"]] for p in paths]
+    assert ids[0] == ids[1] and not set(ids[0]) & set(ids[2])
+
+
+def test_integral_coordinates_are_written_as_integers(tmp_path):
+    p = tmp_path / "c.geojson"
+    with GeoJSONWriter(p) as w:
+        w.write(CellRecord(box(5, 3, 6, 4), "a", (1, 2, 3), {"x": 1.0}))
+        w.write(CellRecord(box(0.123456, 0, 1, 1.5), "a", (1, 2, 3)))
+    text = p.read_text()
+    assert "[[[6,3],[6,4],[5,4],[5,3],[6,3]]]" in text
+    assert "0.12," in text and "0.123456" not in text
+    assert load_geojson(p)["features"][1]["properties"]["measurements"] == {}
+
+
+def test_empty_outputs_are_valid(tmp_path):
+    with GeoJSONWriter(tmp_path / "c.geojson") as w, GeoParquetWriter(tmp_path / "c.parquet") as g:
+        assert w.count == g.count == 0
+    fc = load_geojson(tmp_path / "c.geojson")
+    assert fc == {"type": "FeatureCollection", "features": []}
+    assert len(gpd.read_parquet(tmp_path / "c.parquet")) == 0
+
+
+def test_geojson_streams_and_is_not_valid_json_when_interrupted(tmp_path, cells):
+    p = tmp_path / "c.geojson"
+    with pytest.raises(RuntimeError), GeoJSONWriter(p) as w:
+        for _ in range(12):
+            w.write_many(cells)  # > 2000 features: flushed to disk before the end
+        assert p.stat().st_size > 100_000
+        raise RuntimeError("crash")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(p.read_text())
+
+
+def test_writers_reject_bad_cells(tmp_path):
+    with GeoJSONWriter(tmp_path / "c.geojson") as w:
+        w.write(CellRecord(box(0, 0, 1, 1), "a", (1, 2, 3)))
+        with pytest.raises(ValueError, match="two colours"):
+            w.write(CellRecord(box(0, 0, 1, 1), "a", (1, 2, 4)))
+        with pytest.raises(ValueError, match="colour"):
+            w.write(CellRecord(box(0, 0, 1, 1), "b", (1, 2, 300)))
+        with pytest.raises(ValueError, match="Polygon"):
+            w.write(CellRecord(box(0, 0, 1, 1).union(box(3, 3, 4, 4)), "a", (1, 2, 3)))
+
+
+def test_parquet_measurement_columns(tmp_path):
+    p = tmp_path / "c.parquet"
+    with GeoParquetWriter(p, measurement_names=["a", "b"]) as w:
+        w.write(CellRecord(box(0, 0, 1, 1), "x", (1, 2, 3), {"a": 1.0}))
+        w.write(CellRecord(box(2, 0, 3, 1), "x", (1, 2, 3), {"a": 2.0, "b": math.inf}))
+        with pytest.raises(ValueError, match="not columns"):
+            w.write(CellRecord(box(4, 0, 5, 1), "x", (1, 2, 3), {"c": 1.0}))
+    df = gpd.read_parquet(p)
+    assert list(df.columns) == ["id", "class", "a", "b", "geometry"]
+    assert df["a"].tolist() == [1.0, 2.0] and df["b"].isna().all()
+
+
+def test_write_summary_rejects_bad_content(tmp_path, cells):
+    good = summary_for(cells)
+    # numpy scalars, tuples and paths are fine
+    good["cells_total"] = np.int64(good["cells_total"])
+    good["class_counts"]["tumour"]["color"] = (200, 30, 30)
+    good["slide"]["path"] = Path("/data/synthetic.svs")
+    write_summary(tmp_path / "s.json", good)
+    assert json.loads((tmp_path / "s.json").read_text())["slide"]["path"] == "/data/synthetic.svs"
+    bad_cases = [
+        ({k: v for k, v in good.items() if k != "tissue_area_mm2"}, "tissue_area_mm2"),
+        ({**good, "cells_total": len(cells) + 1}, "add up"),
+        ({**good, "created": "yesterday"}, "created"),
+        ({**good, "surprise": 1}, "surprise"),
+        ({**good, "config": {**good["config"], "target_mpp": -1}}, "config"),
+        ({**good, "timings_s": {"x": -1.0}}, "timings_s"),
+        ({**good, "timings_s": {"x": math.nan}}, "JSON compliant"),
+        ({**good, "config": object()}, "not JSON serialisable"),
+    ]
+    for bad, match in bad_cases:
+        with pytest.raises(ValueError, match=match):
+            write_summary(tmp_path / "bad.json", bad)
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_config_schema_file_matches_runconfig():
+    committed = json.loads((ROOT / "schemas" / "config.schema.json").read_text())
+    assert committed == config_json_schema(), (
+        "schemas/config.schema.json is stale; regenerate with "
+        "python -c 'from wsi_psm.export import write_config_schema; write_config_schema()'"
+    )
+    jsonschema.Draft202012Validator.check_schema(committed)
+    jsonschema.validate(RunConfig().to_dict(), committed)
+    for name in ("cells", "summary"):
+        jsonschema.Draft202012Validator.check_schema(load_schema(name))
+
+
+def test_overlay_is_capped_and_draws_class_colours(tmp_path):
+    thumb = np.full((1000, 5000, 3), 255, np.uint8)  # scale 4 -> level-0 20000 x 4000
+    cells = (
+        CellRecord(box(x, 1000, x + 400, 1400), "t", (255, 0, 0)) for x in range(0, 20000, 1000)
+    )
+    out = render_overlay(thumb, cells, 4.0, tmp_path / "overlay.png")
+    img = np.asarray(Image.open(out))
+    assert img.shape == (410, 2048, 3)  # 5000 x 1000 shrunk to 2048 on the long side
+    s = 2048 / 20000  # thumbnail px per level-0 px
+    inside = img[round(1200 * s), round(200 * s)]
+    outside = img[round(1200 * s), round(700 * s)]
+    assert inside[0] > 200 and inside[1] < 200 and tuple(outside) == (255, 255, 255)
+    # (polygon, colour) pairs work too, and tiny cells still leave a mark
+    out = render_overlay(thumb, [(box(40, 40, 41, 41), (0, 0, 255))], 4.0, tmp_path / "o2.png")
+    assert tuple(np.asarray(Image.open(out))[4, 4]) == (0, 0, 255)
+
+
+# ---------------------------------------------------------------------------- OutputFolder
+
+
+def siblings(final: Path) -> list[str]:
+    return sorted(p.name for p in final.parent.iterdir())
+
+
+def test_exception_inside_leaves_nothing(tmp_path):
+    final = tmp_path / "slide"
+    with pytest.raises(KeyError), OutputFolder(final) as folder:
+        (folder / "cells.geojson").write_text("{")
+        raise KeyError("boom")
+    assert siblings(final) == []
+
+
+def test_existing_output_raises_at_entry_and_is_untouched(tmp_path):
+    final = tmp_path / "slide"
+    final.mkdir()
+    (final / "summary.json").write_text("old")
+    ran = False
+    with pytest.raises(OutputExistsError, match="overwrite"), OutputFolder(final):
+        ran = True
+    assert not ran
+    assert (final / "summary.json").read_text() == "old" and siblings(final) == ["slide"]
+
+
+def test_overwrite_replaces_and_failure_keeps_old(tmp_path):
+    final = tmp_path / "slide"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), OutputFolder(final, overwrite=True) as folder:
+        (folder / "new.txt").write_text("new")
+        raise RuntimeError
+    assert [p.name for p in final.iterdir()] == ["old.txt"] and siblings(final) == ["slide"]
+    with OutputFolder(final, overwrite=True) as folder:
+        (folder / "new.txt").write_text("new")
+    assert [p.name for p in final.iterdir()] == ["new.txt"] and siblings(final) == ["slide"]
+
+
+def test_new_parent_folders_are_created(tmp_path):
+    final = tmp_path / "a" / "b" / "slide"
+    with OutputFolder(final) as folder:
+        (folder / "x").write_text("1")
+    assert (final / "x").read_text() == "1"
+
+
+def test_full_disk_inside_becomes_one_line_write_error(tmp_path):
+    final = tmp_path / "slide"
+    with pytest.raises(OutputWriteError) as info, OutputFolder(final):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a failed write() reports
+    msg = str(info.value)
+    assert str(final) in msg and "No space left" in msg and "\n" not in msg
+    assert siblings(final) == []
+
+
+def test_unrelated_oserror_passes_through(tmp_path):
+    with pytest.raises(FileNotFoundError), OutputFolder(tmp_path / "slide"):
+        open(tmp_path / "elsewhere" / "missing.svs")
+    assert siblings(tmp_path / "slide") == []
+
+
+def test_read_only_rename_becomes_write_error_and_keeps_old(tmp_path, monkeypatch):
+    final = tmp_path / "slide"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".slide.tmp-" in str(src):  # moving the old output aside works, the new one in fails
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OutputWriteError, match="Read-only"), OutputFolder(final, True) as folder:
+        (folder / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert [p.name for p in final.iterdir()] == ["old.txt"] and siblings(final) == ["slide"]
+
+
+def test_read_only_parent_at_entry(tmp_path, monkeypatch):
+    def mkdir(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(args[0]))
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    with pytest.raises(OutputWriteError, match="Read-only"), OutputFolder(tmp_path / "x" / "s"):
+        pass
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root ignores directory permissions"
+)
+def test_read_only_parent_directory(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        with pytest.raises(OutputWriteError, match="ro"), OutputFolder(parent / "slide"):
+            pass
+    finally:
+        parent.chmod(0o755)

@@ -1,0 +1,747 @@
+"""Writing one slide's results: cells as streamed GeoJSON and GeoParquet, summary.json, overlay.png,
+all inside an output folder that appears under its final name only when complete.
+
+Contract (DESIGN.md "Outputs"): every cell is a Feature with a UUID ``id``, a Polygon in level-0 px and
+``properties = {"objectType": "detection", "classification": {"name", "color"}, "measurements": {..}}``;
+``properties.type`` is never written (QuPath reads it as objectType). The GeoJSON and the GeoParquet
+hold the same cells with the same ids and the same (rounded) geometry.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip as _gzip
+import importlib.metadata
+import importlib.resources
+import json
+import math
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cache
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import jsonschema
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+from PIL import Image, ImageDraw
+from shapely.geometry import Polygon
+
+from wsi_psm import __version__
+from wsi_psm.config import RunConfig
+from wsi_psm.errors import OutputExistsError, OutputWriteError
+
+JSON_SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+SUMMARY_SCHEMA_VERSION = "1.0"
+# Namespace of the deterministic cell ids (uuid5); changing it changes every id ever written.
+CELL_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "wsi-psm:cell")
+# errno values that mean "this output cannot be written here" rather than a bug.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+# --------------------------------------------------------------------------------------------------
+# cells
+
+
+@dataclass(frozen=True, slots=True)
+class CellRecord:
+    """One cell as written: a Polygon in level-0 px, its class, the class colour and measurements."""
+
+    polygon: Polygon
+    class_name: str
+    color: tuple[int, int, int]
+    measurements: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    id: str
+    rings: list[np.ndarray]  # closed rings, exterior first, rounded
+    measurements: dict[str, float]
+
+
+def _round_sig(value: float, digits: int = 6) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def cell_id(slide_key: str, ring: np.ndarray) -> str:
+    """Deterministic UUID of a cell: uuid5 of the slide key, the centroid and the area of its
+    (rounded, closed) exterior ring.
+
+    Reruns of the same slide with the same settings therefore give the same ids, so two runs can be
+    joined or diffed cell by cell and a re-import into a QuPath project replaces objects instead of
+    duplicating them. Two distinct cells of one slide cannot share centroid and area unless they
+    overlap, which the tile-ownership rule rules out. Use the slide's file name (not its path, so
+    moving a slide keeps its ids) as ``slide_key`` so ids also differ between slides.
+    """
+    x, y = ring[:, 0] - ring[0, 0], ring[:, 1] - ring[0, 1]
+    cross = x[:-1] * y[1:] - x[1:] * y[:-1]
+    a2 = float(cross.sum())
+    if a2 == 0:
+        cx, cy = float(ring[:, 0].mean()), float(ring[:, 1].mean())
+    else:
+        cx = float(np.dot(x[:-1] + x[1:], cross)) / (3.0 * a2) + ring[0, 0]
+        cy = float(np.dot(y[:-1] + y[1:], cross)) / (3.0 * a2) + ring[0, 1]
+    return str(uuid.uuid5(CELL_ID_NAMESPACE, f"{slide_key}|{cx:.2f}|{cy:.2f}|{abs(a2) / 2:.2f}"))
+
+
+def _check_colour(seen: dict[str, tuple[int, int, int]], name: str, color: Sequence[int]) -> None:
+    """One colour per class (QuPath keeps one per class), each three ints in 0..255."""
+    known = seen.get(name)
+    if known is not None and tuple(color) == known:
+        return
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"class name must be a non-empty string, got {name!r}")
+    col = tuple(int(v) for v in color)
+    if len(col) != 3 or any(not 0 <= v <= 255 for v in col) or col != tuple(color):
+        raise ValueError(f"class {name!r}: colour must be three ints in 0..255, got {color!r}")
+    if known is not None:
+        raise ValueError(f"class {name!r} written with two colours: {known} and {col}")
+    seen[name] = col  # type: ignore[assignment]
+
+
+def _prepare(cell: CellRecord, slide_key: str, decimals: int) -> _Prepared:
+    poly = cell.polygon
+    if not isinstance(poly, Polygon) or poly.is_empty:
+        raise ValueError(f"a cell must be a non-empty shapely Polygon, got {poly.geom_type}")
+    rings = [np.round(shapely.get_coordinates(poly.exterior), decimals)]
+    rings += [np.round(shapely.get_coordinates(r), decimals) for r in poly.interiors]
+    # Non-finite numbers are not JSON; QuPath reads a missing measurement as NaN anyway.
+    meas = {str(k): _round_sig(float(v)) for k, v in cell.measurements.items() if math.isfinite(v)}
+    return _Prepared(cell_id(slide_key, rings[0]), rings, meas)
+
+
+def _coords_json(rings: list[np.ndarray]) -> list[list[list[float]]] | list[list[list[int]]]:
+    # Integral coordinates (scale 1, or pixel corners times an integer) are written without ".0".
+    out = []
+    for r in rings:
+        ri = r.astype(np.int64)
+        out.append(ri.tolist() if np.array_equal(ri, r) else r.tolist())
+    return out
+
+
+class GeoJSONWriter:
+    """Stream cells into a GeoJSON FeatureCollection, one Feature per line, never holding them all.
+
+    ``with GeoJSONWriter(folder / "cells.geojson.gz", gzip=True, slide_key=name) as w: w.write(cell)``.
+    The closing ``]}`` is written only when the block ends without an exception, so an interrupted
+    file is never valid JSON. Coordinates are rounded to ``decimals`` (2: pixel corners times a scale
+    are exact or within 0.005 px), measurements to 6 significant digits; ids as :func:`cell_id`.
+    Gzip output has a zero timestamp, so identical runs give identical bytes. Note that QuPath's
+    object import (PathIO.readObjects) reads .geojson, .json and .zip, not .gz: gunzip first.
+    """
+
+    _HEADER = b'{"type":"FeatureCollection","features":[\n'
+    _FOOTER = b"\n]}\n"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        gzip: bool = False,
+        *,
+        slide_key: str = "",
+        decimals: int = 2,
+        compresslevel: int = 6,
+    ) -> None:
+        self.path = Path(path)
+        self.gzip = gzip
+        self.slide_key = slide_key
+        self.decimals = decimals
+        self.compresslevel = compresslevel
+        self.count = 0
+        self._fh: IO[bytes] | None = None
+        self._raw: IO[bytes] | None = None
+        self._buf: list[str] = []
+        self._colours: dict[str, tuple[int, int, int]] = {}
+
+    def __enter__(self) -> GeoJSONWriter:
+        self._raw = open(self.path, "wb")
+        if self.gzip:
+            self._fh = _gzip.GzipFile(
+                filename=self.path.name.removesuffix(".gz"),
+                mode="wb",
+                fileobj=self._raw,
+                compresslevel=self.compresslevel,
+                mtime=0,
+            )
+        else:
+            self._fh = self._raw
+        self._fh.write(self._HEADER)
+        return self
+
+    def write(self, cell: CellRecord) -> str:
+        """Append one cell; returns its id."""
+        if self._fh is None:
+            raise RuntimeError("GeoJSONWriter.write outside its with-block")
+        _check_colour(self._colours, cell.class_name, cell.color)
+        p = _prepare(cell, self.slide_key, self.decimals)
+        feature = {
+            "type": "Feature",
+            "id": p.id,
+            "geometry": {"type": "Polygon", "coordinates": _coords_json(p.rings)},
+            "properties": {
+                "objectType": "detection",
+                "classification": {
+                    "name": cell.class_name,
+                    "color": list(self._colours[cell.class_name]),
+                },
+                "measurements": p.measurements,
+            },
+        }
+        self._buf.append(json.dumps(feature, separators=(",", ":"), allow_nan=False))
+        self.count += 1
+        if len(self._buf) >= 2000:
+            self._flush()
+        return p.id
+
+    def write_many(self, cells: Iterable[CellRecord]) -> int:
+        """Append every cell of an iterable (consumed lazily); returns how many."""
+        n = 0
+        for cell in cells:
+            self.write(cell)
+            n += 1
+        return n
+
+    def _flush(self) -> None:
+        if self._buf:
+            assert self._fh is not None
+            sep = b",\n" if self.count > len(self._buf) else b""
+            self._fh.write(sep + ",\n".join(self._buf).encode("ascii"))
+            self._buf.clear()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+                assert self._fh is not None
+                self._fh.write(self._FOOTER)
+        finally:
+            if self._fh is not None and self._fh is not self._raw:
+                self._fh.close()
+            if self._raw is not None:
+                self._raw.close()
+            self._fh = self._raw = None
+
+
+class GeoParquetWriter:
+    """Stream cells into a GeoParquet 1.0 file (WKB geometry, "geo" metadata, no CRS: pixel space).
+
+    Columns: ``id`` (same UUIDs as the GeoJSON), ``class``, one float64 column per measurement (null
+    where a cell lacks it or it is not finite), ``geometry``. Rows go out in row groups of
+    ``row_group_size`` (zstd; 25k rows keep the buffer near 50 MB). Measurement columns are
+    ``measurement_names`` when given, else the names seen in the first row group; a later cell with
+    an unknown measurement raises ValueError rather than losing it. File metadata: ``geo`` (with the bbox) and ``wsi_psm`` (units, slide key, class ->
+    colour map); both are written when the block ends cleanly, so an interrupted file is not GeoParquet.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        slide_key: str = "",
+        decimals: int = 2,
+        row_group_size: int = 25_000,
+        measurement_names: Sequence[str] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.slide_key = slide_key
+        self.decimals = decimals
+        self.row_group_size = row_group_size
+        self.count = 0
+        self._names: list[str] | None = list(measurement_names) if measurement_names else None
+        self._writer: pq.ParquetWriter | None = None
+        self._rows: list[_Prepared] = []
+        self._classes: list[str] = []
+        self._colours: dict[str, tuple[int, int, int]] = {}
+        self._bbox = [math.inf, math.inf, -math.inf, -math.inf]
+        self._open = False
+
+    def __enter__(self) -> GeoParquetWriter:
+        self._open = True
+        return self
+
+    def write(self, cell: CellRecord) -> str:
+        if not self._open:
+            raise RuntimeError("GeoParquetWriter.write outside its with-block")
+        _check_colour(self._colours, cell.class_name, cell.color)
+        p = _prepare(cell, self.slide_key, self.decimals)
+        if self._names is not None:
+            extra = p.measurements.keys() - set(self._names)
+            if extra:
+                raise ValueError(
+                    f"measurements {sorted(extra)} are not columns of {self.path.name} "
+                    f"(columns: {self._names}); pass measurement_names up front"
+                )
+        self._rows.append(p)
+        self._classes.append(cell.class_name)
+        self.count += 1
+        if len(self._rows) >= self.row_group_size:
+            self._flush()
+        return p.id
+
+    def write_many(self, cells: Iterable[CellRecord]) -> int:
+        n = 0
+        for cell in cells:
+            self.write(cell)
+            n += 1
+        return n
+
+    def _schema(self) -> pa.Schema:
+        assert self._names is not None
+        clash = {"id", "class", "geometry"} & set(self._names)
+        if clash:
+            raise ValueError(f"measurement names {sorted(clash)} clash with fixed columns")
+        fields = [pa.field("id", pa.string()), pa.field("class", pa.string())]
+        fields += [pa.field(n, pa.float64()) for n in self._names]
+        fields.append(pa.field("geometry", pa.binary()))
+        return pa.schema(fields)
+
+    def _file_metadata(self) -> dict[str, str]:
+        geo_col: dict[str, Any] = {
+            "encoding": "WKB",
+            "geometry_types": ["Polygon"],
+            # null = not geographic; an omitted crs would mean OGC:CRS84 longitude/latitude
+            "crs": None,
+        }
+        if self.count:
+            geo_col["bbox"] = self._bbox
+        geo = {"version": "1.0.0", "primary_column": "geometry", "columns": {"geometry": geo_col}}
+        ours = {
+            "units": "level-0 pixels",
+            "slide_key": self.slide_key,
+            "classes": {k: list(v) for k, v in self._colours.items()},
+            "wsi_psm": __version__,
+        }
+        return {"geo": json.dumps(geo), "wsi_psm": json.dumps(ours)}
+
+    def _flush(self) -> None:
+        if self._names is None:
+            seen: dict[str, None] = {}
+            for r in self._rows:
+                seen.update(dict.fromkeys(r.measurements))
+            self._names = list(seen)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self.path, self._schema(), compression="zstd", store_schema=False
+            )
+        if not self._rows:
+            return
+        rings = [ring for r in self._rows for ring in r.rings]
+        ring_ends = np.cumsum([len(ring) for ring in rings])
+        poly_ends = np.cumsum([len(r.rings) for r in self._rows])
+        geoms = shapely.from_ragged_array(
+            shapely.GeometryType.POLYGON,
+            np.vstack(rings),
+            (np.concatenate([[0], ring_ends]), np.concatenate([[0], poly_ends])),
+        )
+        b = shapely.total_bounds(geoms)
+        self._bbox = [
+            min(self._bbox[0], float(b[0])),
+            min(self._bbox[1], float(b[1])),
+            max(self._bbox[2], float(b[2])),
+            max(self._bbox[3], float(b[3])),
+        ]
+        cols: dict[str, Any] = {
+            "id": pa.array([r.id for r in self._rows], pa.string()),
+            "class": pa.array(self._classes, pa.string()),
+        }
+        for n in self._names:
+            cols[n] = pa.array([r.measurements.get(n) for r in self._rows], pa.float64())
+        cols["geometry"] = pa.array(shapely.to_wkb(geoms), pa.binary())
+        self._writer.write_table(pa.table(cols, schema=self._writer.schema))
+        self._rows.clear()
+        self._classes.clear()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._open = False
+        try:
+            if exc_type is None:
+                if self._names is None and not self._rows:
+                    self._names = []
+                self._flush()
+                assert self._writer is not None
+                # Written last (with the bbox and classes now known). store_schema=False makes
+                # readers take the schema metadata from these key-value pairs.
+                self._writer.add_key_value_metadata(self._file_metadata())
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+
+# --------------------------------------------------------------------------------------------------
+# schemas and summary.json
+
+
+@cache
+def load_schema(name: str) -> dict[str, Any]:
+    """A shipped JSON Schema by short name: "cells", "summary" or "config" (cached: do not mutate)."""
+    text = importlib.resources.files("wsi_psm.schemas").joinpath(f"{name}.schema.json").read_text()
+    return json.loads(text)
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The run-config schema as generated from :class:`RunConfig` (what config.schema.json holds)."""
+    return {"$schema": JSON_SCHEMA_DRAFT, **RunConfig.model_json_schema()}
+
+
+def write_config_schema(path: str | os.PathLike[str] | None = None) -> Path:
+    """Regenerate schemas/config.schema.json after RunConfig changes (a test checks they agree)."""
+    target = (
+        Path(path)
+        if path
+        else Path(__file__).resolve().parents[1] / "schemas" / "config.schema.json"
+    )
+    target.write_text(json.dumps(config_json_schema(), indent=2, ensure_ascii=False) + "\n")
+    return target
+
+
+def software_versions() -> dict[str, str | None]:
+    """Versions for summary.json, read from package metadata (nothing heavy is imported);
+    ``openslide`` is the OpenSlide C library as shipped by openslide-bin."""
+    dists = {
+        "numpy": "numpy",
+        "scipy": "scipy",
+        "scikit-image": "scikit-image",
+        "scikit-learn": "scikit-learn",
+        "torch": "torch",
+        "dask": "dask",
+        "shapely": "shapely",
+        "geopandas": "geopandas",
+        "pyarrow": "pyarrow",
+        "rasterio": "rasterio",
+        "openslide-python": "openslide-python",
+        "openslide": "openslide-bin",
+        "tiffslide": "tiffslide",
+        "tifffile": "tifffile",
+        "pillow": "pillow",
+        "pydantic": "pydantic",
+    }
+    out: dict[str, str | None] = {"wsi_psm": __version__, "python": platform.python_version()}
+    for key, dist in dists.items():
+        try:
+            out[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[key] = None
+    return out
+
+
+def utc_now_iso() -> str:
+    """The current time as ISO 8601 with offset, as summary.json's ``created`` wants."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def class_counts_summary(
+    counts: Mapping[str, int],
+    colors: Mapping[str, Sequence[int]],
+    tissue_area_mm2: float,
+) -> dict[str, dict[str, Any]]:
+    """summary.json's ``class_counts``: per class its count, fraction of all cells, density per mm²
+    of tissue (0 when there is no tissue area) and colour."""
+    total = sum(counts.values())
+    return {
+        name: {
+            "count": int(n),
+            "fraction": n / total if total else 0.0,
+            "density_per_mm2": n / tissue_area_mm2 if tissue_area_mm2 > 0 else 0.0,
+            "color": [int(v) for v in colors[name]],
+        }
+        for name, n in counts.items()
+    }
+
+
+def _schema_error(what: str, err: jsonschema.ValidationError) -> ValueError:
+    where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+    return ValueError(f"{what} does not match its schema at {where}: {err.message}")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> Path:
+    """Validate ``summary`` against schemas/summary.schema.json (and its ``config`` against
+    config.schema.json) and write it as indented JSON. ``schema_version`` is filled in when absent;
+    numpy scalars and arrays, tuples and paths are accepted and written as plain JSON.
+
+    Raises ValueError (a programming error, not a user's) when the content breaks the schema, when
+    ``created`` is not ISO 8601 with an offset, or when the class counts do not add up to
+    ``cells_total``.
+    """
+    try:
+        text = json.dumps(
+            {"schema_version": SUMMARY_SCHEMA_VERSION, **summary},
+            indent=2,
+            ensure_ascii=False,
+            allow_nan=False,
+            default=_json_default,
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"summary.json cannot be written as JSON: {err}") from None
+    data = json.loads(text)
+    err = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(load_schema("summary")).iter_errors(data)
+    )
+    if err is not None:
+        raise _schema_error("summary.json", err)
+    err = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(load_schema("config")).iter_errors(data["config"])
+    )
+    if err is not None:
+        raise _schema_error("summary.json config", err)
+    try:
+        datetime.fromisoformat(data["created"].replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"summary.json created={data['created']!r} is not ISO 8601") from None
+    counted = sum(c["count"] for c in data["class_counts"].values())
+    if counted != data["cells_total"]:
+        raise ValueError(
+            f"summary.json class counts add up to {counted}, cells_total is {data['cells_total']}"
+        )
+    out = Path(path)
+    out.write_text(text + "\n", encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# overlay.png
+
+
+class OverlayRenderer:
+    """Draw cells onto a slide thumbnail one at a time (nothing but the image is kept).
+
+    ``scale``: level-0 px per thumbnail px. Thumbnails larger than ``max_side`` are shrunk first.
+    Cells are filled in their class colour at ``fill_alpha`` with an opaque outline; cells smaller
+    than about a pixel of the thumbnail become a single dot, so dense slides still show their classes.
+    """
+
+    def __init__(
+        self,
+        thumbnail_rgb: np.ndarray,
+        scale: float,
+        *,
+        max_side: int = 2048,
+        fill_alpha: int = 110,
+    ) -> None:
+        img = Image.fromarray(np.asarray(thumbnail_rgb, dtype=np.uint8)).convert("RGB")
+        shrink = max(img.size) / max_side
+        if shrink > 1:
+            size = (max(1, round(img.width / shrink)), max(1, round(img.height / shrink)))
+            scale *= img.width / size[0]
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        self.image = img
+        self.scale = float(scale)
+        self.fill_alpha = fill_alpha
+        self.count = 0
+        self._layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+        self._draw = ImageDraw.Draw(self._layer)
+
+    def add(self, polygon: Polygon, color: Sequence[int]) -> None:
+        xy = shapely.get_coordinates(polygon.exterior) / self.scale
+        rgb = tuple(int(v) for v in color[:3])
+        x0, y0 = xy.min(axis=0)
+        x1, y1 = xy.max(axis=0)
+        if x1 < 0 or y1 < 0 or x0 >= self.image.width or y0 >= self.image.height:
+            return
+        if x1 - x0 < 1.5 and y1 - y0 < 1.5:
+            self._draw.point((float(xy[:, 0].mean()), float(xy[:, 1].mean())), fill=(*rgb, 255))
+        else:
+            pts = [tuple(p) for p in xy.tolist()]
+            self._draw.polygon(pts, fill=(*rgb, self.fill_alpha), outline=(*rgb, 255))
+        self.count += 1
+
+    def add_cell(self, cell: CellRecord) -> None:
+        self.add(cell.polygon, cell.color)
+
+    def to_image(self) -> Image.Image:
+        return Image.alpha_composite(self.image.convert("RGBA"), self._layer).convert("RGB")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        out = Path(path)
+        self.to_image().save(out, format="PNG", optimize=False)
+        return out
+
+
+def render_overlay(
+    thumbnail_rgb: np.ndarray,
+    cells: Iterable[CellRecord] | Iterable[tuple[Polygon, Sequence[int]]],
+    scale: float,
+    path: str | os.PathLike[str],
+    *,
+    max_side: int = 2048,
+) -> Path:
+    """Write overlay.png: the thumbnail (``scale`` = level-0 px per thumbnail px) with every cell of
+    ``cells`` (CellRecords or (polygon, colour) pairs, consumed lazily) drawn in its class colour."""
+    r = OverlayRenderer(thumbnail_rgb, scale, max_side=max_side)
+    for c in cells:
+        if isinstance(c, CellRecord):
+            r.add_cell(c)
+        else:
+            r.add(c[0], c[1])
+    return r.save(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# the output folder
+
+
+def _is_write_error(err: OSError, *roots: Path) -> bool:
+    """An OSError that means "cannot write here": no space, read-only, no permission, on one of our
+    output paths (or with no path, as a failed write() reports)."""
+    if err.errno not in _WRITE_ERRNOS:
+        return False
+    if err.filename is None:
+        return True
+    name = os.path.abspath(os.fsdecode(err.filename))
+    return any(name == str(r) or name.startswith(str(r) + os.sep) for r in roots)
+
+
+def _write_error(err: OSError, fallback: Path) -> OutputWriteError:
+    where = os.fsdecode(err.filename) if err.filename else str(fallback)
+    reason = err.strerror or str(err)
+    return OutputWriteError(f"cannot write output {where}: {reason}")
+
+
+def _fsync(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the files and the folder to disk so the rename publishes complete data."""
+    for p in [*root.rglob("*"), root]:
+        _fsync(p)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+class OutputFolder:
+    """One slide's output folder, written under a temporary name and renamed when complete.
+
+    ``with OutputFolder(out_dir, overwrite) as tmp:`` checks at entry (before any work) that
+    ``out_dir`` does not exist unless ``overwrite`` (OutputExistsError), creates the hidden sibling
+    ``.<name>.tmp-<hex>`` (same file system, so the rename is atomic) and yields it. On a clean exit
+    the files are fsynced and the folder renamed to ``out_dir``; with ``overwrite`` the old output is
+    first renamed aside, then deleted once the new one is in place (restored if the swap fails). On
+    any exception the temporary folder is removed and an existing output is left untouched.
+    OSErrors meaning a full, read-only or forbidden disk on the output paths become OutputWriteError
+    (one line naming the path). A process killed outright can leave a ``.<name>.tmp-*`` folder
+    behind; it never has the final name, and is safe to delete.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], overwrite: bool = False) -> None:
+        self.final = Path(os.path.abspath(out_dir))
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        final = self.final
+        if (final.exists() or final.is_symlink()) and not self.overwrite:
+            raise OutputExistsError(
+                f"output exists: {final} (use --overwrite to replace it, or choose another folder)"
+            )
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as err:
+            raise _write_error(err, final) from err
+        self.tmp = tmp
+        return tmp
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tmp, final = self.tmp, self.final
+        assert tmp is not None
+        self.tmp = None
+        if exc is not None:
+            _remove(tmp)
+            if isinstance(exc, OSError) and _is_write_error(exc, tmp, final):
+                raise _write_error(exc, final) from exc
+            return  # re-raised by the with statement
+        try:
+            self._commit(tmp, final)
+        except BaseException as err:
+            _remove(tmp)
+            if isinstance(err, OSError) and _is_write_error(err, tmp, final, final.parent):
+                raise _write_error(err, final) from err
+            raise
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        _fsync_tree(tmp)
+        exists = final.exists() or final.is_symlink()
+        if exists and not self.overwrite:  # appeared while we worked
+            raise OutputExistsError(f"output exists: {final} (another run wrote it meanwhile)")
+        aside = None
+        if exists:
+            aside = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(final, aside)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, final)
+            raise
+        _fsync(final.parent)
+        if aside is not None:
+            _remove(aside)
+
+
+__all__ = [
+    "CELL_ID_NAMESPACE",
+    "CellRecord",
+    "GeoJSONWriter",
+    "GeoParquetWriter",
+    "OutputFolder",
+    "OverlayRenderer",
+    "cell_id",
+    "class_counts_summary",
+    "config_json_schema",
+    "load_schema",
+    "render_overlay",
+    "software_versions",
+    "utc_now_iso",
+    "write_config_schema",
+    "write_summary",
+]
