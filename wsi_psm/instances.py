@@ -2,7 +2,8 @@
 
 Touching nuclei are separated by a marker-controlled watershed: markers are the peaks of the smoothed
 distance transform (times the smoothed probability when one is given), at least
-``split_min_distance_um`` apart. Sizes in the config are physical (µm, µm²) and converted with mpp.
+``split_min_distance_um`` apart; neighbours whose saddle is shallower than ``min_depth_um`` are merged
+back (a flat distance ridge is one elongated nucleus). Sizes are physical (µm, µm²), converted with mpp.
 
 Every output label is one 4-connected piece, labels run 1..n in raster order of their first pixel,
 and the result depends only on the inputs (no randomness).
