@@ -29,10 +29,10 @@ class Tile:
     index: int
     row: int
     col: int
-    x: int  # read box, level-0 px (may extend past the slide; the reader pads with white)
-    y: int
-    w: int
-    h: int
+    x: float  # read box, level-0 px (may extend past the slide; the reader pads with white)
+    y: float
+    w: float  # exactly size * (target mpp / slide mpp), so the tile array maps exactly onto it
+    h: float
     core: tuple[float, float, float, float]  # x0, y0, x1, y1, half-open, level-0 px
     size: int  # tile side in processing px (core + 2 margins)
 
@@ -97,8 +97,8 @@ def make_grid(
 ) -> TileGrid:
     """Tiles covering a ``width`` x ``height`` level-0 slide at ``mpp``; keep those whose core holds tissue."""
     target = cfg.target_mpp
-    core_px = max(int(round(cfg.tiles.core_um / target)), 1)
-    margin_px = int(math.ceil(cfg.tiles.margin_um / target))
+    core_px = max(round(cfg.tiles.core_um / target), 1)
+    margin_px = math.ceil(cfg.tiles.margin_um / target)
     tile_px = core_px + 2 * margin_px
     scale = target / mpp  # level-0 px per processing px
     core_l0 = core_px * scale
@@ -110,13 +110,18 @@ def make_grid(
         )
     cols = math.ceil(width / core_l0)
     rows = math.ceil(height / core_l0)
-    span = int(round(tile_px * scale))
+    span = tile_px * scale
     pad = margin_px * scale
     tiles = []
     for r in range(rows):
         for c in range(cols):
             x0, y0 = c * core_l0, r * core_l0
-            core = (x0, y0, min((c + 1) * core_l0, float(width)), min((r + 1) * core_l0, float(height)))
+            core = (
+                x0,
+                y0,
+                min((c + 1) * core_l0, float(width)),
+                min((r + 1) * core_l0, float(height)),
+            )
             if tissue is not None and tissue.fraction_in_box(*core) <= min_tissue_fraction:
                 continue
             tiles.append(
@@ -124,8 +129,8 @@ def make_grid(
                     index=len(tiles),
                     row=r,
                     col=c,
-                    x=int(math.floor(x0 - pad)),
-                    y=int(math.floor(y0 - pad)),
+                    x=x0 - pad,
+                    y=y0 - pad,
                     w=span,
                     h=span,
                     core=core,

@@ -1,0 +1,59 @@
+"""Rich progress bars behind the library's small progress protocol (the library never imports rich)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+class RichProgress:
+    """Implements ``wsi_psm.progress.ProgressHook``: one bar per stage."""
+
+    def __init__(self, progress: Progress, prefix: str = "") -> None:
+        self._p = progress
+        self._prefix = prefix
+        self._tasks: dict[str, int] = {}
+
+    def start(self, stage: str, total: int | None) -> None:
+        label = f"{self._prefix}{stage}"
+        self._tasks[stage] = self._p.add_task(label, total=total)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        if stage in self._tasks:
+            self._p.advance(self._tasks[stage], n)
+
+    def done(self, stage: str) -> None:
+        task = self._tasks.pop(stage, None)
+        if task is not None:
+            t = self._p.tasks[task]
+            self._p.update(task, completed=t.total if t.total is not None else t.completed)
+            self._p.stop_task(task)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True, prefix: str = "") -> Iterator[RichProgress | None]:
+    if not enabled:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]{task.description:<28}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    ) as p:
+        yield RichProgress(p, prefix)

@@ -1,0 +1,165 @@
+"""Cells planted on tile seams and corners are found exactly once, whole, where they were planted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.draw import disk
+
+from wsi_psm.config import RunConfig
+from wsi_psm.pipeline import prepare_slide, run_slide
+
+MPP = 0.5
+CFG = RunConfig().with_updates(
+    **{"tiles.core_um": 64.0, "tiles.margin_um": 12.0, "tiles.batch_size": 3, "target_mpp": MPP}
+)
+
+
+class DarkThreshold:
+    """A stand-in for the learned model: nuclei are the dark pixels (keeps this test about stitching)."""
+
+    def network(self, images):
+        return [None] * len(images)
+
+    def foreground(self, image, raw):
+        return image.mean(axis=-1) < 120, None
+
+
+def _plant(path, size_px: int, centres: list[tuple[float, float]], radius_px: float) -> None:
+    img = np.empty((size_px, size_px, 3), dtype=np.uint8)
+    img[:] = (235, 170, 205)  # eosin-pink tissue everywhere
+    for cx, cy in centres:
+        rr, cc = disk((cy, cx), radius_px, shape=img.shape[:2])
+        img[rr, cc] = (60, 40, 120)  # haematoxylin-dark nucleus
+    res = (1e4 / MPP, 1e4 / MPP)  # px per cm
+    tifffile.imwrite(
+        path, img, tile=(128, 128), resolution=res, resolutionunit="CENTIMETER", photometric="rgb"
+    )
+
+
+def test_cells_on_seams_and_corners_are_found_once(tmp_path):
+    core_px = 128  # 64 µm at 0.5 µm/px
+    size = 4 * core_px
+    seams = [core_px * k for k in (1, 2, 3)]
+    centres = []
+    for s in seams:
+        centres += [
+            (s, 40.0),
+            (s + 0.5, 300.0),
+            (40.0, s),
+            (300.0, s - 0.5),
+        ]  # on vertical/horizontal seams
+        for t in seams:
+            centres.append((s, t))  # on corners where four tiles meet
+    centres += [(64.0, 64.0), (200.0, 450.0)]  # inside cores
+    centres = list(dict.fromkeys(centres))
+    # keep planted disks apart so each is one object
+    pts = np.array(centres)
+    d = np.sqrt(((pts[:, None] - pts[None]) ** 2).sum(-1)) + np.eye(len(pts)) * 1e9
+    assert d.min() > 25
+    slide_path = tmp_path / "planted.tif"
+    _plant(slide_path, size, centres, radius_px=8)
+
+    ctx = prepare_slide(slide_path, CFG)
+    try:
+        assert len(ctx.grid) == 16
+        run = run_slide(ctx, tmp_path / "out" / "planted", DarkThreshold(), CFG)
+    finally:
+        ctx.slide.close()
+
+    fc = json.loads((tmp_path / "out" / "planted" / "cells.geojson").read_text())
+    feats = fc["features"]
+    assert run.cells == len(feats) == len(centres)
+    found = np.array(
+        [np.mean(np.array(f["geometry"]["coordinates"][0])[:-1], axis=0) for f in feats]
+    )
+    # every planted disk is matched by exactly one cell within 1.5 px, and its area is the whole disk
+    dist = np.sqrt(((found[:, None] - pts[None]) ** 2).sum(-1))
+    assert np.all((dist < 1.5).sum(axis=0) == 1)
+    areas = np.array([f["properties"]["measurements"]["Area µm^2"] for f in feats])
+    assert np.allclose(areas, np.pi * (8 * MPP) ** 2, rtol=0.15)
+    summary = json.loads((tmp_path / "out" / "planted" / "summary.json").read_text())
+    assert summary["cells_total"] == len(centres)
+    assert summary["class_counts"]["Nucleus"]["count"] == len(centres)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_cells_across_seams_no_duplicates_no_losses(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    size = 512
+    pts = []
+    while len(pts) < 120:
+        p = rng.uniform(12, size - 12, 2)
+        if all(np.hypot(*(p - q)) > 22 for q in pts):
+            pts.append(p)
+    slide_path = tmp_path / "random.tif"
+    _plant(slide_path, size, [tuple(p) for p in pts], radius_px=7)
+    ctx = prepare_slide(slide_path, CFG)
+    try:
+        run_slide(ctx, tmp_path / "out", DarkThreshold(), CFG)
+    finally:
+        ctx.slide.close()
+    feats = json.loads((tmp_path / "out" / "cells.geojson").read_text())["features"]
+    found = np.array(
+        [np.mean(np.array(f["geometry"]["coordinates"][0])[:-1], axis=0) for f in feats]
+    )
+    dist = np.sqrt(((found[:, None] - np.array(pts)[None]) ** 2).sum(-1))
+    assert len(feats) == len(pts)
+    assert np.all((dist < 2.0).sum(axis=0) == 1)
+
+
+def _square(cx: float, cy: float, r: float = 6.0):
+    from shapely.geometry import box
+
+    return box(cx - r, cy - r, cx + r, cy + r)
+
+
+@pytest.mark.parametrize(
+    ("xa", "xb", "expect_tile"),
+    [
+        (
+            127.8,
+            128.2,
+            0,
+        ),  # each tile sees the cell's centroid in its *own* core: keep one (lower index)
+        (
+            128.3,
+            127.7,
+            0,
+        ),  # each tile sees it in the *other* core (neither owns it): still keep one
+        (127.9, 127.9, 0),  # identical views: the owner's
+        (128.1, 128.1, 1),
+    ],
+)
+def test_seam_resolver_keeps_one_of_two_disagreeing_views(xa, xb, expect_tile):
+    from wsi_psm.stitching import Candidate, SeamResolver
+    from wsi_psm.tiling import make_grid
+
+    cfg = RunConfig().with_updates(**{"tiles.core_um": 64.0, "tiles.margin_um": 12.0})
+    grid = make_grid(256, 128, 0.5, cfg)  # two tiles side by side, seam at x = 128
+    t0, t1 = grid.tiles
+    res = SeamResolver(grid, band=4.0)
+    a = Candidate(0, _square(xa, 60), xa, 60, bool(t0.owns(xa, 60)))
+    b = Candidate(1, _square(xb, 60), xb, 60, bool(t1.owns(xb, 60)))
+    out = res.add(t0, [a]) + res.add(t1, [b]) + res.finish()
+    assert len(out) == 1
+    assert out[0].tile == expect_tile
+    assert res.duplicates_removed == 1
+
+
+def test_seam_resolver_keeps_an_orphan_seen_by_one_tile_only():
+    from wsi_psm.stitching import Candidate, SeamResolver
+    from wsi_psm.tiling import make_grid
+
+    cfg = RunConfig().with_updates(**{"tiles.core_um": 64.0, "tiles.margin_um": 12.0})
+    grid = make_grid(256, 128, 0.5, cfg)
+    t0, t1 = grid.tiles
+    res = SeamResolver(grid, band=4.0)
+    # tile 0 sees a cell just across the seam that tile 1 missed: better kept once than lost
+    a = Candidate(0, _square(129, 60), 129, 60, False)
+    interior = Candidate(1, _square(200, 60), 200, 60, True)
+    out = res.add(t0, [a]) + res.add(t1, [interior]) + res.finish()
+    assert sorted(c.cx for c in out) == [129, 200]

@@ -1,0 +1,302 @@
+"""One slide down the pipe: read -> tissue -> tiles -> network -> instances -> polygons -> outputs.
+
+The network stage runs on the caller's thread (the GPU when there is one) on batches the Dask tile
+stream decodes ahead of it; the per-tile CPU work (pseudo mask or probability -> instances ->
+polygons -> measurements and classes) runs in a small thread pool behind it, with a bounded number of
+tiles in flight; cells then pass the seam resolver and stream into the writers. Nothing holds a whole
+slide's cells or pixels, so memory does not grow with slide size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .config import RunConfig
+from .export import (
+    CellRecord,
+    GeoJSONWriter,
+    GeoParquetWriter,
+    OutputFolder,
+    OverlayRenderer,
+    class_counts_summary,
+    software_versions,
+    utc_now_iso,
+    write_summary,
+)
+from .instances import split_instances
+from .polygons import polygon_measurements
+from .progress import NullProgress, ProgressHook
+from .slide import Slide
+from .stitching import Candidate, SeamResolver, TileCandidates, tile_candidates
+from .stream import stream_batches
+from .tiling import Tile, TileGrid, make_grid
+from .tissue import TissueMask, check_brightfield, detect_tissue
+
+NUCLEUS = ("Nucleus", (0, 160, 255))
+
+
+class TilePredictor(Protocol):
+    """What a fitted model offers the pipeline (see inference.py)."""
+
+    def network(self, images: np.ndarray) -> list[Any]:
+        """Batched network pass on (B, H, W, 3) uint8 tiles; one opaque map per tile."""
+        ...
+
+    def foreground(self, image: np.ndarray, raw: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """CPU part for one tile: boolean nucleus mask and optional probability map."""
+        ...
+
+
+class CellAnnotator(Protocol):
+    """Names and measures the cells of one tile (see classes.py)."""
+
+    def annotate(
+        self, image: np.ndarray, labels: np.ndarray, cands: Sequence[Candidate], mpp_l0: float
+    ) -> None:
+        """Set ``cand.payload = (class_name, color, measurements)`` on every candidate."""
+        ...
+
+
+class ShapeOnly:
+    """One class, "Nucleus", with shape measurements: the annotator when no class model is fitted."""
+
+    def annotate(
+        self, image: np.ndarray, labels: np.ndarray, cands: Sequence[Candidate], mpp_l0: float
+    ) -> None:
+        for c in cands:
+            c.payload = (NUCLEUS[0], NUCLEUS[1], polygon_measurements(c.polygon, mpp_l0))
+
+
+@dataclass
+class SlideContext:
+    """What the pipeline knows about an opened slide before any cell is found."""
+
+    slide: Slide
+    mpp: float
+    thumbnail: np.ndarray
+    thumb_scale: float
+    tissue: TissueMask
+    grid: TileGrid
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_slide(
+    path: str | Path, cfg: RunConfig, *, mpp: float | None = None, backend: str = "auto"
+) -> SlideContext:
+    """Open a slide, check it is brightfield, find its tissue and lay the tile grid.
+
+    Raises the WsiPsmError subclasses of each step (unreadable, no mpp, fluorescence, no tissue,
+    smaller than a tile); the caller closes ``ctx.slide``.
+    """
+    t0 = time.perf_counter()
+    slide = Slide.open(path, backend=backend, mpp=mpp)
+    try:
+        slide_mpp = slide.mpp
+        thumb, tscale = slide.thumbnail(max(cfg.tissue.thumb_mpp, slide_mpp))
+        check_brightfield(thumb, slide.name)
+        tissue = detect_tissue(thumb, tscale, slide_mpp, cfg.tissue, slide.name)
+        grid = make_grid(slide.width, slide.height, slide_mpp, cfg, tissue, name=slide.name)
+    except BaseException:
+        slide.close()
+        raise
+    return SlideContext(
+        slide, slide_mpp, thumb, tscale, tissue, grid, {"open_and_tissue": time.perf_counter() - t0}
+    )
+
+
+def sample_tiles(ctx: SlideContext, n: int, seed: int, cfg: RunConfig) -> list[np.ndarray]:
+    """``n`` tiles read at the processing resolution, drawn without replacement (seeded) from the
+    tissue tiles, preferring tiles that are mostly tissue."""
+    tiles = list(ctx.grid)
+    frac = np.array([ctx.tissue.fraction_in_box(*t.core) for t in tiles])
+    rng = np.random.default_rng(seed)
+    full = [t for t, f in zip(tiles, frac, strict=True) if f >= 0.5] or tiles
+    pick = rng.choice(len(full), size=min(n, len(full)), replace=False)
+    return [read_tile(ctx.slide, full[i], cfg.target_mpp) for i in sorted(pick)]
+
+
+def read_tile(slide: Slide, tile: Tile, target_mpp: float) -> np.ndarray:
+    img = slide.read_at_mpp(tile.x, tile.y, tile.w, tile.h, target_mpp)
+    if img.shape[:2] != (tile.size, tile.size):  # guards the exact-mapping contract of read_at_mpp
+        raise RuntimeError(f"tile read gave {img.shape[:2]}, expected {(tile.size, tile.size)}")
+    return img
+
+
+def process_tile(
+    image: np.ndarray,
+    raw: Any,
+    tile: Tile,
+    ctx: SlideContext,
+    predictor: TilePredictor,
+    annotator: CellAnnotator,
+    cfg: RunConfig,
+    band: float,
+) -> TileCandidates:
+    """The CPU part of one tile: foreground -> instances -> candidate cells with class and measurements."""
+    fg, prob = predictor.foreground(image, raw)
+    labels = split_instances(fg, mpp=cfg.target_mpp, cfg=cfg.instances, prob=prob)
+    tc = tile_candidates(labels, tile, ctx.grid, band)
+    if tc.candidates:
+        annotator.annotate(image, tc.labels, tc.candidates, ctx.mpp)
+    tc.labels = None  # free the array; only the polygons travel on
+    return tc
+
+
+@dataclass
+class SlideRun:
+    out_dir: Path
+    cells: int
+    counts: dict[str, int]
+    summary: dict[str, Any]
+
+
+def run_slide(
+    ctx: SlideContext,
+    out_dir: str | Path,
+    predictor: TilePredictor,
+    cfg: RunConfig,
+    *,
+    annotator: CellAnnotator | None = None,
+    overwrite: bool = False,
+    model_info: dict[str, Any] | None = None,
+    progress: ProgressHook | None = None,
+    extra_timings: dict[str, float] | None = None,
+    summary_extras: Callable[[dict[str, int]], dict[str, Any]] | None = None,
+) -> SlideRun:
+    """Find every cell of a prepared slide and write the outputs into ``out_dir`` (atomically).
+
+    ``summary_extras(counts)`` may add indices (e.g. the Ki-67 index) to summary.json.
+    """
+    progress = progress or NullProgress()
+    annotator = annotator or ShapeOnly()
+    grid = ctx.grid
+    timings = dict(ctx.timings)
+    timings.update(extra_timings or {})
+    band = max(2.0 / ctx.mpp, 1.0)  # 2 µm seam tolerance, in level-0 px
+    resolver = SeamResolver(grid, band)
+    counts: Counter[str] = Counter()
+    colors: dict[str, tuple[int, int, int]] = {}
+    cut_dropped = 0
+    t_net = t_wait = t_write = 0.0
+    n_post = max(1, cfg.tiles.decode_workers)
+    t_start = time.perf_counter()
+    name = ctx.slide.name
+    geojson_name = "cells.geojson.gz" if cfg.geojson_gzip else "cells.geojson"
+
+    with OutputFolder(out_dir, overwrite) as tmp:
+        overlay = OverlayRenderer(ctx.thumbnail, ctx.thumb_scale)
+        with (
+            GeoJSONWriter(tmp / geojson_name, gzip=cfg.geojson_gzip, slide_key=name) as gj,
+            GeoParquetWriter(tmp / "cells.parquet", slide_key=name) as gp,
+            ThreadPoolExecutor(n_post, thread_name_prefix="wsi-psm-post") as pool,
+        ):
+
+            def write(cells: list[Candidate]) -> None:
+                nonlocal t_write
+                t = time.perf_counter()
+                for c in cells:
+                    cls, color, meas = c.payload
+                    rec = CellRecord(c.polygon, cls, color, meas)
+                    gj.write(rec)
+                    gp.write(rec)
+                    overlay.add(c.polygon, color)
+                    counts[cls] += 1
+                    colors[cls] = color
+                t_write += time.perf_counter() - t
+
+            pending: deque[tuple[Tile, Future[TileCandidates]]] = deque()
+
+            def drain(limit: int) -> None:
+                nonlocal cut_dropped
+                while len(pending) > limit:
+                    tile, fut = pending.popleft()
+                    tc = fut.result()
+                    cut_dropped += tc.cut_dropped
+                    write(resolver.add(tile, tc.candidates))
+                    progress.advance("cells", 1)
+
+            progress.start("cells", len(grid))
+            it = stream_batches(
+                lambda t: read_tile(ctx.slide, t, cfg.target_mpp),
+                grid.tiles,
+                batch_size=cfg.tiles.batch_size,
+                workers=cfg.tiles.decode_workers,
+                prefetch=cfg.tiles.prefetch_batches,
+            )
+            while True:
+                t = time.perf_counter()
+                batch = next(it, None)
+                t_wait += time.perf_counter() - t
+                if batch is None:
+                    break
+                t = time.perf_counter()
+                raws = predictor.network(batch.images)
+                t_net += time.perf_counter() - t
+                for tile, image, raw in zip(batch.tiles, batch.images, raws, strict=True):
+                    pending.append(
+                        (
+                            tile,
+                            pool.submit(
+                                process_tile, image, raw, tile, ctx, predictor, annotator, cfg, band
+                            ),
+                        )
+                    )
+                drain(limit=2 * n_post + cfg.tiles.batch_size)
+            drain(limit=0)
+            write(resolver.finish())
+            progress.done("cells")
+        overlay.save(tmp / "overlay.png")
+        timings.update(
+            {
+                "tiles_total": time.perf_counter() - t_start,
+                "network": t_net,
+                "waiting_for_decode": t_wait,
+                "writing": t_write,
+            }
+        )
+        area = ctx.tissue.area_mm2(ctx.mpp)
+        summary = build_summary(ctx, cfg, counts, colors, area, timings, model_info)
+        summary["counters"] = {
+            "tiles": len(grid),
+            "cells_dropped_cut": cut_dropped,
+            "seam_duplicates_removed": resolver.duplicates_removed,
+        }
+        if summary_extras is not None:
+            summary["indices"] = summary_extras(dict(counts))
+        write_summary(tmp / "summary.json", summary)
+    return SlideRun(Path(out_dir), sum(counts.values()), dict(counts), summary)
+
+
+def build_summary(
+    ctx: SlideContext,
+    cfg: RunConfig,
+    counts: Counter[str],
+    colors: dict[str, tuple[int, int, int]],
+    tissue_area_mm2: float,
+    timings: dict[str, float],
+    model_info: dict[str, Any] | None,
+) -> dict[str, Any]:
+    info = ctx.slide.info.to_dict()
+    return {
+        "slide": {
+            k: info[k]
+            for k in ("name", "path", "width", "height", "mpp", "mpp_source", "vendor", "backend")
+        },
+        "target_mpp": cfg.target_mpp,
+        "tissue_area_mm2": tissue_area_mm2,
+        "cells_total": int(sum(counts.values())),
+        "class_counts": class_counts_summary(dict(counts), colors, tissue_area_mm2),
+        "config": cfg.to_dict(),
+        "versions": software_versions(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "model": model_info or {"source": "none"},
+        "created": utc_now_iso(),
+    }

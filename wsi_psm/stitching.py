@@ -1,0 +1,180 @@
+"""Stitching: every cell is written exactly once, by the tile that owns it.
+
+The rule (see tiling.py): a cell belongs to the tile whose core holds its centroid. Two tiles see a cell
+on their shared seam with slightly different context, so their two outlines — and centroids — can differ
+by a fraction of a pixel; a bare centroid test could then keep it twice or drop it. So each tile reports
+its *candidates*: complete cells (not cut by the tile's read box) whose centroid lies in its core grown by
+``band``. Candidates well inside the core are final at once. Candidates within ``2 * band`` of a shared
+core edge wait until every neighbouring tile has reported; then overlapping candidates of one cell
+(overlap > 30% of the smaller, the contract's duplicate threshold) are reduced to one: the one whose own
+core holds its centroid, ties to the lower tile index. Tiles arrive in grid order, so at most about two
+rows of tiles' seam cells wait in memory, whatever the slide size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import shapely
+from shapely.geometry import Polygon
+
+from .polygons import labels_to_polygons
+from .tiling import Tile, TileGrid
+
+DUPLICATE_OVERLAP = 0.3
+
+
+@dataclass
+class Candidate:
+    tile: int  # tile index
+    polygon: Polygon  # level-0 px
+    cx: float
+    cy: float
+    own: bool  # centroid inside this tile's own core
+    payload: Any = None  # measurements, class features... attached by the pipeline
+    label: int = 0  # instance label in the tile array
+
+
+@dataclass
+class TileCandidates:
+    candidates: list[Candidate]
+    cut_dropped: int = 0  # owned objects that touched a cut edge (larger than the margin allows)
+    labels: np.ndarray | None = field(default=None, repr=False)
+
+
+def tile_candidates(labels: np.ndarray, tile: Tile, grid: TileGrid, band: float) -> TileCandidates:
+    """Cells of one tile's instance labels (tile px) that this tile may own, as level-0 polygons.
+
+    ``band``: the seam tolerance in level-0 px. Objects touching a cut edge of the read box are never
+    candidates; those among them whose centroid lies in this tile's core are counted as ``cut_dropped``
+    (an object that wide is larger than the margin, hence larger than any nucleus).
+    """
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return TileCandidates([], 0)
+    rows, cols = np.nonzero(labels)
+    ids = labels[rows, cols]
+    counts = np.bincount(ids, minlength=n + 1).astype(np.float64)
+    present = counts > 0
+    counts[~present] = 1
+    # centroid of the pixel squares = mean pixel centre (+0.5), mapped to level-0
+    cx = tile.x + (np.bincount(ids, weights=cols, minlength=n + 1) / counts + 0.5) * tile.scale_x
+    cy = tile.y + (np.bincount(ids, weights=rows, minlength=n + 1) / counts + 0.5) * tile.scale_y
+    cut = np.zeros(n + 1, dtype=bool)
+    cut[np.unique(labels[grid.cut_edge_mask(tile)])] = True
+    x0, y0, x1, y1 = tile.core
+    near = (cx >= x0 - band) & (cx < x1 + band) & (cy >= y0 - band) & (cy < y1 + band)
+    own = np.asarray(tile.owns(cx, cy))
+    keep = present & near & ~cut
+    keep[0] = False
+    cut_dropped = int(np.sum(present & own & cut & (np.arange(n + 1) > 0)))
+    if not keep.any():
+        return TileCandidates([], cut_dropped)
+    kept = np.where(keep[labels], labels, 0)
+    polys = labels_to_polygons(kept, scale=tile.scale_x, offset=(tile.x, tile.y))
+    cands = [
+        Candidate(tile.index, poly, float(cx[lab]), float(cy[lab]), bool(own[lab]), label=lab)
+        for lab, poly in polys
+    ]
+    return TileCandidates(cands, cut_dropped, kept)
+
+
+class SeamResolver:
+    """Turns per-tile candidates, fed in grid order, into final cells with no duplicates at seams."""
+
+    def __init__(self, grid: TileGrid, band: float) -> None:
+        self.grid = grid
+        self.band = band
+        self._index = {(t.row, t.col): t.index for t in grid}
+        self._done = -1  # every tile with index <= _done has reported
+        self._pending: list[
+            tuple[int, Candidate]
+        ] = []  # (index of the tile that must be done first, cand)
+        self.duplicates_removed = 0
+
+    def _wait_for(self, tile: Tile) -> int:
+        """Index of the last tile (in grid order) among this tile's 3x3 neighbourhood."""
+        last = tile.index
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                i = self._index.get((tile.row + dr, tile.col + dc))
+                if i is not None:
+                    last = max(last, i)
+        return last
+
+    def _interior(self, c: Candidate, tile: Tile) -> bool:
+        x0, y0, x1, y1 = tile.core
+        b = 2 * self.band
+        g = self.grid
+        # an edge on the slide boundary has no neighbour: no seam there
+        left = x0 <= 0 or c.cx >= x0 + b
+        top = y0 <= 0 or c.cy >= y0 + b
+        right = x1 >= g.slide_width or c.cx < x1 - b
+        bottom = y1 >= g.slide_height or c.cy < y1 - b
+        return c.own and left and top and right and bottom
+
+    def add(self, tile: Tile, cands: Iterable[Candidate]) -> list[Candidate]:
+        """Report one tile (tiles must come in grid order); returns the cells now final."""
+        if tile.index != self._done + 1:
+            raise ValueError(
+                f"tiles must be reported in grid order: got {tile.index}, expected {self._done + 1}"
+            )
+        out = []
+        wait = self._wait_for(tile)
+        for c in cands:
+            if self._interior(c, tile):
+                out.append(c)
+            else:
+                self._pending.append((wait, c))
+        self._done = tile.index
+        out.extend(self._resolve(final=False))
+        return out
+
+    def finish(self) -> list[Candidate]:
+        """All tiles reported: resolve what is still waiting."""
+        return self._resolve(final=True)
+
+    def _resolve(self, final: bool) -> list[Candidate]:
+        ready = [c for w, c in self._pending if final or w <= self._done]
+        if not ready:
+            return []
+        # candidates of one physical cell can sit in tiles that are not yet all done; compare the
+        # ready ones against every pending one so a cell is never decided without its counterparts
+        allc = [c for _, c in self._pending]
+        geoms = np.array([c.polygon for c in allc], dtype=object)
+        tree = shapely.STRtree(geoms)
+        area = shapely.area(geoms)
+        pos = {id(c): i for i, c in enumerate(allc)}
+        decided: set[int] = set()
+        winners = []
+        for c in ready:
+            i = pos[id(c)]
+            if i in decided:
+                continue
+            group = self._group(i, geoms, area, tree)
+            decided.update(group)
+            best = min(group, key=lambda j: (not allc[j].own, allc[j].tile, j))
+            winners.append(allc[best])
+            self.duplicates_removed += len(group) - 1
+        self._pending = [(w, c) for w, c in self._pending if pos[id(c)] not in decided]
+        return winners
+
+    @staticmethod
+    def _group(i: int, geoms: np.ndarray, area: np.ndarray, tree: shapely.STRtree) -> set[int]:
+        """Indices of the candidates that overlap candidate i (transitively) beyond the threshold."""
+        group, todo = {i}, [i]
+        while todo:
+            j = todo.pop()
+            hits = tree.query(geoms[j], predicate="intersects")
+            hits = [h for h in hits if h not in group]
+            if not hits:
+                continue
+            inter = shapely.area(shapely.intersection(geoms[j], geoms[hits]))
+            for h, a in zip(hits, inter, strict=True):
+                if a > DUPLICATE_OVERLAP * min(area[j], area[h]):
+                    group.add(int(h))
+                    todo.append(int(h))
+        return group
