@@ -15,7 +15,7 @@ from skimage.measure import label as cc_label
 
 from wsi_psm.config import InstanceConfig
 from wsi_psm.groundtruth import load_monuseg_xml
-from wsi_psm.instances import fill_small_holes, split_instances
+from wsi_psm.instances import fill_label_holes, fill_small_holes, split_instances
 from wsi_psm.metrics import aji, panoptic_quality
 
 MPP = 0.25  # MoNuSeg-like: default sizes are 128..4800 px, seeds >= 10 px apart
@@ -92,15 +92,25 @@ def test_sizes_in_micrometres() -> None:
     assert lab.max() == 2 and lab[20, 20] > 0 and lab[60, 60] > 0 and lab[150, 150] == 0
 
 
-def test_holes_filled_when_small_only() -> None:
-    fg = np.zeros((120, 120), bool)
+def test_holes() -> None:
+    fg = np.zeros((120, 100), bool)
     fg[disk((30, 30), 16)] = True
-    fg[30, 30] = False  # a 1-px hole: filled
-    fg[disk((85, 85), 25)] = True
-    fg[disk((85, 85), 10)] = False  # ~310 px = 19 µm² hole: larger than the smallest nucleus, kept
+    fg[30, 30] = False  # a 1-px hole: filled before splitting
+    fg[disk((85, 45), 25)] = True
+    fg[disk((85, 45), 10)] = False  # ~310 px = 19 µm²: the pale centre of one nucleus, filled after
     lab = split_instances(fg, mpp=MPP, min_depth_um=10)
+    _check_labels(lab)
     assert lab[30, 30] > 0
-    assert lab[85, 85] == 0
+    assert lab[85, 45] > 0 and len(np.unique(lab[60:111, 20:71])) == 2  # one nucleus, hole filled
+    # a gap bordered by two different nuclei stays background
+    two = np.zeros((60, 60), np.int32)
+    two[10:50, 10:30] = 1
+    two[10:50, 30:50] = 2
+    two[25:35, 25:35] = 0
+    np.testing.assert_array_equal(fill_label_holes(two), two)
+    one = two.copy()
+    one[one == 2] = 1
+    assert (fill_label_holes(one)[25:35, 25:35] == 1).all()
     edge = np.zeros((10, 10), bool)
     edge[:, 3:] = True
     edge[:, 5] = False  # a background channel touching the border is not a hole
@@ -114,7 +124,9 @@ def test_empty_and_diagonal_pixels_and_determinism() -> None:
     cfg = InstanceConfig(min_area_um2=0.0, max_area_um2=1e6, split_min_distance_um=1.0)
     lab = split_instances(fg, mpp=MPP, cfg=cfg)
     _check_labels(lab)
-    assert np.array_equal(lab > 0, fill_small_holes(fg, 0))  # nothing dropped with open size limits
+    # nothing dropped with open size limits; only enclosed pockets are added
+    assert not (fg & (lab == 0)).any()
+    assert not ((lab > 0) & ~ndi.binary_fill_holes(fg)).any()
     np.testing.assert_array_equal(lab, split_instances(fg.copy(), mpp=MPP, cfg=cfg))
     with pytest.raises(ValueError):
         split_instances(fg, mpp=0)

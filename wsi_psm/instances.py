@@ -5,7 +5,8 @@ distance transform (times the smoothed probability when one is given), at least
 ``split_min_distance_um`` apart; neighbours whose saddle is shallower than ``min_depth_um`` are merged
 back (a flat distance ridge is one elongated nucleus). Sizes are physical (µm, µm²), converted with mpp.
 
-Every output label is one 4-connected piece, labels run 1..n in raster order of their first pixel,
+Every output label is one 4-connected piece without holes (background enclosed by one nucleus joins
+it; gaps enclosed by several stay background), labels run 1..n in raster order of their first pixel,
 and the result depends only on the inputs (no randomness).
 """
 
@@ -39,6 +40,42 @@ def fill_small_holes(mask: np.ndarray, max_hole_px: float) -> np.ndarray:
     edge = np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]])
     fill[edge] = False
     return mask | fill[holes]
+
+
+def fill_label_holes(labels: np.ndarray) -> np.ndarray:
+    """Background pockets enclosed by a single label (not touching the array edge) join that label.
+
+    Pockets bordered by several labels (gaps between touching nuclei) stay background. Polygon
+    export keeps only exterior rings, so this makes an outline rasterised back equal its label.
+    """
+    bg, n = ndi.label(labels == 0, structure=_FOUR)
+    if n == 0:
+        return labels
+    hole_parts, lab_parts = [], []
+    for a, b in ((bg[:, :-1], labels[:, 1:]), (bg[:, 1:], labels[:, :-1])):
+        m = (a > 0) & (b > 0)
+        hole_parts.append(a[m])
+        lab_parts.append(b[m])
+    for a, b in ((bg[:-1], labels[1:]), (bg[1:], labels[:-1])):
+        m = (a > 0) & (b > 0)
+        hole_parts.append(a[m])
+        lab_parts.append(b[m])
+    hole = np.concatenate(hole_parts).astype(np.int64)
+    lab = np.concatenate(lab_parts).astype(np.int64)
+    if len(hole) == 0:
+        return labels
+    codes = np.unique(hole * (int(labels.max()) + 1) + lab)
+    hole, lab = codes // (int(labels.max()) + 1), codes % (int(labels.max()) + 1)
+    n_neighbours = np.bincount(hole, minlength=n + 1)
+    fill = np.zeros(n + 1, dtype=labels.dtype)
+    single = n_neighbours[hole] == 1
+    fill[hole[single]] = lab[single]
+    edge = np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]])
+    fill[edge] = 0
+    fill[0] = 0
+    if not fill.any():
+        return labels
+    return np.where(labels == 0, fill[bg], labels)
 
 
 def _relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarray:
@@ -160,4 +197,7 @@ def split_instances(
 
     # one 4-connected piece per label; equal-valued neighbours connect, so this splits only pieces
     pieces = cc_label(labels, background=0, connectivity=1)
-    return _relabel_by_area(pieces, min_px, max_px)
+    # debris goes first, so a speck inside a nucleus leaves a hole that is then filled; a nucleus is
+    # judged against the maximum area (and exported) with its holes filled
+    kept = _relabel_by_area(pieces, min_px, np.inf)
+    return _relabel_by_area(fill_label_holes(kept), 0, max_px)
