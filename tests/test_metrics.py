@@ -276,3 +276,173 @@ def test_detection_scores_missing_class() -> None:
     s = detection_scores({"Positive": np.array([[0, 0]])}, gt, radius=10)
     assert s["classes"]["Negative"]["f1"] == 1.0  # nothing to find, nothing found
     assert s["mean_f1"] == 1.0
+
+
+# --------------------------------------------------------------------------- evaluation (folders)
+# (kept here with the metrics they report; the library behind `wsi-psm eval`)
+
+import gzip  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import tifffile  # noqa: E402
+
+from wsi_psm.errors import WsiPsmError  # noqa: E402
+from wsi_psm.evaluation import EvaluationError, evaluate_detection, evaluate_segmentation  # noqa: E402
+
+
+def _square_features(labels: np.ndarray) -> list[dict]:
+    """One axis-aligned square polygon per pixel block of each label (pixel-corner convention)."""
+    feats = []
+    for k in np.unique(labels[labels > 0]):
+        ys, xs = np.nonzero(labels == k)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+        feats.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}})
+    return feats
+
+
+def _write_geojson(path: Path, feats: list[dict]) -> None:
+    data = json.dumps({"type": "FeatureCollection", "features": feats}).encode()
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+
+
+def test_evaluate_segmentation_label_images_and_polygons(tmp_path: Path) -> None:
+    pred, gt = _toy()
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "tif").mkdir()
+    (tmp_path / "gj").mkdir()
+    tifffile.imwrite(tmp_path / "gt" / "a.tif", gt)
+    tifffile.imwrite(tmp_path / "gt" / "b.tif", gt)
+    tifffile.imwrite(tmp_path / "gt" / "lonely.tif", gt)
+    tifffile.imwrite(tmp_path / "tif" / "a_labels.tif", pred)  # the toy prediction
+    tifffile.imwrite(tmp_path / "tif" / "b_labels.tif", gt * 3)  # perfect
+    tifffile.imwrite(tmp_path / "tif" / "extra_labels.tif", gt)
+    r = evaluate_segmentation(tmp_path / "tif", tmp_path / "gt")
+    assert (
+        r["n_images"] == 2 and r["unmatched_pred"] == ["extra"] and r["unmatched_gt"] == ["lonely"]
+    )
+    assert r["images"]["a"]["aji"] == pytest.approx(1 / 3)
+    assert r["images"]["a"]["n_pred"] == 4 and r["images"]["a"]["n_gt"] == 3
+    assert r["images"]["b"]["pq"] == pytest.approx(1.0)
+    assert r["mean"]["object_dice"] == pytest.approx((5 / 9 + 1) / 2)
+    json.dumps(r)  # plain, serialisable
+
+    # the same objects as polygons (square outlines on pixel corners), plain and gzipped
+    _write_geojson(tmp_path / "gj" / "a.geojson", _square_features(pred))
+    _write_geojson(tmp_path / "gj" / "b.geojson.gz", _square_features(gt))
+    r2 = evaluate_segmentation(tmp_path / "gj", tmp_path / "gt")
+    for stem in ("a", "b"):
+        for key in ("pixel_f1", "object_dice", "aji", "pq"):
+            assert r2["images"][stem][key] == pytest.approx(r["images"][stem][key]), (stem, key)
+
+
+def test_evaluate_segmentation_exported_cells_round_trip(tmp_path: Path) -> None:
+    """Labels -> pixel-corner polygons -> cells.geojson (the exporter) -> rasterised back: identical."""
+    from wsi_psm.export import CellRecord, GeoJSONWriter
+    from wsi_psm.instances import split_instances
+    from wsi_psm.polygons import labels_to_polygons
+
+    rng = np.random.default_rng(1)
+    fg = ndi.gaussian_filter(rng.random((200, 240)), 2) > 0.52
+    lab = split_instances(fg, mpp=0.5)
+    assert lab.max() > 10
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "run" / "img").mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "gt" / "img_labels.tif", lab)
+    with GeoJSONWriter(tmp_path / "run" / "img" / "cells.geojson", slide_key="img") as w:
+        for _, poly in labels_to_polygons(lab):
+            w.write(CellRecord(poly, "Nucleus", (255, 0, 0)))
+    r = evaluate_segmentation(tmp_path / "run", tmp_path / "gt")
+    assert r["images"]["img"]["pred_file"] == "img/cells.geojson"
+    for key in ("pixel_f1", "object_dice", "aji", "pq"):
+        assert r["mean"][key] == pytest.approx(1.0), key
+
+
+def test_evaluate_segmentation_on_monuseg(tmp_path: Path, monuseg_dir: Path) -> None:
+    from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
+
+    cases = {c.stem: c for c in monuseg_cases(monuseg_dir)}
+    picks = ["TCGA-21-5784-01Z-00-DX1", "TCGA-18-5592-01Z-00-DX1"]  # one XML, one colour mask
+    expected = {}
+    for stem in picks:
+        gt = load_monuseg_labels(cases[stem])
+        pred = ndi.binary_erosion(gt > 0, iterations=2) * gt  # shrunken truth: imperfect
+        tifffile.imwrite(tmp_path / f"{stem}_labels.tif", pred.astype(np.int32))
+        expected[stem] = segmentation_scores(pred, gt)
+    r = evaluate_segmentation(tmp_path, monuseg_dir)
+    assert r["n_images"] == 2 and len(r["unmatched_gt"]) == 28
+    assert r["images"][picks[0]]["gt_kind"] == "xml" and r["images"][picks[1]]["gt_kind"] == "mask"
+    for stem in picks:
+        assert 0.5 < r["images"][stem]["aji"] < 0.95
+        for key, value in expected[stem].items():
+            assert r["images"][stem][key] == pytest.approx(value), (stem, key)
+
+
+def test_evaluate_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "p").mkdir()
+    (tmp_path / "g").mkdir()
+    tifffile.imwrite(tmp_path / "p" / "x_labels.tif", np.ones((4, 4), np.int32))
+    tifffile.imwrite(tmp_path / "g" / "y.tif", np.ones((4, 4), np.int32))
+    with pytest.raises(EvaluationError, match="not found"):
+        evaluate_segmentation(tmp_path / "nope", tmp_path / "g")
+    with pytest.raises(EvaluationError, match="no predictions"):
+        evaluate_segmentation(tmp_path / "empty", tmp_path / "g")
+    with pytest.raises(EvaluationError, match="no ground truth"):
+        evaluate_segmentation(tmp_path / "p", tmp_path / "empty")
+    with pytest.raises(EvaluationError, match="no prediction matches") as info:
+        evaluate_segmentation(tmp_path / "p", tmp_path / "g")
+    assert isinstance(info.value, WsiPsmError) and "x" in str(info.value) and "y" in str(info.value)
+    tifffile.imwrite(tmp_path / "g" / "x.tif", np.ones((5, 4), np.int32))
+    with pytest.raises(EvaluationError, match="shape"):
+        evaluate_segmentation(tmp_path / "p", tmp_path / "g")
+    with pytest.raises(EvaluationError, match="BCData"):
+        evaluate_detection(tmp_path / "p", tmp_path / "g")
+
+
+def _cell(x: float, y: float, name: str, half: float = 2.0) -> dict:
+    ring = [[x - half, y - half], [x + half, y - half], [x + half, y + half], [x - half, y + half]]
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[*ring, ring[0]]]},
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": name, "color": [0, 0, 0]},
+        },
+    }
+
+
+def test_evaluate_detection_on_bcdata(tmp_path: Path, bcdata_dir: Path) -> None:
+    from wsi_psm.groundtruth import load_bcdata_points
+
+    n_gt = {"Positive": 0, "Negative": 0}
+    for stem in ("0", "1", "2"):
+        pts = load_bcdata_points(bcdata_dir, stem)
+        feats = []
+        for name, xy in pts.items():
+            n_gt[name] += len(xy)
+            for i, (x, y) in enumerate(xy):
+                if name == "Negative" and i % 2:  # miss every other negative cell
+                    continue
+                # a square around the annotated pixel's centre; lower-case class names are accepted
+                feats.append(_cell(x + 0.5 + 3, y + 0.5, name.lower() if stem == "1" else name))
+        feats.append(
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [5.0, 5.0]},
+                "properties": {"classification": {"name": "Positive"}},
+            }
+        )  # a false positive
+        _write_geojson(tmp_path / f"{stem}.geojson", feats)
+    r = evaluate_detection(tmp_path, bcdata_dir, radius_px=10)
+    json.dumps(r)
+    assert r["n_images"] == 3 and len(r["unmatched_gt"]) == 23
+    pos, neg = r["pooled"]["Positive"], r["pooled"]["Negative"]
+    assert pos["fn"] == 0 and pos["tp"] == n_gt["Positive"] and pos["fp"] <= 3
+    assert neg["fp"] == 0 and neg["recall"] == pytest.approx(neg["tp"] / n_gt["Negative"])
+    assert 0.45 < neg["recall"] < 0.55
+    assert r["mean"]["Negative"]["precision"] == 1.0
+    # 3 px off the centre is outside a 2 px radius: nothing matches
+    r_tight = evaluate_detection(tmp_path, bcdata_dir / "annotations", radius_px=2)
+    assert r_tight["pooled"]["overall"]["tp"] <= 3

@@ -1,0 +1,388 @@
+"""``wsi-psm eval``: score a folder of predictions against a folder of annotations, matched by name.
+
+Segmentation (MoNuSeg-style): predictions are ``<stem>_labels.tif`` integer label images, or cell
+polygons in image pixels (``<stem>.geojson``, ``<stem>.geojson.gz`` or a run folder
+``<stem>/cells.geojson[.gz]``), rasterised with the pixel-centre rule of DESIGN.md's pixel-corner
+convention (later features win where they overlap). Ground truth is a MoNuSeg folder (XML where
+present, else the derived colour mask), or a folder of ``<stem>.xml`` / label images / colour PNGs.
+
+Detection (BCData-style): prediction polygons (or points) reduced to centroids, matched one-to-one to
+the annotated points within a radius, per class (Positive / Negative).
+
+Both return plain dicts (the CLI renders them); annotations are only ever read here, for measuring.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_psm.errors import WsiPsmError
+from wsi_psm.groundtruth import (
+    BCDATA_CLASSES,
+    AnnotationError,
+    load_bcdata_points,
+    load_instance_png,
+    load_label_image,
+    load_monuseg_xml,
+    monuseg_cases,
+)
+from wsi_psm.metrics import detection_scores, segmentation_scores
+
+SEGMENTATION_KEYS = ("pixel_f1", "object_dice", "aji", "pq", "dq", "sq")
+LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+class EvaluationError(WsiPsmError):
+    """The prediction or ground-truth folder is missing, empty, unreadable, or nothing matches."""
+
+
+# --------------------------------------------------------------------------- finding files
+
+
+def _strip_labels(stem: str) -> str:
+    return stem[: -len("_labels")] if stem.endswith("_labels") else stem
+
+
+def _geojson_stem(path: Path) -> str | None:
+    name = path.name
+    for ext in (".geojson.gz", ".geojson"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def _find_predictions(folder: Path, *, labels: bool = True) -> dict[str, Path]:
+    """stem -> prediction file; a label image wins over polygons of the same stem."""
+    if not folder.is_dir():
+        raise EvaluationError(f"prediction folder not found: {folder}")
+    found: dict[str, Path] = {}
+    for sub in sorted(
+        p for p in folder.iterdir() if p.is_dir()
+    ):  # run folders: <stem>/cells.geojson
+        for name in ("cells.geojson", "cells.geojson.gz"):
+            if (sub / name).is_file():
+                found.setdefault(sub.name, sub / name)
+    for p in sorted(folder.iterdir()):
+        stem = _geojson_stem(p)
+        if stem is not None and p.is_file():
+            found[stem] = p
+    if labels:
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and p.suffix.lower() in (".tif", ".tiff") and p.stem.endswith("_labels"):
+                found[_strip_labels(p.stem)] = p
+    return found
+
+
+def _find_segmentation_gt(folder: Path) -> dict[str, tuple[Path, str]]:
+    """stem -> (annotation file, kind) with kind one of "xml", "mask", "labels"."""
+    if not folder.is_dir():
+        raise EvaluationError(f"ground-truth folder not found: {folder}")
+    if (folder / "images").is_dir() and (folder / "annotations").is_dir():
+        try:
+            cases = monuseg_cases(folder)
+        except AnnotationError as err:
+            raise EvaluationError(str(err)) from err
+        return {c.stem: (c.annotation, "xml" if c.has_xml else "mask") for c in cases}
+    found: dict[str, tuple[Path, str]] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES:
+            found.setdefault(_strip_labels(p.stem), (p, "labels"))
+    for p in sorted(folder.iterdir()):  # XML wins over an image of the same stem
+        if p.is_file() and p.suffix.lower() == ".xml":
+            found[p.stem] = (p, "xml")
+    return found
+
+
+def _match(pred: dict[str, Any], gt: dict[str, Any], pred_dir: Path, gt_dir: Path) -> list[str]:
+    if not pred:
+        raise EvaluationError(
+            f"no predictions in {pred_dir} (expected <stem>_labels.tif, <stem>.geojson[.gz] "
+            "or <stem>/cells.geojson)"
+        )
+    if not gt:
+        raise EvaluationError(f"no ground truth in {gt_dir}")
+    common = sorted(set(pred) & set(gt))
+    if not common:
+
+        def few(names: Any) -> str:
+            names = sorted(names)
+            return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+        raise EvaluationError(
+            f"no prediction matches a ground truth by name: {len(pred)} predictions in {pred_dir} "
+            f"({few(pred)}), {len(gt)} ground truths in {gt_dir} ({few(gt)})"
+        )
+    return common
+
+
+# --------------------------------------------------------------------------- reading predictions
+
+
+def _read_features(path: Path) -> list[dict[str, Any]]:
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, EOFError) as err:
+        raise EvaluationError(f"cannot read GeoJSON {path}: {err}") from err
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        feats = data.get("features", [])
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        feats = [data]
+    elif isinstance(data, list):
+        feats = data
+    else:
+        raise EvaluationError(f"{path}: not a GeoJSON FeatureCollection")
+    return [f for f in feats if isinstance(f, dict) and isinstance(f.get("geometry"), dict)]
+
+
+def rasterise_features(features: list[dict[str, Any]], shape: tuple[int, int]) -> np.ndarray:
+    """Polygons in image px -> int32 labels (feature i -> i + 1); a pixel belongs to a polygon when its
+    centre (c + 0.5, r + 0.5) lies inside. Non-polygon features are ignored."""
+    from rasterio.features import rasterize
+
+    shapes = [
+        (f["geometry"], i)
+        for i, f in enumerate(features, start=1)
+        if f["geometry"].get("type") in ("Polygon", "MultiPolygon")
+    ]
+    if not shapes:
+        return np.zeros(shape, dtype=np.int32)
+    return rasterize(shapes, out_shape=shape, fill=0, dtype="int32")
+
+
+def load_prediction_labels(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """Prediction instance labels of one image, from a label TIFF or a GeoJSON of polygons."""
+    if _geojson_stem(path) is not None:
+        feats = _read_features(path)
+        if feats and not any(
+            f["geometry"].get("type") in ("Polygon", "MultiPolygon") for f in feats
+        ):
+            raise EvaluationError(f"{path} holds no polygons (points? use detection evaluation)")
+        return rasterise_features(feats, shape)
+    try:
+        labels = load_label_image(path)
+    except AnnotationError as err:
+        raise EvaluationError(str(err)) from err
+    if labels.shape != tuple(shape):
+        raise EvaluationError(
+            f"{path.name}: prediction shape {labels.shape} != ground truth shape {tuple(shape)}"
+        )
+    return labels
+
+
+def _centroids_by_class(path: Path, class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Centroid (x, y) of every polygon or point, grouped by classification name.
+
+    Names equal to a ground-truth class up to case take that class's spelling; others are kept.
+    """
+    import shapely.geometry
+
+    canon = {c.lower(): c for c in class_names}
+    points: dict[str, list[tuple[float, float]]] = {c: [] for c in class_names}
+    for f in _read_features(path):
+        props = f.get("properties") or {}
+        cls = props.get("classification") or {}
+        name = cls.get("name") if isinstance(cls, dict) else cls
+        name = canon.get(str(name).lower(), str(name)) if name is not None else "Unclassified"
+        try:
+            geom = shapely.geometry.shape(f["geometry"])
+        except (ValueError, TypeError, AttributeError, KeyError) as err:
+            raise EvaluationError(f"{path}: bad geometry: {err}") from err
+        if geom.is_empty:
+            continue
+        c = geom.centroid
+        points.setdefault(name, []).append((c.x, c.y))
+    return {k: np.asarray(v, dtype=np.float64).reshape(-1, 2) for k, v in points.items()}
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def _load_gt_labels(path: Path, kind: str, merge_colour_overlaps: bool) -> np.ndarray:
+    try:
+        if kind == "xml":
+            return load_monuseg_xml(path)
+        if kind == "mask":  # a derived MoNuSeg mask: its overlap colours are not nuclei
+            return load_instance_png(path, merge_overlaps=True)
+        if path.suffix.lower() == ".png" and merge_colour_overlaps:
+            return load_instance_png(path, merge_overlaps=True)
+        return load_label_image(path)
+    except AnnotationError as err:
+        raise EvaluationError(str(err)) from err
+
+
+def _xml_shape(gt_labels_dir: Path, stem: str) -> tuple[int, int] | None:
+    """The image size for an XML's raster, when the image sits next to it (MoNuSeg layout)."""
+    for cand in (gt_labels_dir.parent / "images" / f"{stem}.tif", gt_labels_dir / f"{stem}.tif"):
+        if cand.is_file():
+            import tifffile
+
+            with tifffile.TiffFile(cand) as tf:
+                page = tf.pages[0]
+                return int(page.shape[0]), int(page.shape[1])
+    return None
+
+
+def _mean(rows: dict[str, dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows.values()])) for k in keys}
+
+
+def evaluate_segmentation(
+    pred: str | Path, gt: str | Path, *, merge_colour_overlaps: bool = False
+) -> dict[str, Any]:
+    """Per-image and mean pixel F1, object Dice, AJI and PQ (with DQ, SQ) of predictions matched by stem.
+
+    An XML is rasterised at the size of its image when the image is found (MoNuSeg layout), else at
+    the size of a label-image prediction, else at MoNuSeg's 1000 x 1000. ``merge_colour_overlaps``
+    reads colour PNGs of a plain folder like the derived MoNuSeg masks (always done for a MoNuSeg
+    root folder); see ``groundtruth.merge_overlap_fragments``.
+
+    Returns ``{"task": "segmentation", "pred", "gt", "n_images", "images": {stem: {metric: value,
+    "n_pred", "n_gt", "gt_kind", "pred_file"}}, "mean": {metric: value}, "unmatched_pred",
+    "unmatched_gt"}``. Raises :class:`EvaluationError` when a folder is missing or nothing matches.
+    """
+    pred_dir, gt_dir = Path(pred), Path(gt)
+    preds = _find_predictions(pred_dir)
+    gts = _find_segmentation_gt(gt_dir)
+    common = _match(preds, gts, pred_dir, gt_dir)
+    rows: dict[str, dict[str, Any]] = {}
+    for stem in common:
+        gt_path, kind = gts[stem]
+        if kind == "xml":
+            shape = _xml_shape(gt_path.parent, stem)
+            if shape is None:  # no image beside the XML: take the size from a label prediction
+                shape = _prediction_shape(preds[stem])
+            gt_labels = (
+                load_monuseg_xml(gt_path, shape=shape)
+                if shape
+                else _load_gt_labels(gt_path, kind, merge_colour_overlaps)
+            )
+        else:
+            gt_labels = _load_gt_labels(gt_path, kind, merge_colour_overlaps)
+        pred_labels = load_prediction_labels(preds[stem], gt_labels.shape)
+        scores = segmentation_scores(pred_labels, gt_labels)
+        rows[stem] = {
+            **{k: float(scores[k]) for k in SEGMENTATION_KEYS},
+            "n_pred": int(len(np.unique(pred_labels)) - (1 if (pred_labels == 0).any() else 0)),
+            "n_gt": int(len(np.unique(gt_labels)) - (1 if (gt_labels == 0).any() else 0)),
+            "gt_kind": kind,
+            "pred_file": preds[stem].name
+            if preds[stem].parent == pred_dir
+            else str(preds[stem].relative_to(pred_dir)),
+        }
+    return {
+        "task": "segmentation",
+        "pred": str(pred_dir),
+        "gt": str(gt_dir),
+        "n_images": len(rows),
+        "images": rows,
+        "mean": _mean(rows, SEGMENTATION_KEYS),
+        "unmatched_pred": sorted(set(preds) - set(gts)),
+        "unmatched_gt": sorted(set(gts) - set(preds)),
+    }
+
+
+def _prediction_shape(path: Path) -> tuple[int, int] | None:
+    if _geojson_stem(path) is not None:
+        return None
+    try:
+        arr = load_label_image(path)
+    except AnnotationError:
+        return None
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def _bcdata_stems(gt_dir: Path) -> tuple[Path, list[str]]:
+    for cand in (gt_dir, gt_dir / "test", gt_dir / "annotations" / "test"):
+        if (cand / "positive").is_dir():
+            return cand, sorted(p.stem for p in (cand / "positive").glob("*.h5"))
+    raise EvaluationError(
+        f"no BCData annotations under {gt_dir} (expected [annotations/test/]positive/<id>.h5)"
+    )
+
+
+def _iter_detection(
+    preds: dict[str, Path], ann_dir: Path, common: list[str]
+) -> Iterator[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    for stem in common:
+        try:
+            gt_pts = load_bcdata_points(ann_dir, stem)
+        except AnnotationError as err:
+            raise EvaluationError(str(err)) from err
+        # annotated points are pixel indices; in the pixel-corner convention a pixel's centre is +0.5
+        gt_pts = {k: v + 0.5 for k, v in gt_pts.items()}
+        yield stem, _centroids_by_class(preds[stem], BCDATA_CLASSES), gt_pts
+
+
+def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0) -> dict[str, Any]:
+    """Per-class detection scores of cell centroids against BCData points, matched within ``radius_px``.
+
+    ``pred``: folder of ``<stem>.geojson[.gz]`` (or ``<stem>/cells.geojson``) whose features carry
+    ``properties.classification.name`` Positive / Negative (any case); ``gt``: the BCData folder,
+    its ``annotations`` folder, or ``annotations/test``.
+
+    Returns ``{"task": "detection", "radius_px", "n_images", "images": {stem: detection_scores},
+    "mean": {class: {precision, recall, f1, abs_count_error}, "mean_f1", "overall_f1"} (means over
+    images), "pooled": detection scores from the counts summed over images, "unmatched_pred",
+    "unmatched_gt"}``.
+    """
+    pred_dir, gt_dir = Path(pred), Path(gt)
+    if not gt_dir.is_dir():
+        raise EvaluationError(f"ground-truth folder not found: {gt_dir}")
+    preds = _find_predictions(pred_dir, labels=False)
+    ann_dir, stems = _bcdata_stems(gt_dir)
+    common = _match(preds, dict.fromkeys(stems), pred_dir, gt_dir)
+    images: dict[str, dict[str, Any]] = {}
+    totals: dict[str, dict[str, int]] = {}
+    for stem, p, g in _iter_detection(preds, ann_dir, common):
+        s = detection_scores(p, g, radius_px)
+        images[stem] = s
+        for name, c in [*s["classes"].items(), ("overall", s["overall"])]:
+            t = totals.setdefault(name, {"tp": 0, "fp": 0, "fn": 0, "n_pred": 0, "n_gt": 0})
+            for k in t:
+                t[k] += int(c[k])
+
+    per_image_classes = sorted({c for s in images.values() for c in s["classes"]})
+    mean: dict[str, Any] = {}
+    for name in per_image_classes:
+        vals = [s["classes"][name] for s in images.values() if name in s["classes"]]
+        mean[name] = {
+            k: float(np.mean([v[k] for v in vals]))
+            for k in ("precision", "recall", "f1", "abs_count_error")
+        }
+    mean["mean_f1"] = float(np.mean([s["mean_f1"] for s in images.values()]))
+    mean["overall_f1"] = float(np.mean([s["overall"]["f1"] for s in images.values()]))
+
+    pooled: dict[str, Any] = {}
+    for name, t in totals.items():
+        tp, fp, fn = t["tp"], t["fp"], t["fn"]
+        pooled[name] = {
+            **t,
+            "precision": tp / (tp + fp) if tp + fp else float(fn == 0),
+            "recall": tp / (tp + fn) if tp + fn else 1.0,
+            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
+            "count_error": t["n_pred"] - t["n_gt"],
+        }
+    pooled["mean_f1"] = float(np.mean([pooled[c]["f1"] for c in BCDATA_CLASSES if c in pooled]))
+    return {
+        "task": "detection",
+        "pred": str(pred_dir),
+        "gt": str(gt_dir),
+        "radius_px": float(radius_px),
+        "n_images": len(images),
+        "images": images,
+        "mean": mean,
+        "pooled": pooled,
+        "unmatched_pred": sorted(set(preds) - set(stems)),
+        "unmatched_gt": sorted(set(stems) - set(preds)),
+    }
