@@ -10,6 +10,7 @@ import tifffile
 from skimage.draw import disk
 
 from wsi_psm.config import RunConfig
+from wsi_psm.instances import split_instances
 from wsi_psm.pipeline import prepare_slide, run_slide
 
 MPP = 0.5
@@ -24,8 +25,8 @@ class DarkThreshold:
     def network(self, images):
         return [None] * len(images)
 
-    def foreground(self, image, raw):
-        return image.mean(axis=-1) < 120, None
+    def labels(self, image, raw):
+        return split_instances(image.mean(axis=-1) < 120, mpp=MPP)
 
 
 def _plant(path, size_px: int, centres: list[tuple[float, float]], radius_px: float) -> None:

@@ -31,7 +31,6 @@ from .export import (
     utc_now_iso,
     write_summary,
 )
-from .instances import split_instances
 from .polygons import polygon_measurements
 from .progress import NullProgress, ProgressHook
 from .slide import Slide
@@ -50,8 +49,9 @@ class TilePredictor(Protocol):
         """Batched network pass on (B, H, W, 3) uint8 tiles; one opaque map per tile."""
         ...
 
-    def foreground(self, image: np.ndarray, raw: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        """CPU part for one tile: boolean nucleus mask and optional probability map."""
+    def labels(self, image: np.ndarray, raw: Any) -> np.ndarray:
+        """CPU part for one tile (runs in the post-processing pool): int32 instance labels, 0 = background,
+        each label one 4-connected piece, at the tile's (processing) resolution."""
         ...
 
 
@@ -140,9 +140,8 @@ def process_tile(
     cfg: RunConfig,
     band: float,
 ) -> TileCandidates:
-    """The CPU part of one tile: foreground -> instances -> candidate cells with class and measurements."""
-    fg, prob = predictor.foreground(image, raw)
-    labels = split_instances(fg, mpp=cfg.target_mpp, cfg=cfg.instances, prob=prob)
+    """The CPU part of one tile: instances -> candidate cells with class and measurements."""
+    labels = predictor.labels(image, raw)
     tc = tile_candidates(labels, tile, ctx.grid, band)
     if tc.candidates:
         annotator.annotate(image, tc.labels, tc.candidates, ctx.mpp)
@@ -300,3 +299,48 @@ def build_summary(
         "model": model_info or {"source": "none"},
         "created": utc_now_iso(),
     }
+
+
+def process_slide(
+    path: str | Path,
+    out_dir: str | Path,
+    cfg: RunConfig,
+    *,
+    model: Any | None = None,
+    mpp: float | None = None,
+    backend: str = "auto",
+    overwrite: bool = False,
+    progress: ProgressHook | None = None,
+) -> SlideRun:
+    """A slide file to a finished output folder: prepare, fit on the slide unless ``model`` is given
+    (a ``ModelBundle``), then find every cell. The output folder is checked before any work."""
+    from .device import select_device
+    from .fit import fit_model_on_context
+    from .inference import make_predictor
+
+    progress = progress or NullProgress()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        from .errors import OutputExistsError
+
+        raise OutputExistsError(
+            f"output exists: {out_dir} (use --overwrite to replace it, or --skip-existing)"
+        )
+    device = select_device(cfg.device)
+    ctx = prepare_slide(path, cfg, mpp=mpp, backend=backend)
+    try:
+        extra: dict[str, float] = {}
+        if model is None:
+            t = time.perf_counter()
+            model = fit_model_on_context(ctx, cfg, device=device, progress=progress)
+            extra["fit"] = time.perf_counter() - t
+            model_info = {"source": "fitted on this slide", **model.provenance_summary()}
+        else:
+            model_info = {"source": "model file", **model.provenance_summary()}
+        predictor, annotator, extras = make_predictor(model, device=device, cfg=cfg)
+        return run_slide(
+            ctx, out_dir, predictor, cfg, annotator=annotator, overwrite=overwrite,
+            model_info=model_info, progress=progress, extra_timings=extra, summary_extras=extras,
+        )  # fmt: skip
+    finally:
+        ctx.slide.close()
