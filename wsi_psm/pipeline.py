@@ -36,7 +36,7 @@ from .progress import NullProgress, ProgressHook
 from .slide import Slide
 from .stitching import Candidate, SeamResolver, TileCandidates, tile_candidates
 from .stream import stream_batches
-from .tiling import Tile, TileGrid, make_grid
+from .tiling import Tile, TileGrid, check_slide_size, make_grid
 from .tissue import TissueMask, check_brightfield, detect_tissue
 
 NUCLEUS = ("Nucleus", (0, 160, 255))
@@ -100,6 +100,7 @@ def prepare_slide(
     slide = Slide.open(path, backend=backend, mpp=mpp)
     try:
         slide_mpp = slide.mpp
+        check_slide_size(slide.width, slide.height, slide_mpp, cfg, slide.name)
         thumb, tscale = slide.thumbnail(max(cfg.tissue.thumb_mpp, slide_mpp))
         check_brightfield(thumb, slide.name)
         tissue = detect_tissue(thumb, tscale, slide_mpp, cfg.tissue, slide.name)

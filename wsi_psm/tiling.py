@@ -85,6 +85,19 @@ class TileGrid:
         return m
 
 
+def check_slide_size(
+    width: int, height: int, mpp: float, cfg: RunConfig, name: str = "slide"
+) -> None:
+    """Refuse a slide smaller than one tile core: it is an image tile, which `segment` handles."""
+    core_l0 = cfg.tiles.core_um / mpp
+    if width < core_l0 or height < core_l0:
+        raise SlideTooSmallError(
+            f"{name}: {width}x{height} px at {mpp:g} µm/px is smaller than one tile "
+            f"({cfg.tiles.core_um:g} µm = {core_l0:.0f} px); use `wsi-psm segment` for image tiles "
+            f"or a smaller tile core"
+        )
+
+
 def make_grid(
     width: int,
     height: int,
@@ -102,12 +115,7 @@ def make_grid(
     tile_px = core_px + 2 * margin_px
     scale = target / mpp  # level-0 px per processing px
     core_l0 = core_px * scale
-    if width < core_l0 or height < core_l0:
-        raise SlideTooSmallError(
-            f"{name}: {width}x{height} px at {mpp:g} µm/px is smaller than one tile "
-            f"({cfg.tiles.core_um:g} µm = {core_l0:.0f} px); use `wsi-psm segment` for image tiles "
-            f"or a smaller tile core"
-        )
+    check_slide_size(width, height, mpp, cfg, name)
     cols = math.ceil(width / core_l0)
     rows = math.ceil(height / core_l0)
     span = tile_px * scale

@@ -1,0 +1,461 @@
+"""The ``wsi-psm`` command: thin wrappers that parse options, call the library and show progress.
+
+Errors the user can act on (``WsiPsmError``) are printed as one line on stderr with a non-zero exit
+code; ``--debug`` (or WSI_PSM_DEBUG=1) shows the traceback instead. Heavy imports happen inside the
+commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from wsi_psm import __version__
+from wsi_psm.errors import WsiPsmError
+
+from .progress import console
+
+app = typer.Typer(
+    name="wsi-psm",
+    help="Label-free nucleus segmentation and classification on whole-slide images "
+    "(prior self-activation maps). Outputs QuPath GeoJSON, GeoParquet, per-class counts.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_DEBUG = {"on": os.environ.get("WSI_PSM_DEBUG", "") not in ("", "0")}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"wsi-psm {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    if debug:
+        _DEBUG["on"] = True
+
+
+# Shared options --------------------------------------------------------------------------------
+
+MppOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--mpp", help="Micrometres per pixel of level 0, when the file does not say.", min=0.0
+    ),
+]
+BackendOpt = Annotated[
+    str,
+    typer.Option("--backend", help="Slide reader: auto, openslide, tiffslide or image."),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Run configuration JSON (see schemas/config.schema.json).",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+TargetMppOpt = Annotated[
+    float | None,
+    typer.Option("--target-mpp", help="Processing resolution, µm/px (default 0.5).", min=0.0),
+]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Random seed (fits are deterministic on CPU).")
+]
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="A model from `wsi-psm fit`; without it each slide fits its own.",
+        exists=True,
+        dir_okay=False,
+    ),
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
+SkipOpt = Annotated[
+    bool, typer.Option("--skip-existing", help="Skip slides whose output folder exists.")
+]
+StainOpt = Annotated[str | None, typer.Option("--stain", help="auto, he or ihc-dab.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+GzipOpt = Annotated[bool | None, typer.Option("--gzip/--no-gzip", help="Write cells.geojson.gz.")]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch-size", help="Tiles per network batch.", min=1)
+]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="Threads decoding tiles / post-processing.", min=1)
+]
+
+
+def _config(
+    config: Path | None,
+    *,
+    target_mpp: float | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    stain: str | None = None,
+    gzip: bool | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+):
+    from wsi_psm.config import RunConfig
+
+    try:
+        cfg = RunConfig.load(config) if config else RunConfig()
+        return cfg.with_updates(
+            target_mpp=target_mpp,
+            device=device,
+            seed=seed,
+            stain=stain,
+            geojson_gzip=gzip,
+            **{"tiles.batch_size": batch_size, "tiles.decode_workers": workers},
+        )
+    except ValueError as err:  # pydantic ValidationError is a ValueError
+        first = str(err).splitlines()
+        raise WsiPsmError(f"invalid configuration: {' '.join(first[:3])}") from err
+
+
+# Commands --------------------------------------------------------------------------------------
+
+
+@app.command()
+def info(
+    slide: Annotated[Path, typer.Argument(help="A slide file, DICOM folder or image.")],
+    mpp: MppOpt = None,
+    backend: BackendOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Print a slide's size, pyramid levels, resolution, vendor and reader."""
+    import json
+
+    from rich.table import Table
+
+    from wsi_psm.slide import Slide
+
+    with Slide.open(slide, backend=backend, mpp=mpp) as s:
+        d = s.info.to_dict()
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    t = Table(show_header=False, box=None)
+    t.add_row("name", d["name"])
+    t.add_row("path", d["path"])
+    t.add_row("vendor", str(d["vendor"]))
+    t.add_row("reader", d["backend"])
+    t.add_row("size", f"{d['width']} x {d['height']} px (level 0)")
+    mpp_s = f"{d['mpp']:.4g} µm/px ({d['mpp_source']})" if d["mpp"] else "unknown (pass --mpp)"
+    t.add_row("mpp", mpp_s)
+    if d.get("objective_power"):
+        t.add_row("objective", f"{d['objective_power']:g}x")
+    levels = ", ".join(
+        f"{w}x{h} (/{ds:.3g})"
+        for (w, h), ds in zip(d["level_dimensions"], d["level_downsamples"], strict=True)
+    )
+    t.add_row("levels", f"{d['level_count']}: {levels}")
+    from rich.console import Console
+
+    Console().print(t)
+
+
+@app.command()
+def run(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Slide files, DICOM folders, or folders of slides.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output folder; one subfolder per slide.")
+    ],
+    model: ModelOpt = None,
+    mpp: MppOpt = None,
+    backend: BackendOpt = "auto",
+    config: ConfigOpt = None,
+    target_mpp: TargetMppOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    stain: StainOpt = None,
+    gzip: GzipOpt = None,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    skip_existing: SkipOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find, outline and classify every nucleus of each slide.
+
+    Writes OUTPUT/<slide>/{cells.geojson, cells.parquet, summary.json, overlay.png}. Without --model,
+    a model is fitted on the slide itself, label-free.
+    """
+    from wsi_psm.discovery import find_slides
+    from wsi_psm.pipeline import process_slide
+
+    from .progress import progress_bars
+
+    cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip,
+                  batch_size=batch_size, workers=workers)  # fmt: skip
+    slides = find_slides(inputs)
+    bundle = _load_model(model) if model else None
+    failed = []
+    for s in slides:
+        out_dir = output / s.name
+        if skip_existing and out_dir.exists():
+            console.print(f"{s.name}: output exists, skipped ({out_dir})")
+            continue
+        try:
+            with progress_bars(not quiet, prefix=f"{s.name}: ") as prog:
+                res = process_slide(s.path, out_dir, cfg, model=bundle, mpp=mpp, backend=backend,
+                                    overwrite=overwrite, progress=prog)  # fmt: skip
+        except WsiPsmError as err:
+            if len(slides) == 1:
+                raise
+            console.print(f"[red]error:[/red] {err}", highlight=False)
+            failed.append(s.name)
+            continue
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items())) or "no cells"
+        console.print(f"{s.name}: {res.cells} cells ({counts}) -> {res.out_dir}", highlight=False)
+    if failed:
+        raise WsiPsmError(f"{len(failed)} of {len(slides)} slides failed: {', '.join(failed)}")
+
+
+@app.command()
+def fit(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Slides (or folders of slides) to fit on, unlabelled.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Model file to write (e.g. model.pt).")
+    ],
+    mpp: MppOpt = None,
+    backend: BackendOpt = "auto",
+    config: ConfigOpt = None,
+    target_mpp: TargetMppOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    stain: StainOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit a model (self-supervised, no labels) on a cohort of slides, for `run --model`."""
+    from wsi_psm.fit import fit_model_on_slides
+    from wsi_psm.model import ModelBundle
+
+    from wsi_psm.discovery import find_slides
+
+    from .progress import progress_bars
+
+    if output.exists() and not overwrite:
+        raise WsiPsmError(f"output exists: {output} (use --overwrite to replace it)")
+    cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain)
+    slides = find_slides(inputs)
+    with progress_bars(not quiet) as prog:
+        bundle: ModelBundle = fit_model_on_slides(
+            [s.path for s in slides], cfg, mpp=mpp, backend=backend, progress=prog
+        )
+    bundle.save(output)
+    console.print(f"model fitted on {len(slides)} slide(s) -> {output}", highlight=False)
+
+
+def _load_model(path: Path):
+    from wsi_psm.model import ModelBundle
+
+    return ModelBundle.load(path)
+
+
+@app.command()
+def batch(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Slide files, DICOM folders, or folders of slides.")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Output folder; one subfolder per slide.")
+    ],
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            "--scheduler",
+            help="Address of a running Dask scheduler (tcp://host:8786); default: a local cluster.",
+        ),
+    ] = None,
+    n_workers: Annotated[
+        int, typer.Option("--n-workers", help="Local cluster: worker processes.", min=1)
+    ] = 1,
+    threads_per_worker: Annotated[
+        int, typer.Option("--threads-per-worker", help="Local cluster: threads per worker.", min=1)
+    ] = 2,
+    model: ModelOpt = None,
+    mpp: MppOpt = None,
+    backend: BackendOpt = "auto",
+    config: ConfigOpt = None,
+    target_mpp: TargetMppOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    stain: StainOpt = None,
+    gzip: GzipOpt = None,
+    overwrite: OverwriteOpt = False,
+    skip_existing: SkipOpt = False,
+) -> None:
+    """Process many slides on a Dask distributed cluster, one slide per task.
+
+    Each worker opens, processes, writes and closes its own slide; finished slides are skipped on a
+    rerun with --skip-existing, so an interrupted batch can be resumed.
+    """
+    from wsi_psm.discovery import find_slides
+    from wsi_psm.distributed import run_batch
+
+    cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip)
+    slides = find_slides(inputs)
+    results = run_batch(
+        slides, output, cfg, model_path=model, mpp=mpp, backend=backend, overwrite=overwrite,
+        skip_existing=skip_existing, scheduler=scheduler, n_workers=n_workers,
+        threads_per_worker=threads_per_worker, report=lambda line: console.print(line, highlight=False),
+    )  # fmt: skip
+    failed = [r for r in results if r.error]
+    if failed:
+        raise WsiPsmError(
+            f"{len(failed)} of {len(results)} slides failed: {', '.join(r.name for r in failed)}"
+        )
+
+
+@app.command()
+def segment(
+    images: Annotated[
+        list[Path], typer.Argument(help="Image tiles (PNG, TIFF, JPEG) or folders of them.")
+    ],
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="Folder for <stem>.geojson and <stem>_labels.tif."),
+    ],
+    mpp: MppOpt = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    target_mpp: TargetMppOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    stain: StainOpt = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Segment nuclei in image tiles; writes a GeoJSON and an instance-label TIFF per image."""
+    from wsi_psm.segment import segment_images
+
+    from wsi_psm.discovery import find_slides
+
+    from .progress import progress_bars
+
+    cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain)
+    paths = [s.path for s in find_slides(images)]
+    bundle = _load_model(model) if model else None
+    with progress_bars(not quiet) as prog:
+        written = segment_images(
+            paths, output, cfg, model=bundle, mpp=mpp, overwrite=overwrite, progress=prog
+        )
+    console.print(f"{len(written)} image(s) segmented -> {output}", highlight=False)
+
+
+@app.command(name="eval")
+def eval_(
+    pred: Annotated[
+        Path, typer.Argument(help="Folder of predictions (<stem>_labels.tif or <stem>.geojson).")
+    ],
+    gt: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder of annotations (MoNuSeg XML, label images, or BCData .h5 root)."
+        ),
+    ],
+    radius: Annotated[
+        float | None, typer.Option("--radius", help="Detection match radius in px (default 10).")
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the report as JSON here.")
+    ] = None,
+) -> None:
+    """Score predictions against annotations: pixel F1, object Dice, AJI, PQ; or detection P/R/F1."""
+    from .report import print_eval
+
+    print_eval(pred, gt, radius=radius, json_out=json_out)
+
+
+@app.command()
+def demo(
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for the demo slide and its outputs.")
+    ] = Path("demo-out"),
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the whole pipe on a small slide built from an image scikit-image ships (no download)."""
+    from wsi_psm.demo import run_demo
+
+    from .progress import progress_bars
+
+    with progress_bars(not quiet) as prog:
+        res, slide_path = run_demo(output, overwrite=overwrite, progress=prog)
+    console.print(f"demo slide: {slide_path}", highlight=False)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items())) or "no cells"
+    console.print(f"{res.cells} cells ({counts})", highlight=False)
+    for name in sorted(os.listdir(res.out_dir)):
+        console.print(f"  {res.out_dir / name}", highlight=False)
+    console.print(
+        "open cells.geojson in QuPath (File > Import objects), or look at overlay.png",
+        highlight=False,
+    )
+
+
+# Entry point -----------------------------------------------------------------------------------
+
+
+def _is_usage_error(err: Exception) -> bool:
+    exit_code = getattr(err, "exit_code", None)
+    return callable(getattr(err, "show", None)) and isinstance(exit_code, int) and exit_code != 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and turn failures into one line and an exit code."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except WsiPsmError as err:
+        if _DEBUG["on"]:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except Exception as err:
+        if _is_usage_error(err):  # click's (typer's vendored click's) own usage errors
+            err.show()  # type: ignore[attr-defined]
+            sys.exit(err.exit_code)  # type: ignore[attr-defined]
+        # a bug: say so in one line, with the way to see more
+        if _DEBUG["on"]:
+            traceback.print_exc()
+        print(
+            f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Rendering ``wsi-psm eval`` reports as tables (and JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+SEG_COLS = ("pixel_f1", "object_dice", "aji", "pq")
+
+
+def _is_detection_gt(gt: Path) -> bool:
+    return any(gt.rglob("*.h5"))
+
+
+def _seg_table(report: dict[str, Any]) -> Table:
+    t = Table(title=f"segmentation: {report['n_images']} images")
+    t.add_column("image")
+    for c in SEG_COLS:
+        t.add_column(c, justify="right")
+    t.add_column("cells pred/gt", justify="right")
+    for stem, row in report["images"].items():
+        t.add_row(stem, *(f"{row[c]:.3f}" for c in SEG_COLS), f"{row['n_pred']}/{row['n_gt']}")
+    t.add_row("mean", *(f"{report['mean'][c]:.3f}" for c in SEG_COLS), "", style="bold")
+    return t
+
+
+def _det_table(report: dict[str, Any]) -> Table:
+    pooled = report["pooled"]
+    t = Table(
+        title=f"detection at {report['radius_px']:g} px: {report['n_images']} images (pooled counts)"
+    )
+    for c in ("class", "precision", "recall", "F1", "pred", "gt", "count error"):
+        t.add_column(c, justify="left" if c == "class" else "right")
+    for name, s in pooled.items():
+        if not isinstance(s, dict):
+            continue
+        t.add_row(name, f"{s['precision']:.3f}", f"{s['recall']:.3f}", f"{s['f1']:.3f}",
+                  str(s["n_pred"]), str(s["n_gt"]), f"{s['count_error']:+d}")  # fmt: skip
+    t.add_row("mean F1 (classes)", "", "", f"{pooled['mean_f1']:.3f}", "", "", "", style="bold")
+    t.add_row("mean F1 (per image)", "", "", f"{report['mean']['mean_f1']:.3f}", "", "", "")
+    return t
+
+
+def print_eval(
+    pred: Path, gt: Path, *, radius: float | None, json_out: Path | None
+) -> dict[str, Any]:
+    """Evaluate ``pred`` against ``gt`` (segmentation, or detection when ``gt`` holds BCData .h5 files)."""
+    from wsi_psm.evaluation import evaluate_detection, evaluate_segmentation
+
+    if _is_detection_gt(gt):
+        report = evaluate_detection(pred, gt, radius_px=10.0 if radius is None else radius)
+        table = _det_table(report)
+    else:
+        report = evaluate_segmentation(pred, gt)
+        table = _seg_table(report)
+    Console().print(table)
+    if report.get("unmatched_gt"):
+        Console(stderr=True).print(
+            f"note: {len(report['unmatched_gt'])} annotated images had no prediction",
+            highlight=False,
+        )
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    return report

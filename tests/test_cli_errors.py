@@ -1,0 +1,133 @@
+"""Bad input through the command line: one clear line on stderr, non-zero exit, nothing that looks finished."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from wsi_psm.cli.main import main
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def _assert_clean_failure(code: int, err: str, out_root: Path, expect: str) -> None:
+    assert code != 0
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert expect.lower() in lines[0].lower(), lines[0]
+    assert "Traceback" not in err
+    if out_root.exists():  # no finished-looking output and no temporary left behind
+        leftovers = [
+            p
+            for p in out_root.rglob("*")
+            if p.name in ("cells.geojson", "summary.json") or ".tmp-" in p.name
+        ]
+        assert leftovers == []
+
+
+def _write_tiff(path: Path, img: np.ndarray, mpp: float | None) -> Path:
+    kw = {}
+    if mpp is not None:
+        kw = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", **kw)
+    return path
+
+
+def test_not_a_slide(tmp_path, capsys):
+    bad = tmp_path / "notes.svs"
+    bad.write_text("this is not a slide\n")
+    code, _, err = _run(["run", str(bad), "-o", str(tmp_path / "out"), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "notes.svs")
+
+
+def test_missing_file(tmp_path, capsys):
+    code, _, err = _run(
+        ["run", str(tmp_path / "nope.svs"), "-o", str(tmp_path / "out"), "-q"], capsys
+    )
+    _assert_clean_failure(code, err, tmp_path / "out", "no such file")
+
+
+def test_truncated_slide(tmp_path, capsys, cmu_svs):
+    data = cmu_svs.read_bytes()
+    cut = tmp_path / "truncated.svs"
+    cut.write_bytes(data[: int(len(data) * 0.4)])
+    code, _, err = _run(["run", str(cut), "-o", str(tmp_path / "out"), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "truncated.svs")
+
+
+@pytest.mark.parametrize(
+    ("name", "expect"),
+    [("unopenable.tiff", "unsupported tiff compression"), ("unreadable.svs", "bogus marker")],
+)
+def test_broken_fixtures(tmp_path, capsys, fixtures_dir, name, expect):
+    code, _, err = _run(
+        ["run", str(fixtures_dir / name), "-o", str(tmp_path / "out"), "-q"], capsys
+    )
+    _assert_clean_failure(code, err, tmp_path / "out", expect)
+
+
+def test_no_mpp(tmp_path, capsys, fixtures_dir):
+    # boxes.tiff carries a placeholder 72 dpi, which is not a resolution
+    code, _, err = _run(
+        ["run", str(fixtures_dir / "boxes.tiff"), "-o", str(tmp_path / "out"), "-q"], capsys
+    )
+    _assert_clean_failure(code, err, tmp_path / "out", "--mpp")
+
+
+def test_no_tissue(tmp_path, capsys):
+    blank = _write_tiff(tmp_path / "blank.tif", np.full((1200, 1200, 3), 245, np.uint8), mpp=0.5)
+    code, _, err = _run(["run", str(blank), "-o", str(tmp_path / "out"), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "no tissue")
+
+
+def test_slide_smaller_than_a_tile(tmp_path, capsys, fixtures_dir):
+    code, _, err = _run(
+        ["run", str(fixtures_dir / "small.svs"), "-o", str(tmp_path / "out"), "-q"], capsys
+    )
+    _assert_clean_failure(code, err, tmp_path / "out", "smaller than one tile")
+
+
+def test_fluorescence_is_refused(tmp_path, capsys):
+    from conftest import data_path
+
+    ndpi = data_path("wsi", "hamamatsu-ndpi-fluorescence", "test3-DAPI-2-(387).ndpi")
+    code, _, err = _run(["run", str(ndpi), "-o", str(tmp_path / "out"), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "fluorescence")
+
+
+def test_existing_output_is_refused_and_kept(tmp_path, capsys, cmu_svs):
+    existing = tmp_path / "out" / "CMU-1-Small-Region"
+    existing.mkdir(parents=True)
+    (existing / "cells.geojson").write_text("precious")
+    code, _, err = _run(["run", str(cmu_svs), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code != 0
+    assert err.strip().startswith("error: output exists") and "--overwrite" in err
+    assert (existing / "cells.geojson").read_text() == "precious"
+
+
+def test_unknown_option_is_a_usage_error(capsys):
+    code, _, err = _run(["run", "--no-such-option"], capsys)
+    assert code == 2
+    assert "Traceback" not in err
+
+
+def test_info_prints_slide_facts(capsys, cmu_svs):
+    code, out, _ = _run(["info", str(cmu_svs), "--json"], capsys)
+    assert code == 0
+    assert '"width": 2220' in out and '"mpp": 0.499' in out and '"vendor": "aperio"' in out
+
+
+def test_info_on_a_copy_with_spaces_in_the_name(tmp_path, capsys, cmu_svs):
+    target = tmp_path / "my slide (copy).svs"
+    shutil.copy(cmu_svs, target)
+    code, out, _ = _run(["info", str(target)], capsys)
+    assert code == 0 and "2220 x 2967" in out

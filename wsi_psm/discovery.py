@@ -1,0 +1,82 @@
+"""Finding the slides a user pointed at: files, folders of slides, and DICOM WSI folders."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SlideOpenError
+
+# Whole-slide and image formats the readers open (OpenSlide, tiffslide, Pillow/tifffile).
+SLIDE_SUFFIXES = {
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+    ".qptiff", ".png", ".jpg", ".jpeg",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    path: Path  # the file, or a DICOM WSI folder
+    name: str  # output folder name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def _safe_name(stem: str) -> str:
+    """A folder name that is safe on every file system but keeps the stem readable."""
+    return re.sub(r"[^\w.\-() ]+", "_", stem).strip() or "slide"
+
+
+def _is_dicom_folder(d: Path) -> bool:
+    return d.is_dir() and any(p.suffix.lower() == ".dcm" for p in d.iterdir())
+
+
+def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:
+    """Slides named by ``inputs``: files as given; in a folder, its slide files and DICOM subfolders.
+
+    A folder holding ``.dcm`` files is one DICOM slide (each file of the series opens the whole
+    pyramid). Raises SlideOpenError for a missing path, a folder without slides, or two slides that
+    would write to the same output folder name.
+    """
+    found: list[SlideInput] = []
+    for raw in inputs:
+        p = Path(raw)
+        if not p.exists():
+            raise SlideOpenError(f"{p}: no such file or folder")
+        if p.is_file():
+            if p.suffix.lower() == ".dcm":
+                found.append(SlideInput(p.parent, _safe_name(p.parent.name)))
+            else:
+                found.append(SlideInput(p, _safe_name(p.stem)))
+            continue
+        if _is_dicom_folder(p):
+            found.append(SlideInput(p, _safe_name(p.name)))
+            continue
+        inner = []
+        for q in sorted(p.iterdir()):
+            if q.name.startswith("."):
+                continue
+            if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES:
+                inner.append(SlideInput(q, _safe_name(q.stem)))
+            elif _is_dicom_folder(q):
+                inner.append(SlideInput(q, _safe_name(q.name)))
+        if not inner:
+            raise SlideOpenError(
+                f"{p}: no slides in this folder (looked for {', '.join(sorted(SLIDE_SUFFIXES))} and DICOM folders)"
+            )
+        found.extend(inner)
+    seen: dict[str, Path] = {}
+    unique = []
+    for s in found:
+        if s.name in seen:
+            if seen[s.name] == s.path:
+                continue
+            raise SlideOpenError(
+                f"two slides would write to one output folder {s.name!r}: {seen[s.name]} and {s.path}"
+            )
+        seen[s.name] = s.path
+        unique.append(s)
+    return unique
