@@ -113,7 +113,7 @@ def run_batch(
                     key=f"slide-{s.name}",
                     retries=retries,
                     pure=False,
-                ): s  # fmt: skip
+                ): s
                 for s, out_dir in todo
             }
             for fut in as_completed(futures):
