@@ -1,0 +1,95 @@
+"""Throughput of the slide pipeline as ratios from one run: pipeline time / raw tile-decode time.
+
+    python benchmarks/throughput.py ../shared/data/wsi/aperio-svs/CMU-1-Small-Region.svs [--model M.pt]
+
+1. decodes every tissue tile of the slide at the processing resolution through the same Dask stream
+   the pipeline uses (same threads, batches, prefetch), doing nothing else: the raw decode time;
+2. runs the whole pipeline on the same tiles (a model is fitted on the slide first unless --model is
+   given; the fit is timed separately) and reads its stage timings from summary.json.
+
+Printed ratios (machine-independent enough to compare runs): pipeline / decode (1.0 would mean the
+network and post-processing are free), the share of pipeline time the network waited for decoded
+tiles (starvation; ~0 means decoding keeps up), and the network's share. Peak RSS is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+from wsi_psm.model import ModelBundle
+
+from wsi_psm.config import RunConfig
+from wsi_psm.device import select_device
+from wsi_psm.fit import fit_model_on_context
+from wsi_psm.inference import make_predictor
+from wsi_psm.pipeline import prepare_slide, read_tile, run_slide
+from wsi_psm.stream import stream_batches
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("slide")
+    ap.add_argument("--model", help="model bundle from `wsi-psm fit` (default: fit on the slide)")
+    ap.add_argument("--mpp", type=float, default=None)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None)
+    args = ap.parse_args()
+
+    cfg = RunConfig().with_updates(device=args.device, **{"tiles.batch_size": args.batch_size,
+                                                          "tiles.decode_workers": args.workers})  # fmt: skip
+    device = select_device(cfg.device)
+    ctx = prepare_slide(args.slide, cfg, mpp=args.mpp)
+    try:
+        tiles = ctx.grid.tiles
+        t = time.perf_counter()
+        n = 0
+        for batch in stream_batches(
+            lambda tile: read_tile(ctx.slide, tile, cfg.target_mpp), tiles,
+            batch_size=cfg.tiles.batch_size, workers=cfg.tiles.decode_workers,
+            prefetch=cfg.tiles.prefetch_batches,
+        ):  # fmt: skip
+            n += len(batch.tiles)
+        t_decode = time.perf_counter() - t
+
+        t = time.perf_counter()
+        bundle = (
+            ModelBundle.load(args.model)
+            if args.model
+            else fit_model_on_context(ctx, cfg, device=device)
+        )
+        t_fit = time.perf_counter() - t
+        predictor, annotator, extras = make_predictor(bundle, device=device, cfg=cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            res = run_slide(
+                ctx, Path(tmp) / "out", predictor, cfg, annotator=annotator, summary_extras=extras
+            )
+            t_pipe = time.perf_counter() - t
+            timings = json.loads((Path(tmp) / "out" / "summary.json").read_text())["timings_s"]
+    finally:
+        ctx.slide.close()
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"slide {ctx.slide.name}: {n} tiles of {ctx.grid.tile_px}px at {cfg.target_mpp} µm/px, "
+          f"device {device}, {res.cells} cells")  # fmt: skip
+    print(f"raw decode            {t_decode:8.2f} s   ({n / t_decode:.1f} tiles/s)")
+    print(f"fit on slide          {t_fit:8.2f} s" + ("  (model file)" if args.model else ""))
+    print(
+        f"pipeline (tiles)      {t_pipe:8.2f} s   ({n / t_pipe:.1f} tiles/s, {res.cells / t_pipe:.0f} cells/s)"
+    )
+    print(f"ratio pipeline/decode {t_pipe / t_decode:8.2f}")
+    print(f"network share         {timings['network'] / t_pipe:8.2%}")
+    print(
+        f"waiting for decode    {timings['waiting_for_decode'] / t_pipe:8.2%}   (GPU/CPU starved by decoding)"
+    )
+    print(f"peak RSS              {rss_mb:8.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
