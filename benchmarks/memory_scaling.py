@@ -88,7 +88,7 @@ def main() -> None:
         rows = []
         for k in args.sizes:
             path = tmp / f"mosaic{k}.tiff"
-            w, h, mpp = make_mosaic(Path(args.slide), k, path)
+            w, h, _mpp = make_mosaic(Path(args.slide), k, path)
             out = subprocess.run([sys.executable, __file__, "--child", str(path), str(model), str(tmp / f"out{k}")],
                                  check=True, capture_output=True, text=True)  # fmt: skip
             r = json.loads(out.stdout.strip().splitlines()[-1])
