@@ -52,6 +52,26 @@ class InstanceConfig(_Frozen):
     split_min_distance_um: float = Field(2.5, gt=0, description="minimum distance between two nucleus seeds")
 
 
+class ClassConfig(_Frozen):
+    """Label-free cell classes (classes.py): IHC positive/negative by nuclear DAB, H&E nucleus groups."""
+
+    enabled: bool = Field(True, description="name cells by class; false: every cell is 'Nucleus'")
+    estimate_stain_matrix: bool = Field(
+        True, description="estimate the stain vectors per slide/cohort (Macenko); false: fixed Ruifrok vectors"
+    )
+    ring_um: float = Field(1.0, gt=0, description="width of the ring measured just outside each nucleus")
+    dab_floor_od: float = Field(
+        0.15, ge=0, description="nuclear DAB OD mean below which no nucleus is positive (stain leakage bound)"
+    )
+    marker: str = Field("ki67", pattern=r"^[a-z0-9_]+$", description="IHC marker; the summary index is '<marker>_index'")
+    max_groups: int = Field(3, ge=1, le=4, description="H&E: most nucleus groups (1 = 'Nucleus' only)")
+    min_group_fraction: float = Field(0.05, ge=0, lt=0.5, description="H&E: smallest share of cells a group may hold")
+    group_criterion: Literal["bic", "icl"] = Field(
+        "bic", description="H&E: how many groups: 'bic' (phenotype tiers) or 'icl' (only clearly separate groups)"
+    )
+    fit_max_cells: int = Field(20000, ge=100, description="cells sampled from the fit tiles to fit the classes")
+
+
 class RunConfig(_Frozen):
     target_mpp: float = Field(0.5, gt=0, description="processing resolution, micrometres per pixel")
     seed: int = 0
@@ -63,6 +83,7 @@ class RunConfig(_Frozen):
     psm: PSMConfig = PSMConfig()
     cluster: ClusterConfig = ClusterConfig()
     instances: InstanceConfig = InstanceConfig()
+    classes: ClassConfig = ClassConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
