@@ -83,8 +83,8 @@ def test_features_recover_known_stain_size_and_shape() -> None:
 
 def test_ring_sees_a_brown_membrane() -> None:
     _, labels, _ = _disc_tile()
-    # paint a 1-px DAB ring around nucleus 2 (outside its mask)
-    ring = ndi.binary_dilation(labels == 2, iterations=1) & (labels == 0)
+    # paint a 1 µm (2 px) DAB membrane around nucleus 2 (outside its mask)
+    ring = ndi.binary_dilation(labels == 2, iterations=2) & (labels == 0)
     h, d = np.zeros(labels.shape), np.zeros(labels.shape)
     h[labels == 2] = 0.5
     d[ring] = 1.0

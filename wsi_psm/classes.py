@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from skimage.segmentation import expand_labels
+from scipy import ndimage as ndi
 from threadpoolctl import threadpool_limits
 
 from .config import ClassConfig
@@ -152,8 +152,10 @@ def cell_features(
     lab_in = flat[inside]
     cnt = np.maximum(counts, 1).astype(np.float64)
 
+    # ring: background pixels within ring_px (chessboard distance) of a nucleus; a separable max
+    # filter is ~5x cheaper than a Euclidean expansion, and where two rings meet one keeps the pixel
     ring_px = max(1, round(ring_um / mpp))
-    grown = expand_labels(labels, distance=ring_px).ravel()
+    grown = ndi.maximum_filter(labels, size=2 * ring_px + 1, mode="constant").ravel()
     ring_idx = np.flatnonzero((flat == 0) & (grown > 0))
     ring_lab = grown[ring_idx].astype(np.int64)
     ring_cnt = np.bincount(ring_lab, minlength=n + 1).astype(np.float64)
