@@ -18,7 +18,9 @@ segmenter (wsi_psm.segment) lands: haematoxylin and DAB optical density (colour 
 the cohort's Macenko stain vectors), Gaussian smoothing, two masks with Otsu thresholds on log OD
 fitted on the cohort's pixels (DAB first, then haematoxylin among the non-DAB pixels), each split by
 the pipeline's ``split_instances``; DAB nuclei win where the two overlap. ``--detector segment``
-uses ``wsi_psm.segment.segment_images`` when it exists.
+uses ``wsi_psm.segment.segment_images`` when it exists. ``--detector points`` is a diagnostic that
+places a 2 µm disc at every annotated point (perfect detection; the point classes are not used), so
+the classifier can be measured alone.
 
 Scale: BCData gives no pixel size. ``--mpp`` (default 0.25 µm/px, i.e. 40x) sets the physical sizes
 (nucleus area limits, seed distance, ring width); nearest annotated neighbours are 21 px apart at the
@@ -122,6 +124,19 @@ def standin_nuclei(
 # --------------------------------------------------------------------------- helpers
 
 
+def _point_discs(shape: tuple[int, int], xy: np.ndarray, r_px: float) -> np.ndarray:
+    """Label image with a disc of radius ``r_px`` at each (x, y); overlaps go to the later point."""
+    labels = np.zeros(shape, np.int32)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    for k, (x, y) in enumerate(xy, start=1):
+        y0, y1 = max(0, int(y - r_px - 1)), min(shape[0], int(y + r_px + 2))
+        x0, x1 = max(0, int(x - r_px - 1)), min(shape[1], int(x + r_px + 2))
+        sub = (yy[y0:y1, x0:x1] + 0.5 - y) ** 2 + (xx[y0:y1, x0:x1] + 0.5 - x) ** 2 <= r_px**2
+        labels[y0:y1, x0:x1][sub] = k
+    # a disc cut in two by a later one keeps only its largest piece downstream; drop the rest here
+    return labels
+
+
 def _resample(img: np.ndarray, factor: float) -> np.ndarray:
     if abs(factor - 1.0) < 1e-9:
         return img
@@ -173,6 +188,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "detector": "standin",
             "thresholds_od": {"haematoxylin": thr[0], "dab": thr[1]},
         }
+    elif args.detector == "points":
+        # diagnostic only: perfect detection (a disc at every annotated point, classes unused), to
+        # measure the classifier alone; the classes are still fitted without labels
+        r_px = 2.0 / args.process_mpp
+        labels = []
+        for case, im in zip(cases, proc, strict=True):
+            pts = load_bcdata_points(case.annotation, case.stem)
+            xy = np.concatenate([pts[k] for k in BCDATA_CLASSES]) * factor
+            labels.append(_point_discs(im.shape[:2], xy, r_px))
+        detector_info = {"detector": "points (annotation discs, diagnostic)"}
     else:
         from wsi_psm.segment import segment_images  # type: ignore[import-not-found]
 
@@ -325,7 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         "--process-mpp", type=float, default=None, help="resample to this before detection"
     )
     ap.add_argument("--radius", type=float, default=10.0, help="match radius in image pixels")
-    ap.add_argument("--detector", choices=("standin", "segment"), default="standin")
+    ap.add_argument(
+        "--detector",
+        choices=("standin", "segment", "points"),
+        default="standin",
+        help="points: discs at the annotated points (diagnostic: the classifier alone)",
+    )
     ap.add_argument(
         "--fit",
         choices=("cohort", "image"),
