@@ -248,7 +248,11 @@ def _fitted_ihc() -> tuple[CellClassifier, np.ndarray, np.ndarray]:
     img, labels, _ = _disc_tile()
     # a tiny cohort: the disc tile and its transpose; too few cells for a mixture -> the floor
     clf = CellClassifier.fit(
-        [img, img.transpose(1, 0, 2)], [labels, labels.T], mpp=MPP, stain="ihc-dab"
+        [img, img.transpose(1, 0, 2)],
+        [labels, labels.T],
+        mpp=MPP,
+        stain="ihc-dab",
+        matrix=default_stain_matrix("ihc-dab"),  # the vectors the tile was painted with
     )
     return clf, img, labels
 
@@ -270,6 +274,7 @@ def test_state_round_trip_through_json(cmu_tiles) -> None:
 def test_annotate_sets_valid_payloads() -> None:
     clf, img, labels = _fitted_ihc()
     assert clf.dab is not None and clf.dab.threshold == pytest.approx(0.15)  # floor: 6 cells only
+    np.testing.assert_allclose(clf.matrix, default_stain_matrix("ihc-dab"))  # given, not estimated
     mpp_l0 = 0.25  # level-0 is twice the processing resolution
     polys = labels_to_polygons(labels, scale=2.0, offset=(1000, 2000))
     cands = [Candidate(3, p, p.centroid.x, p.centroid.y, True, label=k) for k, p in polys]

@@ -432,12 +432,14 @@ class CellClassifier:
         stain: str = "auto",
         cfg: ClassConfig | None = None,
         seed: int = 0,
+        matrix: np.ndarray | None = None,
     ) -> CellClassifier:
         """Fit on sampled tiles (uint8 RGB at processing resolution ``mpp``) and their instance labels.
 
         ``stain``: "he", "ihc-dab", or "auto" (:func:`stain.detect_stain` on ``images``). The stain
         vectors are estimated from the same tiles (Macenko) unless ``cfg.estimate_stain_matrix`` is
-        false. At most ``cfg.fit_max_cells`` cells (a seeded sample) decide the classes.
+        false, or ``matrix`` (2, 3) is given (e.g. the one the pseudo-mask stage estimated). At most
+        ``cfg.fit_max_cells`` cells (a seeded sample) decide the classes.
         """
         cfg = cfg or ClassConfig()
         if len(images) != len(labels_list):
@@ -447,11 +449,12 @@ class CellClassifier:
         st: Stain = detect_stain(list(images), seed=seed) if stain == "auto" else stain  # type: ignore[assignment]
         if st not in ("he", "ihc-dab"):
             raise ValueError(f"unknown stain {stain!r}: use 'auto', 'he' or 'ihc-dab'")
-        matrix = (
-            estimate_stain_matrix(list(images), st, seed=seed)
-            if cfg.estimate_stain_matrix
-            else default_stain_matrix(st)
-        )
+        if matrix is None:
+            matrix = (
+                estimate_stain_matrix(list(images), st, seed=seed)
+                if cfg.estimate_stain_matrix
+                else default_stain_matrix(st)
+            )
         parts = [
             cell_features(im, lab, mpp=mpp, stain=st, matrix=matrix, ring_um=cfg.ring_um)
             for im, lab in zip(images, labels_list, strict=True)
