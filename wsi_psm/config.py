@@ -29,21 +29,31 @@ class TileConfig(_Frozen):
 class PSMConfig(_Frozen):
     """Self-supervised activation network and prior self-activation map."""
 
-    width: int = Field(32, ge=4, description="channels of the stem; shallow blocks use 2x")
+    width: int = Field(16, ge=4, description="channels of the stem; shallow blocks use 2x")
+    shallow_blocks: int = Field(2, ge=1, le=6, description="residual blocks the PSM is read from (stride 2)")
     fit_tiles: int = Field(64, ge=1, description="tiles sampled from the tissue to fit the network")
     fit_steps: int = Field(300, ge=1, description="optimiser steps of the self-supervised fit")
-    fit_batch: int = Field(16, ge=1)
-    fit_crop_px: int = Field(128, ge=32, description="crop side used while fitting")
-    lr: float = Field(1e-3, gt=0)
-    task: Literal["rot180-similarity", "rotation"] = "rotation"
+    fit_batch: int = Field(16, ge=2)
+    fit_crop_px: int = Field(96, ge=32, description="crop side used while fitting")
+    lr: float = Field(2e-3, gt=0)
+    colour_jitter: float = Field(0.3, ge=0, lt=1, description="per-view stain-intensity jitter while fitting")
+    task: Literal["rot180-similarity", "rotation", "contrastive", "stain-regression"] = "rot180-similarity"
 
 
 class ClusterConfig(_Frozen):
     """Turning PSM + stain into nucleus pseudo masks (scikit-learn k-means)."""
 
+    features: str = Field(
+        "psm+stain",
+        pattern=r"^(psm|h|stain|rgb)(\+(psm|h|stain|rgb))*$",
+        description="'+'-joined per-pixel k-means features: psm, h (haematoxylin), stain (both stains), rgb; without psm it is the ablation",
+    )
     k: int = Field(3, ge=2, le=8)
+    psm_weight: float = Field(1.0, gt=0, description="weight of the (standardised) PSM feature")
+    smooth_um: float = Field(0.0, ge=0, description="Gaussian smoothing of the features before clustering")
     sample_pixels: int = Field(200000, ge=1000, description="pixels sampled to fit the clustering")
     min_hole_um2: float = Field(16.0, ge=0, description="holes smaller than this inside a nucleus are filled")
+    min_object_um2: float = Field(0.0, ge=0, description="mask specks smaller than this are removed")
 
 
 class InstanceConfig(_Frozen):

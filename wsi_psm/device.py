@@ -1,0 +1,52 @@
+"""Choosing the torch device: CUDA when present, else Apple MPS, else CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from wsi_psm.errors import WsiPsmError
+
+
+class DeviceError(WsiPsmError):
+    """An explicitly requested device is not available on this machine."""
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """Resolve ``spec`` ("auto", "cpu", "cuda", "cuda:N", "mps") to an available ``torch.device``.
+
+    "auto" prefers CUDA, then MPS, then CPU. An explicit choice that this machine cannot honour raises
+    :class:`DeviceError` (a ``WsiPsmError``) rather than silently falling back, so a run that was
+    asked to use a GPU never quietly takes hours on a CPU.
+    """
+    s = (spec or "auto").strip().lower()
+    if s == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if _mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(s)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"device {spec!r} requested but CUDA is not available on this machine"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device {spec!r} requested but only {n} CUDA device(s) are present")
+        return dev
+    if dev.type == "mps":
+        if not _mps_available():
+            raise DeviceError(f"device {spec!r} requested but Apple MPS is not available")
+        return dev
+    raise DeviceError(f"unsupported device {spec!r}: use auto, cpu, cuda, cuda:N or mps")

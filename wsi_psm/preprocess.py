@@ -1,0 +1,42 @@
+"""The one function that turns uint8 RGB pixels into network input.
+
+Used by the self-supervised fit, the PSM engine and the downstream segmenter alike, so that the
+scaling and channel order can never differ between stages (the reference code mixed 0-255 and 0-1
+input and flipped RGB/BGR between training and inference).
+
+Convention: channels stay in **RGB order**; values are mapped linearly from ``[0, 255]`` to
+``[-1, 1]`` (``x / 127.5 - 1``), so a white (background) pixel is +1 and black is -1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SCALE = 127.5
+OFFSET = 1.0
+
+
+def to_network_input(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 RGB ``(H, W, 3)`` or ``(B, H, W, 3)`` -> float32 tensor ``(B, 3, H, W)`` in ``[-1, 1]``.
+
+    Only uint8 is accepted: a float array is ambiguous (0-1 or 0-255?), and that ambiguity is the
+    bug this function exists to prevent. A single image gains a batch axis of length 1.
+    """
+    a = np.asarray(rgb)
+    if a.dtype != np.uint8:
+        raise TypeError(f"to_network_input expects uint8 RGB, got dtype {a.dtype}")
+    if a.ndim == 3:
+        a = a[None]
+    if a.ndim != 4 or a.shape[-1] != 3:
+        raise ValueError(
+            f"to_network_input expects (H, W, 3) or (B, H, W, 3) RGB, got shape {a.shape}"
+        )
+    t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+    return t.to(torch.float32).div_(SCALE).sub_(OFFSET).contiguous()
+
+
+def from_network_input(x: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`to_network_input` (for tests and debugging): ``(B,3,H,W)`` -> uint8 ``(B,H,W,3)``."""
+    a = ((x.detach().cpu().float() + OFFSET) * SCALE).round().clamp(0, 255).to(torch.uint8)
+    return a.permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,151 @@
+"""Optical density, colour deconvolution and stain detection (H&E vs haematoxylin-DAB).
+
+Optical density (Beer-Lambert) is ``OD = -log10((I + 1) / 256)`` per channel, so white is 0 and
+black is log10(256) ~= 2.41, with no clipping or log(0). Stain amounts are the OD projected onto the
+inverse of a stain matrix whose rows are unit OD vectors (Ruifrok & Johnston 2001). The matrix is
+either the fixed Ruifrok one or a per-slide estimate (Macenko et al. 2009) from sampled tissue pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+Stain = Literal["he", "ihc-dab"]
+
+# Ruifrok & Johnston stain OD vectors (rows), as also shipped by scikit-image.
+HAEMATOXYLIN = np.array([0.65, 0.70, 0.29])
+EOSIN = np.array([0.07, 0.99, 0.11])
+DAB = np.array([0.27, 0.57, 0.78])
+
+# OD (sum over channels) above which a pixel counts as stained tissue for stain estimation.
+TISSUE_OD = 0.15
+
+_NAMES: dict[str, tuple[str, str]] = {
+    "he": ("haematoxylin", "eosin"),
+    "ihc-dab": ("haematoxylin", "dab"),
+}
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> float32 optical density (..., 3); 0 for white, ~2.41 for black."""
+    a = np.asarray(rgb)
+    if a.shape[-1] != 3:
+        raise ValueError(f"expected RGB with 3 channels last, got shape {a.shape}")
+    return (-np.log10((a.astype(np.float32) + 1.0) / 256.0)).astype(np.float32)
+
+
+def default_stain_matrix(stain: Stain = "he") -> np.ndarray:
+    """The fixed Ruifrok (2, 3) matrix of unit OD vectors: [haematoxylin, eosin|dab]."""
+    if stain not in _NAMES:
+        raise ValueError(f"unknown stain {stain!r}: use 'he' or 'ihc-dab'")
+    second = EOSIN if stain == "he" else DAB
+    return _unit(np.stack([HAEMATOXYLIN, second])).astype(np.float64)
+
+
+def _full_matrix(m2: np.ndarray) -> np.ndarray:
+    """Complete two stain vectors with a third (residual) orthogonal to both, so it is invertible."""
+    r = np.cross(m2[0], m2[1])
+    r = r if np.linalg.norm(r) > 1e-8 else np.array([0.0, 0.0, 1.0])
+    return np.vstack([m2, _unit(r)])
+
+
+def stain_channels(
+    rgb: np.ndarray, stain: Stain = "he", matrix: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Per-pixel stain amounts (OD units, clipped at 0), as float32 maps shaped like ``rgb[..., 0]``.
+
+    Keys: ``haematoxylin`` and ``eosin`` for ``stain="he"``; ``haematoxylin`` and ``dab`` for
+    ``"ihc-dab"``. ``matrix`` is a (2, 3) array of stain OD vectors (e.g. from
+    :func:`estimate_stain_matrix`); ``None`` uses the fixed Ruifrok vectors.
+    """
+    m2 = (
+        default_stain_matrix(stain)
+        if matrix is None
+        else _unit(np.asarray(matrix, dtype=np.float64))
+    )
+    if m2.shape != (2, 3):
+        raise ValueError(f"stain matrix must be (2, 3), got {m2.shape}")
+    inv = np.linalg.inv(_full_matrix(m2)).astype(np.float32)
+    conc = rgb_to_od(rgb) @ inv
+    np.maximum(conc, 0.0, out=conc)
+    a, b = _NAMES[stain]
+    return {a: np.ascontiguousarray(conc[..., 0]), b: np.ascontiguousarray(conc[..., 1])}
+
+
+def _tissue_od(
+    rgb_samples: Sequence[np.ndarray] | np.ndarray, max_pixels: int, seed: int
+) -> np.ndarray:
+    ods = [
+        rgb_to_od(np.asarray(t)).reshape(-1, 3)
+        for t in (rgb_samples if isinstance(rgb_samples, Sequence) else [rgb_samples])
+    ]
+    od = np.concatenate(ods)
+    od = od[od.sum(1) > TISSUE_OD]
+    if len(od) > max_pixels:
+        od = od[np.random.default_rng(seed).choice(len(od), max_pixels, replace=False)]
+    return od
+
+
+def estimate_stain_matrix(
+    rgb_samples: Sequence[np.ndarray] | np.ndarray,
+    stain: Stain = "he",
+    *,
+    percentile: float = 1.0,
+    max_pixels: int = 200_000,
+    seed: int = 0,
+) -> np.ndarray:
+    """Macenko estimate of the (2, 3) stain matrix from tissue pixels of one slide or cohort.
+
+    Falls back to the fixed Ruifrok matrix when there are too few stained pixels, or when the
+    estimate is implausible (a vector far from its Ruifrok counterpart), so a blank or odd tile set
+    never yields a nonsense deconvolution.
+    """
+    ref = default_stain_matrix(stain)
+    od = _tissue_od(rgb_samples, max_pixels, seed)
+    if len(od) < 500:
+        return ref
+    # Plane of the two largest principal directions of OD (not mean-centred, as Macenko).
+    _, _, vt = np.linalg.svd(od, full_matrices=False)
+    plane = vt[:2]
+    plane = plane * np.sign(plane.sum(1, keepdims=True) + 1e-12)  # point into positive OD
+    proj = od @ plane.T
+    ang = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(ang, [percentile, 100 - percentile])
+    v1 = _unit(np.array([np.cos(lo), np.sin(lo)]) @ plane)
+    v2 = _unit(np.array([np.cos(hi), np.sin(hi)]) @ plane)
+    cands = np.stack([np.abs(v1), np.abs(v2)])
+    # Assign each candidate to the reference vector it is closest to (cosine).
+    cos = cands @ ref.T
+    if cos[0, 0] + cos[1, 1] >= cos[0, 1] + cos[1, 0]:
+        est = cands
+    else:
+        est = cands[::-1]
+    if np.any(np.sum(est * ref, axis=1) < 0.8):  # > ~37 degrees off: distrust the estimate
+        return ref
+    return _unit(est)
+
+
+def detect_stain(rgb_samples: Sequence[np.ndarray] | np.ndarray, *, seed: int = 0) -> Stain:
+    """Guess H&E or haematoxylin-DAB from a few tissue tiles.
+
+    Eosin absorbs green far more than red (Ruifrok vector 0.07, 0.99, 0.11), which neither
+    haematoxylin (red ~ green) nor DAB (blue > green) does. So the share of stained pixels whose OD
+    has green > 1.4 x red and green > blue ("pink") is high in H&E and near zero in H-DAB, whose
+    brown pixels instead have blue OD > green OD. Measured on stained pixels (OD sum > 0.15): pink
+    share 0.40-1.00 on the 30 MoNuSeg H&E images and 0.84 on CMU-1, 0.01-0.05 on the 26 BCData Ki-67
+    images (whose blue > green share is 0.78-0.95). A slide with nothing stained counts as H&E.
+    """
+    od = _tissue_od(rgb_samples, 100_000, seed)
+    if len(od) < 100:
+        return "he"
+    r, g, b = od[:, 0], od[:, 1], od[:, 2]
+    pink = float(np.mean((g > 1.4 * r) & (g > b)))
+    brown = float(np.mean(b > g))
+    return "he" if pink > 0.2 and pink >= brown else "ihc-dab"
