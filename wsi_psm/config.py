@@ -82,6 +82,34 @@ class ClassConfig(_Frozen):
     fit_max_cells: int = Field(20000, ge=100, description="cells sampled from the fit tiles to fit the classes")
 
 
+class SegmenterConfig(_Frozen):
+    """Downstream segmentation network (small U-Net trained on the pseudo masks) and its read-out."""
+
+    width: int = Field(16, ge=4, description="U-Net channels at full resolution (doubling per level)")
+    depth: int = Field(3, ge=1, le=5, description="U-Net downsamplings")
+    fit_steps: int = Field(600, ge=1, description="optimiser steps per training round")
+    fit_batch: int = Field(8, ge=1)
+    fit_crop_px: int = Field(128, ge=32, description="crop side used while training")
+    lr: float = Field(2e-3, gt=0)
+    refine_rounds: int = Field(
+        1, ge=0, description="point/Voronoi refinement rounds after training on the pseudo masks"
+    )
+    tta: bool = Field(True, description="average the 8 rotations/flips at inference")
+    amp: bool = Field(True, description="float16 autocast at inference on CUDA")
+    window_px: int = Field(512, ge=64, description="inference window (processing px) for large images")
+    fg_threshold: float = Field(0.5, gt=0, lt=1, description="nucleus probability threshold")
+    marker_threshold: float = Field(
+        0.5, gt=0, lt=1, description="normalised distance above which a pixel seeds a nucleus"
+    )
+    default_model: Literal["shipped", "fit"] = Field(
+        "shipped",
+        description="segment without --model: the model shipped in the package, or fit on the images",
+    )
+    native_instances: bool = Field(
+        True, description="segment: separate instances at the input's resolution (maps upsampled)"
+    )
+
+
 class RunConfig(_Frozen):
     target_mpp: float = Field(0.5, gt=0, description="processing resolution, micrometres per pixel")
     seed: int = 0
@@ -94,6 +122,7 @@ class RunConfig(_Frozen):
     cluster: ClusterConfig = ClusterConfig()
     instances: InstanceConfig = InstanceConfig()
     classes: ClassConfig = ClassConfig()
+    segmenter: SegmenterConfig = SegmenterConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

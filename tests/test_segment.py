@@ -1,0 +1,151 @@
+"""``segment``: plain images in, ``<stem>.geojson`` + ``<stem>_labels.tif`` out, at the input's pixels."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+from test_segmenter import synthetic_tile
+
+from wsi_psm.config import RunConfig
+from wsi_psm.errors import MissingMppError, ModelError, OutputExistsError
+from wsi_psm.evaluation import rasterise_features
+from wsi_psm.export import load_schema
+from wsi_psm.segment import (
+    DEFAULT_MODEL,
+    SegmentInputError,
+    load_segmenter,
+    output_paths,
+    resolve_model,
+    segment_images,
+)
+from wsi_psm.segmenter.network import SegNet, save_segmenter
+from wsi_psm.segmenter.train import fit_segmenter, sample_from_labels
+
+CFG = RunConfig().with_updates(**{"segmenter.tta": False, "device": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def trained_net() -> SegNet:
+    """A tiny net that has learnt the synthetic discs (a few seconds)."""
+    torch.set_num_threads(1)
+    img, labels = synthetic_tile(96)
+    return fit_segmenter(
+        [sample_from_labels(img, labels)], width=4, depth=2, steps=60, batch=4, crop=48, lr=5e-3,
+        colour=0.2, seed=0,
+    )  # fmt: skip
+
+
+def write_png(path, rgb) -> None:
+    Image.fromarray(rgb).save(path)
+
+
+def test_outputs_at_input_resolution(tmp_path, trained_net) -> None:
+    img, _ = synthetic_tile(96)
+    # the input at 0.25 µm/px (twice the processing resolution): outputs must come back at 192 px
+    big = np.kron(img, np.ones((2, 2, 1), np.uint8))
+    src = tmp_path / "tile.png"
+    write_png(src, big)
+    out = tmp_path / "out"
+    written = segment_images([src], out, CFG, model=trained_net, mpp=0.25)
+    geo, tif = output_paths(src, out)
+    assert written == [geo, tif]
+    lab = tifffile.imread(tif)
+    assert lab.shape == (192, 192) and lab.dtype == np.int32
+    assert lab.max() >= 3  # the synthetic discs are found
+    data = json.loads(geo.read_text())
+    import jsonschema
+
+    jsonschema.validate(data, load_schema("cells"))
+    feats = data["features"]
+    assert len(feats) == len(np.unique(lab)) - 1
+    assert {f["properties"]["classification"]["name"] for f in feats} == {"Nucleus"}
+    # polygons are in input pixels and rasterise back to exactly the label image's foreground
+    back = rasterise_features(feats, lab.shape)
+    np.testing.assert_array_equal(back > 0, lab > 0)
+    # nothing left behind under a temporary name
+    assert sorted(p.name for p in out.iterdir()) == ["tile.geojson", "tile_labels.tif"]
+
+
+def test_processing_resolution_instances(tmp_path, trained_net) -> None:
+    img, _ = synthetic_tile(96)
+    src = tmp_path / "a.png"
+    write_png(src, np.kron(img, np.ones((2, 2, 1), np.uint8)))
+    cfg = CFG.with_updates(**{"segmenter.native_instances": False})
+    segment_images([src], tmp_path / "o", cfg, model=trained_net, mpp=0.25)
+    lab = tifffile.imread(tmp_path / "o" / "a_labels.tif")
+    assert lab.shape == (192, 192) and lab.max() >= 3
+
+
+def test_large_image_goes_in_windows(tmp_path, trained_net) -> None:
+    img = np.concatenate([np.concatenate([synthetic_tile(96, s)[0] for s in (0, 1, 2)], 1)] * 2, 0)
+    src = tmp_path / "wide.png"
+    write_png(src, img)
+    cfg = CFG.with_updates(**{"segmenter.window_px": 128, "target_mpp": 0.5})
+    segment_images([src], tmp_path / "o", cfg, model=trained_net, mpp=0.5)
+    lab = tifffile.imread(tmp_path / "o" / "wide_labels.tif")
+    assert lab.shape == img.shape[:2] and lab.max() >= 15
+
+
+def test_refuses_to_overwrite(tmp_path, trained_net) -> None:
+    img, _ = synthetic_tile(64)
+    src = tmp_path / "x.png"
+    write_png(src, img)
+    out = tmp_path / "o"
+    segment_images([src], out, CFG, model=trained_net, mpp=0.5)
+    before = (out / "x_labels.tif").read_bytes()
+    with pytest.raises(OutputExistsError):
+        segment_images([src], out, CFG, model=trained_net, mpp=0.5)
+    assert (out / "x_labels.tif").read_bytes() == before
+    segment_images([src], out, CFG, model=trained_net, mpp=0.5, overwrite=True)
+
+
+def test_bad_inputs(tmp_path, trained_net) -> None:
+    img, _ = synthetic_tile(64)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_png(tmp_path / "a" / "same.png", img)
+    write_png(tmp_path / "b" / "same.png", img)
+    with pytest.raises(SegmentInputError):
+        segment_images([tmp_path / "a" / "same.png", tmp_path / "b" / "same.png"], tmp_path / "o", CFG,
+                       model=trained_net, mpp=0.5)  # fmt: skip
+    with pytest.raises(SegmentInputError):
+        segment_images([], tmp_path / "o", CFG, model=trained_net)
+    with pytest.raises(MissingMppError):  # a PNG has no resolution and none was given
+        segment_images([tmp_path / "a" / "same.png"], tmp_path / "o", CFG, model=trained_net)
+    assert not (tmp_path / "o" / "same_labels.tif").exists()
+
+
+def test_model_files(tmp_path, trained_net) -> None:
+    path = save_segmenter(tmp_path / "m.pt", trained_net)
+    assert isinstance(load_segmenter(path), SegNet)
+    assert isinstance(
+        resolve_model(str(path), paths=[], cfg=CFG, mpp=None, device=torch.device("cpu")), SegNet
+    )
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(ModelError):
+        load_segmenter(junk)
+    with pytest.raises(ModelError):
+        load_segmenter(tmp_path / "missing.pt")
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no default model shipped in this checkout")
+def test_default_model_on_a_monuseg_crop(tmp_path, monuseg_dir) -> None:
+    """The shipped model finds nuclei on a real H&E crop it was not trained on (a 13-XML image)."""
+    from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
+    from wsi_psm.metrics import segmentation_scores
+
+    case = next(c for c in monuseg_cases(monuseg_dir) if c.has_xml)
+    rgb = tifffile.imread(case.image)[:256, :256, :3]
+    src = tmp_path / f"{case.stem}.png"
+    write_png(src, np.ascontiguousarray(rgb))
+    segment_images([src], tmp_path / "o", RunConfig().with_updates(device="cpu"), mpp=0.25)
+    lab = tifffile.imread(tmp_path / "o" / f"{case.stem}_labels.tif")
+    gt = load_monuseg_labels(case)[:256, :256]
+    scores = segmentation_scores(lab, gt)
+    assert scores["pixel_f1"] > 0.6 and scores["aji"] > 0.3

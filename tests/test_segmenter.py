@@ -1,0 +1,222 @@
+"""The downstream segmenter: network shapes, targets, augmentation, the fit, tiled inference, the
+instance read-out and saving / loading. Tiny nets and few steps: the whole file runs in seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_psm.config import RunConfig
+from wsi_psm.segmenter.network import (
+    SegNet,
+    read_segmenter_file,
+    save_segmenter,
+    segmenter_from_state,
+    segmenter_state,
+)
+from wsi_psm.segmenter.predict import (
+    SegmenterPredictor,
+    maps_to_instances,
+    network_maps,
+    predict_maps,
+)
+from wsi_psm.segmenter.train import (
+    colour_jitter,
+    distance_target,
+    fit_on_pseudo_masks,
+    fit_segmenter,
+    label_centroids,
+    sample_batch,
+    sample_from_labels,
+    voronoi_sample,
+)
+
+CPU = torch.device("cpu")
+
+
+def disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def synthetic_tile(size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pink background with dark purple discs (some touching), and their instance labels."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = (235, 190, 215)
+    labels = np.zeros((size, size), np.int32)
+    centres = [(20, 20), (20, 34), (60, 60), (70, 25), (30, 75)]
+    for i, (cy, cx) in enumerate(centres, start=1):
+        m = disc((size, size), cy, cx, 7.5) & (labels == 0)
+        labels[m] = i
+        img[m] = (90, 60, 140)
+    noise = rng.integers(-6, 7, size=img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8), labels
+
+
+def tiny_net(seed: int = 0) -> SegNet:
+    torch.manual_seed(seed)
+    return SegNet(width=4, depth=2).eval()
+
+
+def test_network_output_shape_any_size() -> None:
+    net = tiny_net()
+    imgs = np.zeros((2, 37, 50, 3), np.uint8)  # not multiples of the net's stride: padded inside
+    maps = network_maps(net, imgs, CPU, tta=True)
+    assert maps.shape == (2, 2, 37, 50)
+    assert maps.dtype == np.float32
+    assert (maps >= 0).all() and (maps <= 1).all()
+
+
+def test_tta_is_rotation_equivariant() -> None:
+    """Averaging the 8 dihedral variants makes the maps of a rotated image the rotated maps."""
+    net = tiny_net()
+    img, _ = synthetic_tile(64)
+    a = network_maps(net, img[None], CPU, tta=True)[0]
+    b = network_maps(net, np.rot90(img).copy()[None], CPU, tta=True)[0]
+    np.testing.assert_allclose(np.rot90(a, axes=(1, 2)), b, atol=1e-5)
+
+
+def test_tiled_prediction_matches_whole_image() -> None:
+    net = tiny_net()
+    img, _ = synthetic_tile(200)
+    whole = predict_maps(net, img, CPU, window=256, tta=False)
+    tiled = predict_maps(net, img, CPU, window=96, margin=24, batch=3, tta=False)
+    assert tiled.shape == whole.shape == (2, 200, 200)
+    np.testing.assert_allclose(tiled, whole, atol=1e-4)
+
+
+def test_distance_target_per_nucleus() -> None:
+    labels = np.zeros((20, 30), np.int32)
+    labels[5:15, 3:13] = 1
+    labels[5:15, 13:23] = 2  # touching its neighbour
+    d = distance_target(labels)
+    assert d[labels == 0].max() == 0
+    for i in (1, 2):
+        assert d[labels == i].max() == pytest.approx(1.0)
+        assert d[labels == i].min() > 0
+    # a valley on the shared edge: the pixels next to it are low for both nuclei
+    assert d[10, 12] < 0.3 and d[10, 13] < 0.3
+
+
+def test_colour_jitter_keeps_shape_and_type() -> None:
+    img, _ = synthetic_tile(48)
+    out = colour_jitter(img, np.random.default_rng(1))
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, img)
+
+
+def test_sample_batch_shapes_and_consistency() -> None:
+    img, labels = synthetic_tile(96)
+    s = sample_from_labels(img, labels)
+    x, y = sample_batch([s], np.random.default_rng(0), 4, 48, colour=0.0)
+    assert x.shape == (4, 3, 48, 48) and y.shape == (4, 3, 48, 48)
+    # image and targets went through the same warp: dark pixels are where the foreground is
+    dark = x.mean(dim=1) < -0.2
+    fg = y[:, 0] > 0.5
+    agree = (dark == fg).float().mean()
+    assert agree > 0.9
+    assert torch.allclose(y[:, 2], torch.ones_like(y[:, 2]), atol=1e-5)  # no weight map: all count
+
+
+def test_sample_batch_pads_small_images() -> None:
+    img, labels = synthetic_tile(40)
+    x, y = sample_batch([sample_from_labels(img, labels)], np.random.default_rng(0), 2, 64)
+    assert x.shape == (2, 3, 64, 64) and torch.isfinite(y).all()
+
+
+def test_maps_to_instances_separates_touching_discs() -> None:
+    shape = (60, 80)
+    a, b = disc(shape, 30, 28, 12), disc(shape, 30, 50, 12)
+    labels = np.zeros(shape, np.int32)
+    labels[a] = 1
+    labels[b & ~a] = 2
+    fg = (labels > 0).astype(np.float32)
+    out = maps_to_instances(fg, distance_target(labels), mpp=0.5, min_area_um2=1)
+    assert out.max() == 2
+    assert out.dtype == np.int32
+    assert set(np.unique(out[a & ~b])) == {out[30, 20]}
+    assert out[30, 20] != out[30, 58]
+
+
+def test_maps_to_instances_empty() -> None:
+    z = np.zeros((16, 16), np.float32)
+    assert maps_to_instances(z, z, mpp=0.5).max() == 0
+
+
+def test_label_centroids() -> None:
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:5, 2:5] = 1
+    labels[10:15, 12:17] = 2
+    np.testing.assert_array_equal(label_centroids(labels), [[3, 3], [12, 14]])
+    assert label_centroids(np.zeros((4, 4), np.int32)).shape == (0, 2)
+
+
+def test_voronoi_sample_parts_neighbours() -> None:
+    img, labels = synthetic_tile(96)
+    pts = label_centroids(labels)
+    s = voronoi_sample(img, pts, mpp=0.5, seed=0)
+    assert s.fg.shape == labels.shape and s.weight is not None
+    # every point is nucleus, and the two touching discs are apart (a background line between)
+    assert all(s.fg[y, x] == 1 for y, x in pts)
+    x0, x1 = pts[0][1], pts[1][1]
+    between = [(s.fg[20, x], s.weight[20, x]) for x in range(x0 + 1, x1)]
+    assert (0.0, 1.0) in between
+    # background far from any point is background, with full weight
+    assert s.fg[90, 90] == 0 and s.weight[90, 90] == 1
+    assert s.dist.max() == pytest.approx(1.0)
+
+
+def test_fit_is_seeded_and_learns() -> None:
+    torch.set_num_threads(1)
+    img, labels = synthetic_tile(96)
+    samples = [sample_from_labels(img, labels)]
+    kw = {"width": 4, "depth": 2, "steps": 30, "batch": 4, "crop": 48, "lr": 5e-3, "colour": 0.3}
+    a = fit_segmenter(samples, seed=3, **kw)
+    b = fit_segmenter(samples, seed=3, **kw)
+    for (ka, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(va, vb), ka
+    maps = predict_maps(a, img, CPU, tta=False)
+    fg = maps[0] > 0.5
+    # better than chance after a few steps: nucleus pixels score higher than background ones
+    assert maps[0][labels > 0].mean() > maps[0][labels == 0].mean() + 0.2
+    assert fg.any()
+
+
+def test_fit_on_pseudo_masks_runs_refinement() -> None:
+    img, labels = synthetic_tile(96)
+    cfg = RunConfig().with_updates(
+        **{"segmenter.width": 4, "segmenter.depth": 2, "segmenter.fit_steps": 5,
+           "segmenter.fit_batch": 2, "segmenter.fit_crop_px": 48, "segmenter.refine_rounds": 1}
+    )  # fmt: skip
+    stages = []
+    net = fit_on_pseudo_masks([img], [labels > 0], cfg, progress=lambda s, i, n: stages.append(s))
+    assert isinstance(net, SegNet)
+    assert len(stages) == 10 and stages[0] != stages[-1]
+
+
+def test_state_round_trip(tmp_path) -> None:
+    net = tiny_net(1)
+    img, _ = synthetic_tile(64)
+    ref = network_maps(net, img[None], CPU, tta=False)
+    state = segmenter_state(net, target_mpp=0.5)
+    assert state["meta"]["arch"] == {"width": 4, "depth": 2}
+    again = segmenter_from_state(state)
+    np.testing.assert_allclose(network_maps(again, img[None], CPU, tta=False), ref, atol=1e-6)
+    path = save_segmenter(tmp_path / "seg.pt", net, provenance={"trained_on": "synthetic"})
+    loaded, meta = read_segmenter_file(path)
+    assert meta["provenance"] == {"trained_on": "synthetic"}
+    np.testing.assert_allclose(network_maps(loaded, img[None], CPU, tta=False), ref, atol=1e-6)
+    with pytest.raises(ValueError):
+        segmenter_from_state({"meta": {"format": "something else"}, "tensors": {}})
+
+
+def test_predictor_protocol() -> None:
+    cfg = RunConfig().with_updates(**{"segmenter.tta": False})
+    pred = SegmenterPredictor(tiny_net(), CPU, cfg)
+    imgs = np.stack([synthetic_tile(64, s)[0] for s in range(3)])
+    raws = pred.network(imgs)
+    assert len(raws) == 3 and raws[0].shape == (2, 64, 64)
+    lab = pred.labels(imgs[0], raws[0])
+    assert lab.shape == (64, 64) and lab.dtype == np.int32

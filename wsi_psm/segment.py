@@ -1,0 +1,321 @@
+"""``wsi-psm segment``: nuclei of plain image tiles (PNG / TIFF / JPEG), one image at a time.
+
+For each input image ``<stem>.<ext>`` it writes, into ``out_dir``:
+
+- ``<stem>.geojson``: one Feature per nucleus, the same cell contract as ``run`` (export.GeoJSONWriter),
+  polygons in the input image's pixel coordinates (pixel-corner convention);
+- ``<stem>_labels.tif``: int32 instance labels at the input's resolution, 0 = background.
+
+The image is read at ``cfg.target_mpp`` (the network's resolution), the downstream network gives
+foreground and distance maps there (windows, batched, test-time-augmented), the maps are upsampled
+to the input's pixels and the instances are separated there (``segmenter.native_instances``; else
+separated at the processing resolution and the labels resampled). Both files are written under a
+temporary name and renamed when complete; existing outputs are refused unless ``overwrite``.
+
+Model: a :class:`~wsi_psm.segmenter.network.SegNet`, a segmenter state or model-bundle file, a
+``ModelBundle`` carrying a segmenter component, or None for the default (see :func:`default_model`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import torch
+from torch.nn import functional as F
+
+from .config import RunConfig
+from .errors import ModelError, OutputExistsError, OutputWriteError, WsiPsmError
+from .export import CellRecord, GeoJSONWriter
+from .pipeline import CellAnnotator, ShapeOnly
+from .polygons import labels_to_polygons
+from .progress import NullProgress, ProgressHook
+from .segmenter.network import SegNet, read_segmenter_file
+from .segmenter.predict import instances_from_maps, predict_maps
+from .slide import Slide
+from .stitching import Candidate
+
+SEGMENT_STAGE = "segment"
+
+
+class SegmentInputError(WsiPsmError):
+    """The list of images to segment is empty or names two images with the same stem."""
+
+
+def output_paths(image: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
+    """``(OUT/<stem>.geojson, OUT/<stem>_labels.tif)`` for one input image."""
+    stem = Path(image).stem
+    out = Path(out_dir)
+    return out / f"{stem}.geojson", out / f"{stem}_labels.tif"
+
+
+def _check_outputs(paths: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
+    if not paths:
+        raise SegmentInputError("no images to segment")
+    stems: dict[str, Path] = {}
+    for p in paths:
+        if p.stem in stems:
+            raise SegmentInputError(
+                f"two inputs share the name '{p.stem}' ({stems[p.stem]} and {p}): their outputs would collide"
+            )
+        stems[p.stem] = p
+    if overwrite:
+        return
+    for p in paths:
+        for o in output_paths(p, out_dir):
+            if o.exists():
+                raise OutputExistsError(f"output exists: {o} (use --overwrite to replace it)")
+
+
+def _temp_name(final: Path) -> Path:
+    return final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
+    if final.exists() and not overwrite:
+        raise OutputExistsError(f"output exists: {final} (another run wrote it meanwhile)")
+    os.replace(tmp, final)
+
+
+def _resize_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resampling of (C, h, w) maps onto a (H, W) grid covering the same area (pixel-area
+    geometry, as ``Slide.read_at_mpp`` maps the image)."""
+    if maps.shape[1:] == tuple(shape):
+        return maps
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
+    return F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0].numpy()
+
+
+def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of labels onto a (H, W) grid covering the same area."""
+    h, w = labels.shape
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
+def segment_array(
+    rgb_native: np.ndarray,
+    rgb_processing: np.ndarray,
+    native_mpp: float,
+    net: SegNet,
+    device: torch.device,
+    cfg: RunConfig,
+) -> np.ndarray:
+    """Instance labels (int32) at the native image's pixels from its processing-resolution copy."""
+    sc = cfg.segmenter
+    maps = predict_maps(net, rgb_processing, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
+    shape = rgb_native.shape[:2]
+    if sc.native_instances:
+        return instances_from_maps(_resize_maps(maps, shape), mpp=native_mpp, cfg=cfg)
+    labels = instances_from_maps(maps, mpp=cfg.target_mpp, cfg=cfg)
+    return _resize_labels(labels, shape)
+
+
+def _write_outputs(
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    mpp: float,
+    geojson: Path,
+    labels_tif: Path,
+    annotator: CellAnnotator,
+    overwrite: bool,
+    slide_key: str,
+) -> int:
+    polys = labels_to_polygons(labels)
+    cands = []
+    for lab, poly in polys:
+        c = poly.centroid
+        cands.append(Candidate(0, poly, float(c.x), float(c.y), True, label=lab))
+    if cands:
+        annotator.annotate(rgb, labels, cands, mpp)
+    tmp_json, tmp_tif = _temp_name(geojson), _temp_name(labels_tif)
+    try:
+        with GeoJSONWriter(tmp_json, slide_key=slide_key) as gj:
+            for c in cands:
+                cls, color, meas = c.payload
+                gj.write(CellRecord(c.polygon, cls, color, meas))
+        tifffile.imwrite(tmp_tif, labels.astype(np.int32), compression="zlib")
+        _publish(tmp_tif, labels_tif, overwrite)
+        _publish(tmp_json, geojson, overwrite)
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {geojson.parent}: {err.strerror or err}") from err
+    finally:
+        tmp_json.unlink(missing_ok=True)
+        tmp_tif.unlink(missing_ok=True)
+    return len(cands)
+
+
+# ------------------------------------------------------------------------------------------ model
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "segmenter_default.pt"
+
+
+def load_segmenter(path: str | Path) -> SegNet:
+    """A segmenter from a file (stand-alone segmenter, or a model bundle with a segmenter)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model file not found: {p}")
+    try:
+        net, _ = read_segmenter_file(p)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        raise ModelError(f"cannot use {p} as a segmentation model: {exc}".splitlines()[0]) from exc
+    return net
+
+
+def default_model() -> SegNet:
+    """The segmenter shipped with the package (see benchmarks/train_default_model.py)."""
+    if not DEFAULT_MODEL.is_file():
+        raise ModelError(
+            f"the default segmentation model is missing from the installation ({DEFAULT_MODEL}); "
+            "pass --model, or set segmenter.default_model to 'fit'"
+        )
+    return load_segmenter(DEFAULT_MODEL)
+
+
+def read_processing_images(
+    paths: Sequence[Path], cfg: RunConfig, mpp: float | None
+) -> list[np.ndarray]:
+    """Every image read whole at the processing resolution (uint8 RGB)."""
+    out = []
+    for p in paths:
+        with Slide.open(p, mpp=mpp) as slide:
+            out.append(slide.read_at_mpp(0, 0, slide.width, slide.height, cfg.target_mpp))
+    return out
+
+
+def fit_on_images(
+    images: Sequence[np.ndarray],
+    cfg: RunConfig,
+    *,
+    device: torch.device,
+    progress: ProgressHook | None = None,
+) -> SegNet:
+    """The whole label-free chain on unlabelled images (uint8 RGB at ``cfg.target_mpp``): the
+    self-supervised activation net and the PSM + stain clustering give pseudo masks, the downstream
+    network is trained on them and refined by self-training."""
+    from .model import fit_model
+    from .segmenter.train import fit_on_pseudo_masks
+
+    progress = progress or NullProgress()
+    progress.start("fit: PSM and pseudo masks", None)
+    bundle = fit_model(list(images), cfg, device=device)
+    masks = [bundle.pseudo_masks(im[None], device)[0] for im in images]
+    progress.done("fit: PSM and pseudo masks")
+    sc = cfg.segmenter
+    total = sc.fit_steps * (sc.self_training_rounds + 1)
+    progress.start("fit: segmenter", total)
+    net = fit_on_pseudo_masks(
+        images, masks, cfg, device=device,
+        progress=lambda stage, i, n: progress.advance("fit: segmenter", 1),
+    )  # fmt: skip
+    progress.done("fit: segmenter")
+    return net
+
+
+def resolve_model(
+    model: Any,
+    *,
+    paths: Sequence[Path],
+    cfg: RunConfig,
+    mpp: float | None,
+    device: torch.device,
+    progress: ProgressHook | None = None,
+) -> SegNet:
+    """The net to segment with: ``model`` itself (SegNet), loaded from a file, taken from a model
+    bundle, or the default (``cfg.segmenter.default_model``: the shipped model, or a fit on ``paths``)."""
+    if isinstance(model, SegNet):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_segmenter(model)
+    if model is not None:  # a ModelBundle (or anything carrying a segmenter component)
+        from .segmenter.network import segmenter_from_state
+
+        comps = getattr(model, "components", {}) or {}
+        meta = (getattr(model, "component_meta", {}) or {}).get("segmenter")
+        if "segmenter" not in comps or meta is None:
+            raise ModelError("the model holds no downstream segmenter (fit it with the segmenter)")
+        return segmenter_from_state({"meta": meta, "tensors": comps["segmenter"]})
+    if cfg.segmenter.default_model == "fit":
+        return fit_on_images(
+            read_processing_images(paths, cfg, mpp), cfg, device=device, progress=progress
+        )
+    return default_model()
+
+
+def segment_images(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: RunConfig,
+    *,
+    model: Any = None,
+    mpp: float | None = None,
+    overwrite: bool = False,
+    progress: ProgressHook | None = None,
+    annotator: CellAnnotator | None = None,
+    on_image: Callable[[Path, int, float], None] | None = None,
+) -> list[Path]:
+    """Segment every image of ``paths`` into ``out_dir``; returns the written files (two per image).
+
+    ``mpp`` overrides the images' own resolution (MoNuSeg TIFFs carry none: pass 0.25).
+    ``annotator`` names and measures the cells (default: one class "Nucleus" with shape
+    measurements). ``on_image(path, n_cells, seconds)`` is called after each image.
+    Outputs are checked before any work: an existing one raises OutputExistsError unless
+    ``overwrite``. Unreadable images, missing mpp etc. raise the slide reader's WsiPsmError.
+    """
+    from .device import select_device
+
+    progress = progress or NullProgress()
+    annotator = annotator or ShapeOnly()
+    paths = [Path(p) for p in paths]
+    out = Path(out_dir)
+    _check_outputs(paths, out, overwrite)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
+    device = select_device(cfg.device)
+    net = resolve_model(model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress)
+    net = net.to(device).eval()
+    written: list[Path] = []
+    progress.start(SEGMENT_STAGE, len(paths))
+    for p in paths:
+        t0 = time.perf_counter()
+        with Slide.open(p, mpp=mpp) as slide:
+            native_mpp = slide.mpp
+            rgb = slide.read_region(0, 0, slide.width, slide.height)
+            proc = (
+                rgb
+                if abs(native_mpp - cfg.target_mpp) < 1e-9
+                else slide.read_at_mpp(0, 0, slide.width, slide.height, cfg.target_mpp)
+            )
+        if min(proc.shape[:2]) < 1:
+            raise SegmentInputError(f"{p}: image is empty at {cfg.target_mpp} µm/px")
+        labels = segment_array(rgb, proc, native_mpp, net, device, cfg)
+        geo, tif = output_paths(p, out)
+        n = _write_outputs(rgb, labels, native_mpp, geo, tif, annotator, overwrite, p.name)
+        written += [geo, tif]
+        progress.advance(SEGMENT_STAGE, 1)
+        if on_image is not None:
+            on_image(p, n, time.perf_counter() - t0)
+    progress.done(SEGMENT_STAGE)
+    return written
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "SegmentInputError",
+    "default_model",
+    "fit_on_images",
+    "load_segmenter",
+    "output_paths",
+    "resolve_model",
+    "segment_array",
+    "segment_images",
+]

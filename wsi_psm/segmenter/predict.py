@@ -1,0 +1,203 @@
+"""Running the downstream network: batched, tiled, test-time-augmented maps, and maps -> instances.
+
+``predict_maps`` turns a uint8 RGB image of any size into two probability maps (nucleus foreground,
+normalised distance to the nucleus edge) at the same pixels. Large images go in overlapping windows
+whose centres are kept; windows are batched on the device, each with its 8 dihedral variants
+averaged (test-time augmentation) when asked.
+
+``maps_to_instances`` is the instance read-out: markers are the connected cores of high predicted
+distance inside the foreground, and a marker-controlled watershed on the (negated) distance map
+fills the foreground from them, so touching nuclei part along the distance valleys between their
+centres (not connected components).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from skimage.measure import label as cc_label
+from skimage.segmentation import watershed
+
+from wsi_psm.config import RunConfig
+from wsi_psm.instances import fill_label_holes, fill_small_holes
+from wsi_psm.preprocess import to_network_input
+from wsi_psm.segmenter.network import SegNet
+
+_FOUR = ndi.generate_binary_structure(2, 1)
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th of the 8 rotations/flips of a (B, C, H, W) batch (k < 4: rotations)."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def _undo_dihedral(y: torch.Tensor, k: int) -> torch.Tensor:
+    y = torch.rot90(y, -(k % 4), dims=(-2, -1))
+    if k >= 4:
+        y = y.flip(-1)
+    return y
+
+
+@torch.no_grad()
+def network_maps(
+    net: SegNet, images: np.ndarray, device: torch.device, *, tta: bool = True, amp: bool = False
+) -> np.ndarray:
+    """Probabilities (B, 2, H, W) float32 of a (B, H, W, 3) uint8 batch; H and W any size (padded)."""
+    x = to_network_input(images)
+    h, w = x.shape[-2:]
+    m = net.multiple
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+    x = x.to(device)
+    ks = range(8) if tta and x.shape[-1] == x.shape[-2] else ((0, 4) if tta else (0,))
+    acc = None
+    autocast = (
+        torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else None
+    )
+    for k in ks:
+        xin = _dihedral(x, k)
+        if autocast is not None:
+            with autocast:
+                y = net(xin)
+        else:
+            y = net(xin)
+        y = _undo_dihedral(torch.sigmoid(y.float()), k)
+        acc = y if acc is None else acc + y
+    assert acc is not None
+    acc = acc / len(ks)
+    return acc[:, :, :h, :w].cpu().numpy()
+
+
+def _windows(n: int, win: int, core: int) -> Iterator[tuple[int, int, int]]:
+    """(start of window, start of kept part, end of kept part) along one axis of length n."""
+    if n <= win:
+        yield 0, 0, n
+        return
+    margin = (win - core) // 2
+    pos = 0
+    while pos < n:
+        end = min(pos + core, n)
+        start = min(max(pos - margin, 0), n - win)
+        yield start, pos, end
+        pos = end
+
+
+@torch.no_grad()
+def predict_maps(
+    net: SegNet,
+    image: np.ndarray,
+    device: torch.device,
+    *,
+    window: int = 512,
+    margin: int = 32,
+    batch: int = 4,
+    tta: bool = True,
+    amp: bool = False,
+) -> np.ndarray:
+    """(2, H, W) float32 probability maps of one uint8 RGB image of any size.
+
+    Images up to ``window`` px a side go through whole; larger ones in ``window``-px windows that
+    overlap by ``2 * margin`` px, of which only the centre is kept (no seams from border effects).
+    """
+    img = np.ascontiguousarray(image[..., :3])
+    h, w = img.shape[:2]
+    net.eval()
+    if h <= window and w <= window:
+        return network_maps(net, img[None], device, tta=tta, amp=amp)[0]
+    out = np.zeros((2, h, w), np.float32)
+    core = window - 2 * margin
+    boxes = [(ys, yk0, yk1, xs, xk0, xk1) for ys, yk0, yk1 in _windows(h, window, core)
+             for xs, xk0, xk1 in _windows(w, window, core)]  # fmt: skip
+    for i in range(0, len(boxes), batch):
+        chunk = boxes[i : i + batch]
+        wins = np.stack([img[ys : ys + window, xs : xs + window] for ys, _, _, xs, _, _ in chunk])
+        maps = network_maps(net, wins, device, tta=tta, amp=amp)
+        for (ys, yk0, yk1, xs, xk0, xk1), m in zip(chunk, maps, strict=True):
+            out[:, yk0:yk1, xk0:xk1] = m[:, yk0 - ys : yk1 - ys, xk0 - xs : xk1 - xs]
+    return out
+
+
+def _relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarray:
+    area = np.bincount(labels.ravel())
+    keep = (area >= min_px) & (area <= max_px)
+    keep[0] = False
+    lut = np.zeros(len(area), dtype=np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def maps_to_instances(
+    fg: np.ndarray,
+    dist: np.ndarray,
+    *,
+    mpp: float,
+    fg_threshold: float = 0.5,
+    marker_threshold: float = 0.5,
+    smooth_um: float = 0.25,
+    min_area_um2: float = 8.0,
+    max_area_um2: float = 300.0,
+) -> np.ndarray:
+    """Instance labels (int32, 0 = background) from foreground and distance probability maps.
+
+    Markers: 4-connected components of ``dist > marker_threshold`` inside the foreground. Each
+    foreground component without a marker keeps one label of its own. Labels are one 4-connected
+    piece each, hole-free, area-filtered (µm²), numbered 1..n in raster order.
+    """
+    px = mpp * mpp
+    sigma = smooth_um / mpp
+    d = (
+        ndi.gaussian_filter(dist.astype(np.float32), sigma)
+        if sigma > 0
+        else dist.astype(np.float32)
+    )
+    mask = fill_small_holes(fg > fg_threshold, min_area_um2 / px)
+    if not mask.any():
+        return np.zeros(fg.shape, np.int32)
+    markers, n = ndi.label(mask & (d > marker_threshold), structure=_FOUR)
+    labels = watershed(-d, markers, mask=mask, connectivity=1)
+    orphans = mask & (labels == 0)
+    if orphans.any():
+        extra, _ = ndi.label(orphans, structure=_FOUR)
+        labels = np.where(orphans, extra + n, labels)
+    pieces = cc_label(labels, background=0, connectivity=1)
+    kept = _relabel_by_area(pieces, min_area_um2 / px, np.inf)
+    return _relabel_by_area(fill_label_holes(kept), 0, max_area_um2 / px)
+
+
+def instances_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
+    """:func:`maps_to_instances` on a (2, H, W) map pair at ``mpp``, with the run's thresholds and sizes."""
+    sc, ic = cfg.segmenter, cfg.instances
+    return maps_to_instances(
+        np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32), mpp=mpp,
+        fg_threshold=sc.fg_threshold, marker_threshold=sc.marker_threshold,
+        min_area_um2=ic.min_area_um2, max_area_um2=ic.max_area_um2,
+    )  # fmt: skip
+
+
+class SegmenterPredictor:
+    """The pipeline's ``TilePredictor`` for the downstream network.
+
+    ``network(images)`` runs the batched (test-time-augmented) net on the device and returns one
+    (2, H, W) float16 map pair per tile; ``labels(image, raw)`` is the CPU read-out
+    (:func:`maps_to_instances` at the tile's processing resolution ``cfg.target_mpp``).
+    """
+
+    def __init__(self, net: SegNet, device: torch.device, cfg: RunConfig) -> None:
+        self.net = net.to(device).eval()
+        self.device = device
+        self.cfg = cfg
+
+    def network(self, images: np.ndarray) -> list[np.ndarray]:
+        sc = self.cfg.segmenter
+        maps = network_maps(self.net, np.asarray(images), self.device, tta=sc.tta, amp=sc.amp)
+        return [m.astype(np.float16) for m in maps]
+
+    def labels(self, image: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        return instances_from_maps(raw, mpp=self.cfg.target_mpp, cfg=self.cfg)

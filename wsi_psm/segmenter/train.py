@@ -1,0 +1,360 @@
+"""Training the downstream network on pseudo instance labels, label-free.
+
+Targets come from instance labels (pseudo masks split into nuclei, or a previous round's own
+predictions): the foreground, and each nucleus's distance to its edge normalised to 1 at its centre.
+A per-pixel weight lets uncertain pixels (where a previous round hesitated) be ignored.
+
+Augmentation is strong, because one fit must serve other organs, stains and scanners: stain-space
+colour jitter (haematoxylin / eosin amounts scaled and shifted), brightness, contrast, saturation,
+blur and noise on the uint8 crop, then one random affine per crop (any rotation, a flip, scale
+0.8-1.25) applied to image and targets together with ``grid_sample``.
+
+Seeded: crops and jitter come from a numpy Generator and the weights from a forked torch RNG, so a
+fit with the same seed, data and config gives the same weights on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+from torch.nn import functional as F
+
+from wsi_psm.config import InstanceConfig, RunConfig
+from wsi_psm.instances import split_instances
+from wsi_psm.preprocess import to_network_input
+from wsi_psm.segmenter.network import DIST, FG, SegNet
+from wsi_psm.stain import Stain, default_stain_matrix, rgb_to_od, stain_channels
+
+Progress = Callable[[int, int, float], None]
+
+
+@dataclass
+class Sample:
+    """One training image at the processing resolution with its targets (all the same H x W)."""
+
+    image: np.ndarray  # uint8 (H, W, 3)
+    fg: np.ndarray  # float32 in [0, 1]
+    dist: np.ndarray  # float32 in [0, 1]
+    weight: np.ndarray | None = None  # float32 >= 0; None = all ones
+
+
+def distance_target(labels: np.ndarray) -> np.ndarray:
+    """Per nucleus, the Euclidean distance to its own edge divided by its maximum (1 at the centre).
+
+    Touching nuclei each get their own edge, so the target has a valley between them.
+    """
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, np.float32)
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        m = labels[sl] == i
+        d = ndi.distance_transform_edt(m)
+        mx = d.max()
+        if mx > 0:
+            out[sl][m] = (d[m] / mx).astype(np.float32)
+    return out
+
+
+def sample_from_labels(
+    image: np.ndarray, labels: np.ndarray, weight: np.ndarray | None = None
+) -> Sample:
+    return Sample(image, (labels > 0).astype(np.float32), distance_target(labels), weight)
+
+
+# ------------------------------------------------------------------------------------- augmentation
+
+_HE = default_stain_matrix("he")
+_M = np.vstack([_HE, np.cross(_HE[0], _HE[1]) / np.linalg.norm(np.cross(_HE[0], _HE[1]))]).astype(
+    np.float32
+)
+_M_INV = np.linalg.inv(_M).astype(np.float32)
+
+
+def colour_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """A randomly restained copy of a uint8 RGB crop (stain amounts, brightness, contrast, saturation)."""
+    od = rgb_to_od(rgb)
+    conc = od @ _M_INV
+    s = strength
+    alpha = rng.uniform(1 - 0.35 * s, 1 + 0.35 * s, size=3).astype(np.float32)
+    beta = rng.uniform(-0.05 * s, 0.05 * s, size=3).astype(np.float32)
+    conc = conc * alpha + beta
+    od = np.maximum(conc @ _M, 0.0)
+    img = 256.0 * np.power(10.0, -od) - 1.0
+    # brightness / contrast around the mean, saturation against the grey value
+    mean = img.mean()
+    img = (img - mean) * rng.uniform(1 - 0.2 * s, 1 + 0.2 * s) + mean + rng.uniform(-15, 15) * s
+    grey = img.mean(axis=-1, keepdims=True)
+    img = grey + (img - grey) * rng.uniform(1 - 0.3 * s, 1 + 0.3 * s)
+    if rng.random() < 0.25 * s:
+        sig = rng.uniform(0.3, 1.2)
+        img = ndi.gaussian_filter(img, (sig, sig, 0))
+    if rng.random() < 0.25 * s:
+        img = img + rng.normal(0, rng.uniform(2, 8), size=img.shape)
+    return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
+def _affine_batch(
+    x: torch.Tensor, y: torch.Tensor, out: int, rng: np.random.Generator, scale: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random rotation / flip / scale per sample, the same for image and targets; centre ``out``^2."""
+    b, _, h, w = x.shape
+    theta = np.zeros((b, 2, 3), np.float32)
+    for i in range(b):
+        a = rng.uniform(0, 2 * math.pi)
+        s = math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1])))
+        f = -1.0 if rng.random() < 0.5 else 1.0
+        # output pixel grid spans out px; in input normalised coords that is out/w * s
+        sx, sy = out / w / s, out / h / s
+        c, si = math.cos(a), math.sin(a)
+        theta[i] = [[c * sx * f, -si * sy, 0.0], [si * sx * f, c * sy, 0.0]]
+    grid = F.affine_grid(torch.from_numpy(theta), [b, 1, out, out], align_corners=False)
+    xo = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    yo = F.grid_sample(y, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return xo, yo
+
+
+def _cut(a: np.ndarray, box: tuple[slice, slice], win: int) -> np.ndarray:
+    """``a[box]``, reflect-padded to ``win`` x ``win`` when the image is smaller than the window."""
+    c = a[box]
+    if c.shape[0] < win or c.shape[1] < win:
+        pad = [(0, win - c.shape[0]), (0, win - c.shape[1])] + [(0, 0)] * (c.ndim - 2)
+        c = np.pad(c, pad, mode="reflect")
+    return c
+
+
+def sample_batch(
+    samples: Sequence[Sample],
+    rng: np.random.Generator,
+    batch: int,
+    crop: int,
+    *,
+    colour: float = 1.0,
+    scale: tuple[float, float] = (0.8, 1.25),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of augmented crops: inputs (B, 3, crop, crop) and targets (B, 3, crop, crop) =
+    (foreground, distance, weight)."""
+    # read a window large enough that any rotation at the smallest scale stays inside it
+    win = math.ceil(crop * math.sqrt(2) / scale[0]) + 2
+    imgs = np.empty((batch, win, win, 3), np.uint8)
+    tg = np.empty((batch, 3, win, win), np.float32)
+    for i in range(batch):
+        s = samples[rng.integers(len(samples))]
+        h, w = s.fg.shape
+        y0 = rng.integers(max(h - win, 0) + 1)
+        x0 = rng.integers(max(w - win, 0) + 1)
+        box = (slice(y0, y0 + win), slice(x0, x0 + win))
+
+        rgb = _cut(s.image, box, win)
+        imgs[i] = colour_jitter(rgb, rng, colour) if colour > 0 else rgb
+        tg[i, 0] = _cut(s.fg, box, win)
+        tg[i, 1] = _cut(s.dist, box, win)
+        tg[i, 2] = 1.0 if s.weight is None else _cut(s.weight, box, win)
+    x = to_network_input(imgs)
+    return _affine_batch(x, torch.from_numpy(tg), crop, rng, scale)
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Weighted BCE + soft Dice on the foreground, weighted BCE on the normalised distance."""
+    w = target[:, 2]
+    fg_t, d_t = target[:, 0], target[:, 1]
+    fg_l, d_l = logits[:, FG], logits[:, DIST]
+    wsum = w.sum().clamp_min(1.0)
+    bce = (F.binary_cross_entropy_with_logits(fg_l, fg_t, reduction="none") * w).sum() / wsum
+    p = torch.sigmoid(fg_l) * w
+    inter = (p * fg_t).sum()
+    dice = 1 - (2 * inter + 1) / (p.sum() + (fg_t * w).sum() + 1)
+    dl = (F.binary_cross_entropy_with_logits(d_l, d_t, reduction="none") * w).sum() / wsum
+    return bce + dice + dl
+
+
+# ------------------------------------------------------------------------------------------ fit
+
+
+def fit_segmenter(
+    samples: Sequence[Sample],
+    *,
+    width: int = 16,
+    depth: int = 3,
+    steps: int = 800,
+    batch: int = 16,
+    crop: int = 128,
+    lr: float = 2e-3,
+    colour: float = 1.0,
+    seed: int = 0,
+    device: torch.device | None = None,
+    init: SegNet | None = None,
+    progress: Progress | None = None,
+) -> SegNet:
+    """Train a :class:`SegNet` (or continue ``init``) on ``samples``: Adam, one-cycle cosine lr."""
+    device = device or torch.device("cpu")
+    if not samples:
+        raise ValueError("fit_segmenter needs at least one training sample")
+    rng = np.random.default_rng(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = init if init is not None else SegNet(width=width, depth=depth)
+    net = net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        x, y = sample_batch(samples, rng, batch, crop, colour=colour)
+        x, y = x.to(device), y.to(device)
+        loss = segmentation_loss(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step + 1, steps, float(loss.detach()))
+    net.eval()
+    net.fit_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+    return net
+
+
+# ------------------------------------------------------------------------- pseudo masks -> network
+
+
+def pseudo_instance_sample(
+    image: np.ndarray, mask: np.ndarray, *, mpp: float, instance_cfg: InstanceConfig | None = None
+) -> Sample:
+    """Round-0 targets: a boolean pseudo mask split into nuclei (distance watershed), full weight."""
+    labels = split_instances(mask, mpp=mpp, cfg=instance_cfg)
+    return sample_from_labels(image, labels)
+
+
+def label_centroids(labels: np.ndarray) -> np.ndarray:
+    """(n, 2) integer (row, col) centroids of labels 1..n (labels are compact: every id present)."""
+    n = int(labels.max())
+    if n == 0:
+        return np.zeros((0, 2), np.int64)
+    rows, cols = np.nonzero(labels)
+    ids = labels[rows, cols]
+    cnt = np.maximum(np.bincount(ids, minlength=n + 1), 1)
+    cy = np.bincount(ids, weights=rows, minlength=n + 1) / cnt
+    cx = np.bincount(ids, weights=cols, minlength=n + 1) / cnt
+    pts = np.stack([cy[1:], cx[1:]], axis=1).round().astype(np.int64)
+    present = np.bincount(ids, minlength=n + 1)[1:] > 0
+    return pts[present]
+
+
+def voronoi_sample(
+    image: np.ndarray,
+    points: np.ndarray,
+    *,
+    mpp: float,
+    stain: Stain = "he",
+    trunc_um: float = 5.0,
+    point_radius_um: float = 1.0,
+    colour_weight: float = 0.2,
+    seed: int = 0,
+) -> Sample:
+    """Point-supervision targets (Qu et al. 2019, as the PSM method refines): from nucleus centres.
+
+    - Voronoi label: the edges of the Voronoi partition of the points are background (neighbouring
+      nuclei are parted there), a small disc at each point is nucleus;
+    - cluster label: per-pixel k-means (k = 3) on the stain optical densities (standardised, times
+      ``colour_weight``) and the distance to the nearest point (truncated at ``trunc_um``, scaled to
+      [0, 1]); the cluster nearest the points is nucleus, the farthest background, the middle one
+      is left out of the loss (weight 0).
+
+    Nuclei come out compact and centred on their points, so the ragged, holed or haloed outlines of
+    a threshold-like pseudo mask do not carry over. Instances for the distance target: the nucleus
+    pixels of each Voronoi cell.
+    """
+    from sklearn.cluster import KMeans
+
+    h, w = image.shape[:2]
+    seeds = np.zeros((h, w), np.int32)
+    pts = np.clip(np.asarray(points, np.int64).reshape(-1, 2), 0, [h - 1, w - 1])
+    if len(pts) == 0:  # nothing detected: all background
+        return Sample(image, np.zeros((h, w), np.float32), np.zeros((h, w), np.float32), None)
+    seeds[pts[:, 0], pts[:, 1]] = np.arange(1, len(pts) + 1, dtype=np.int32)
+    dist, (iy, ix) = ndi.distance_transform_edt(seeds == 0, return_indices=True)
+    cell = seeds[iy, ix]
+    edges = np.zeros((h, w), bool)
+    edges[:, 1:] |= cell[:, 1:] != cell[:, :-1]
+    edges[1:, :] |= cell[1:, :] != cell[:-1, :]
+    trunc = trunc_um / mpp
+    od = np.stack(list(stain_channels(image, stain).values()), axis=-1).reshape(-1, 2)
+    od = (od - od.mean(0)) / np.maximum(od.std(0), 1e-6) * colour_weight
+    feats = np.concatenate([od, (np.minimum(dist, trunc) / trunc).reshape(-1, 1)], axis=1)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(feats), min(len(feats), 50000), replace=False)
+    km = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(feats[pick])
+    cl = km.predict(feats).reshape(h, w)
+    order = np.argsort(km.cluster_centers_[:, -1])  # by distance to the points
+    disc = ndi.binary_dilation(seeds > 0, iterations=max(1, round(point_radius_um / mpp)))
+    nuc = ((cl == order[0]) & ~edges) | disc
+    nuc = ndi.binary_fill_holes(nuc) & ~edges
+    bg = ((cl == order[2]) | edges) & ~disc
+    labels = np.where(nuc, cell, 0)
+    weight = (nuc | bg).astype(np.float32)
+    return Sample(image, nuc.astype(np.float32), distance_target(labels), weight)
+
+
+def fit_on_pseudo_masks(
+    images: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    cfg: RunConfig,
+    *,
+    stain: Stain = "he",
+    device: torch.device | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SegNet:
+    """The label-free downstream fit, on a fixed schedule (no annotation, no checkpoint selection):
+
+    1. train on the pseudo masks, split into nuclei by the distance watershed;
+    2. ``refine_rounds`` times: the previous net's test-time-augmented instances on the same images
+       give nucleus centres, :func:`voronoi_sample` turns them into point-supervision targets, and a
+       fresh net is trained on those.
+
+    ``images``: uint8 RGB at ``cfg.target_mpp`` (any sizes); ``masks``: their boolean pseudo masks.
+    ``progress(stage, step, total)`` is called after every optimiser step.
+    """
+    from wsi_psm.segmenter.predict import instances_from_maps, predict_maps
+
+    if len(images) != len(masks) or not images:
+        raise ValueError(
+            "fit_on_pseudo_masks needs one pseudo mask per image, and at least one image"
+        )
+    sc = cfg.segmenter
+    device = device or torch.device("cpu")
+    mpp = cfg.target_mpp
+    t0 = time.perf_counter()
+    samples = [
+        pseudo_instance_sample(im, m, mpp=mpp, instance_cfg=cfg.instances)
+        for im, m in zip(images, masks, strict=True)
+    ]
+    net: SegNet | None = None
+    for rnd in range(sc.refine_rounds + 1):
+        stage = "segmenter: pseudo masks" if rnd == 0 else f"segmenter: point refinement {rnd}"
+        if net is not None:
+            samples = []
+            for i, im in enumerate(images):
+                maps = predict_maps(net, im, device, window=sc.window_px, tta=True, amp=sc.amp)
+                pts = label_centroids(instances_from_maps(maps, mpp=mpp, cfg=cfg))
+                samples.append(voronoi_sample(im, pts, mpp=mpp, stain=stain, seed=cfg.seed + i))
+
+        def step(i: int, n: int, loss: float, stage: str = stage) -> None:
+            if progress is not None:
+                progress(stage, i, n)
+
+        net = fit_segmenter(
+            samples, width=sc.width, depth=sc.depth, steps=sc.fit_steps, batch=sc.fit_batch,
+            crop=sc.fit_crop_px, lr=sc.lr, seed=cfg.seed + rnd, device=device, progress=step,
+        )  # fmt: skip
+    assert net is not None
+    net.fit_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+    return net
