@@ -40,6 +40,8 @@ from .tiling import Tile, TileGrid, check_slide_size, make_grid
 from .tissue import TissueMask, check_brightfield, detect_tissue
 
 NUCLEUS = ("Nucleus", (0, 160, 255))
+OVERLAY_MAX_SIDE = 2048
+OVERLAY_MIN_MPP = 1.0  # finer than this, the overlay only grows
 
 
 class TilePredictor(Protocol):
@@ -192,7 +194,11 @@ def run_slide(
     geojson_name = "cells.geojson.gz" if cfg.geojson_gzip else "cells.geojson"
 
     with OutputFolder(out_dir, overwrite) as tmp:
-        overlay = OverlayRenderer(ctx.thumbnail, ctx.thumb_scale)
+        # the overlay gets its own, finer thumbnail (nuclei visible) capped at OVERLAY_MAX_SIDE px
+        side_um = max(ctx.slide.width, ctx.slide.height) * ctx.mpp
+        ov_mpp = max(ctx.mpp, OVERLAY_MIN_MPP, side_um / OVERLAY_MAX_SIDE)
+        ov_img, ov_scale = ctx.slide.thumbnail(ov_mpp)
+        overlay = OverlayRenderer(ov_img, ov_scale, max_side=OVERLAY_MAX_SIDE)
         with (
             GeoJSONWriter(tmp / geojson_name, gzip=cfg.geojson_gzip, slide_key=name) as gj,
             GeoParquetWriter(tmp / "cells.parquet", slide_key=name) as gp,
@@ -263,6 +269,11 @@ def run_slide(
             }
         )
         area = ctx.tissue.area_mm2(ctx.mpp)
+        # classes in the annotator's display order (every class listed, even with no cells), then any other
+        order = [name for name, _ in getattr(annotator, "classes", ())]
+        for name, color in getattr(annotator, "classes", ()):
+            colors.setdefault(name, tuple(color))
+        counts = Counter({n: counts.get(n, 0) for n in [*order, *[n for n in counts if n not in order]]})
         summary = build_summary(ctx, cfg, counts, colors, area, timings, model_info)
         summary["counters"] = {
             "tiles": len(grid),
@@ -327,6 +338,8 @@ def process_slide(
         raise OutputExistsError(
             f"output exists: {out_dir} (use --overwrite to replace it, or --skip-existing)"
         )
+    if model is not None:
+        cfg = model_run_config(cfg, model.config)
     device = select_device(cfg.device)
     ctx = prepare_slide(path, cfg, mpp=mpp, backend=backend)
     try:
@@ -335,9 +348,10 @@ def process_slide(
             t = time.perf_counter()
             model = fit_model_on_context(ctx, cfg, device=device, progress=progress)
             extra["fit"] = time.perf_counter() - t
-            model_info = {"source": "fitted on this slide", **model.provenance_summary()}
+            model_info = {"source": "fitted on this slide"}
         else:
-            model_info = {"source": "model file", **model.provenance_summary()}
+            model_info = {"source": "model file"}
+        model_info["provenance"] = model.provenance
         predictor, annotator, extras = make_predictor(model, device=device, cfg=cfg)
         return run_slide(
             ctx, out_dir, predictor, cfg, annotator=annotator, overwrite=overwrite,
@@ -345,3 +359,16 @@ def process_slide(
         )  # fmt: skip
     finally:
         ctx.slide.close()
+
+
+# What a fitted model decides (it was trained at that resolution, with those stages); the run config
+# keeps the rest (tiling, device, outputs, seed, instance sizes).
+MODEL_FIELDS = ("target_mpp", "stain", "psm", "cluster", "segmenter", "classes")
+
+
+def model_run_config(cfg: RunConfig, model_cfg: RunConfig) -> RunConfig:
+    """The run configuration with the model's own fields taking precedence."""
+    mine = model_cfg.to_dict()
+    return RunConfig.model_validate(
+        {**cfg.to_dict(), **{k: mine[k] for k in MODEL_FIELDS if k in mine}}
+    )

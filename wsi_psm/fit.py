@@ -1,0 +1,95 @@
+"""Fitting a model bundle, label-free, on tiles sampled from one slide or a cohort.
+
+Order of the stages (each one's output feeds the next; no annotation anywhere): stain detection ->
+self-supervised activation net (+ PSM calibration) -> pseudo-mask clustering (model.fit_model) ->
+[downstream segmenter trained on the pseudo masks] -> instances on the fit tiles -> cell classes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .classes import CellClassifier
+from .config import RunConfig
+from .inference import CLASSES_COMPONENT, make_predictor
+from .model import ModelBundle, fit_model
+from .pipeline import SlideContext, prepare_slide, sample_tiles
+from .progress import NullProgress, ProgressHook
+
+
+def fit_bundle(
+    tiles: Sequence[np.ndarray],
+    cfg: RunConfig,
+    *,
+    device: torch.device,
+    sources: Sequence[str] = (),
+    progress: ProgressHook | None = None,
+) -> ModelBundle:
+    """Fit every stage on ``tiles`` (uint8 RGB at ``cfg.target_mpp``)."""
+    progress = progress or NullProgress()
+    stage = "fit: activation net"
+    progress.start(stage, cfg.psm.fit_steps)
+    bundle = fit_model(
+        tiles,
+        cfg,
+        device=device,
+        sources=sources,
+        progress=lambda step, total, loss: progress.advance(stage, 1),
+    )
+    progress.done(stage)
+    if cfg.classes.enabled:
+        t = time.perf_counter()
+        predictor, _, _ = make_predictor(bundle, device=device, cfg=cfg)
+        images = list(tiles)
+        raws = [
+            r
+            for i in range(0, len(images), cfg.tiles.batch_size)
+            for r in predictor.network(np.stack(images[i : i + cfg.tiles.batch_size]))
+        ]
+        labels = [predictor.labels(img, raw) for img, raw in zip(images, raws, strict=True)]
+        clf = CellClassifier.fit(
+            images, labels, mpp=cfg.target_mpp, stain=bundle.stain, cfg=cfg.classes, seed=cfg.seed,
+            matrix=bundle.pseudo.stain_matrix,
+        )  # fmt: skip
+        bundle.component_meta[CLASSES_COMPONENT] = clf.to_state()
+        bundle.provenance["classes"] = clf.describe()
+        bundle.provenance["classes_fit_seconds"] = round(time.perf_counter() - t, 2)
+    return bundle
+
+
+def fit_model_on_context(
+    ctx: SlideContext, cfg: RunConfig, *, device: torch.device, progress: ProgressHook | None = None
+) -> ModelBundle:
+    """Fit on tiles sampled from one prepared slide (``run`` without ``--model``)."""
+    tiles = sample_tiles(ctx, cfg.psm.fit_tiles, cfg.seed, cfg)
+    return fit_bundle(tiles, cfg, device=device, sources=[ctx.slide.name], progress=progress)
+
+
+def fit_model_on_slides(
+    paths: Sequence[str | Path],
+    cfg: RunConfig,
+    *,
+    mpp: float | None = None,
+    backend: str = "auto",
+    progress: ProgressHook | None = None,
+) -> ModelBundle:
+    """Fit on a cohort: ``cfg.psm.fit_tiles`` tiles drawn evenly from every slide (``fit`` command)."""
+    from .device import select_device
+
+    device = select_device(cfg.device)
+    per_slide = max(1, -(-cfg.psm.fit_tiles // max(len(paths), 1)))
+    tiles: list[np.ndarray] = []
+    names = []
+    for i, p in enumerate(paths):
+        ctx = prepare_slide(p, cfg, mpp=mpp, backend=backend)
+        try:
+            tiles += sample_tiles(ctx, per_slide, cfg.seed + i, cfg)
+            names.append(ctx.slide.name)
+        finally:
+            ctx.slide.close()
+    return fit_bundle(tiles, cfg, device=device, sources=names, progress=progress)

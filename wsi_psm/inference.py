@@ -1,0 +1,54 @@
+"""Applying a fitted model bundle to tiles: the pipeline's TilePredictor and CellAnnotator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .classes import CellClassifier
+from .clustering import PseudoMaskModel
+from .config import RunConfig
+from .instances import split_instances
+from .model import ModelBundle
+from .pipeline import CellAnnotator, ShapeOnly, TilePredictor
+from .psm.maps import compute_psm
+from .psm.network import ActivationNet
+
+CLASSES_COMPONENT = "classes"
+
+
+class PSMPredictor:
+    """Cells straight from the PSM pseudo masks: PSM on the device, clustering + watershed on the CPU."""
+
+    def __init__(
+        self, net: ActivationNet, pseudo: PseudoMaskModel, device: torch.device, cfg: RunConfig
+    ) -> None:
+        self.net = net.to(device).eval()
+        self.pseudo = pseudo
+        self.device = device
+        self.cfg = cfg
+        self.needs_psm = pseudo.cfg.features != "stain"
+
+    def network(self, images: np.ndarray) -> list[np.ndarray | None]:
+        if not self.needs_psm:
+            return [None] * len(images)
+        return list(compute_psm(self.net, images, self.device, stain=self.pseudo.stain))
+
+    def labels(self, image: np.ndarray, raw: np.ndarray | None) -> np.ndarray:
+        fg = self.pseudo.predict(image, raw)
+        return split_instances(fg, mpp=self.cfg.target_mpp, cfg=self.cfg.instances)
+
+
+def make_predictor(
+    bundle: ModelBundle, *, device: torch.device, cfg: RunConfig
+) -> tuple[TilePredictor, CellAnnotator, Callable[[dict[str, int]], dict[str, Any]] | None]:
+    """The predictor, the cell annotator and the summary-indices hook for a bundle."""
+    predictor = PSMPredictor(bundle.net, bundle.pseudo, device, cfg)
+    state = bundle.component_meta.get(CLASSES_COMPONENT)
+    if state is None or not cfg.classes.enabled:
+        return predictor, ShapeOnly(), None
+    clf = CellClassifier.from_state(state)
+    return predictor, clf, clf.indices
