@@ -41,7 +41,7 @@ from .tissue import TissueMask, check_brightfield, detect_tissue
 
 NUCLEUS = ("Nucleus", (0, 160, 255))
 OVERLAY_MAX_SIDE = 2048
-OVERLAY_MIN_MPP = 1.0  # finer than this, the overlay only grows
+OVERLAY_MIN_MPP = 0.5  # finer than this, the overlay only grows (nuclei are ~10 px there)
 
 
 class TilePredictor(Protocol):
