@@ -30,15 +30,20 @@ def _safe_name(stem: str) -> str:
     return re.sub(r"[^\w.\-() ]+", "_", stem).strip() or "slide"
 
 
-def _is_dicom_folder(d: Path) -> bool:
+def _has_dicom(d: Path) -> bool:
     return d.is_dir() and any(p.suffix.lower() == ".dcm" for p in d.iterdir())
+
+
+def _is_dicom_folder(d: Path) -> bool:
+    """A folder that is one DICOM WSI series: .dcm files and no other slide files."""
+    return _has_dicom(d) and not any(p.suffix.lower() in SLIDE_SUFFIXES for p in d.iterdir())
 
 
 def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:
     """Slides named by ``inputs``: files as given; in a folder, its slide files and DICOM subfolders.
 
     A folder holding ``.dcm`` files is one DICOM slide (each file of the series opens the whole
-    pyramid). Raises SlideOpenError for a missing path, a folder without slides, or two slides that
+    pyramid), beside any other slide files in it. Raises SlideOpenError for a missing path, a folder without slides, or two slides that
     would write to the same output folder name.
     """
     found: list[SlideInput] = []
@@ -63,6 +68,8 @@ def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:
                 inner.append(SlideInput(q, _safe_name(q.stem)))
             elif _is_dicom_folder(q):
                 inner.append(SlideInput(q, _safe_name(q.name)))
+        if _has_dicom(p):  # a DICOM series beside other slides in the same folder
+            inner.append(SlideInput(p, _safe_name(p.name)))
         if not inner:
             raise SlideOpenError(
                 f"{p}: no slides in this folder (looked for {', '.join(sorted(SLIDE_SUFFIXES))} and DICOM folders)"

@@ -1,0 +1,53 @@
+"""Which slides a user's paths name, and the output folder each gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsi_psm.discovery import find_slides
+from wsi_psm.errors import SlideOpenError
+
+
+def test_folder_of_slides_and_dicom_subfolder(tmp_path):
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "b (copy).ndpi").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("ignored")
+    (tmp_path / ".hidden.svs").write_bytes(b"x")
+    dcm = tmp_path / "case7"
+    dcm.mkdir()
+    (dcm / "level-0.dcm").write_bytes(b"x")
+    (dcm / "level-1.dcm").write_bytes(b"x")
+    found = find_slides([tmp_path])
+    assert [s.name for s in found] == ["a", "b (copy)", "case7"]
+    assert found[2].path == dcm
+
+
+def test_a_dcm_file_names_its_whole_series(tmp_path):
+    dcm = tmp_path / "series"
+    dcm.mkdir()
+    (dcm / "level-3-frames-0-1.dcm").write_bytes(b"x")
+    (found,) = find_slides([dcm / "level-3-frames-0-1.dcm"])
+    assert found.path == dcm and found.name == "series"
+
+
+def test_same_slide_twice_is_listed_once_but_name_clash_is_an_error(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    (tmp_path / "x" / "s.svs").write_bytes(b"x")
+    (tmp_path / "y" / "s.tif").write_bytes(b"x")
+    assert len(find_slides([tmp_path / "x" / "s.svs", tmp_path / "x"])) == 1
+    with pytest.raises(SlideOpenError, match="one output folder"):
+        find_slides([tmp_path / "x", tmp_path / "y"])
+
+
+def test_missing_and_empty(tmp_path):
+    with pytest.raises(SlideOpenError, match="no such file"):
+        find_slides([tmp_path / "missing.svs"])
+    with pytest.raises(SlideOpenError, match="no slides in this folder"):
+        find_slides([tmp_path])
+
+
+def test_real_data_folders(fixtures_dir):
+    names = {s.name for s in find_slides([fixtures_dir])}
+    # the slide files, plus boxes_0.dcm / boxes_1.dcm as one DICOM series named after the folder
+    assert names == {"small", "boxes", "unreadable", "unopenable", fixtures_dir.name}
