@@ -149,3 +149,21 @@ def test_default_model_on_a_monuseg_crop(tmp_path, monuseg_dir) -> None:
     gt = load_monuseg_labels(case)[:256, :256]
     scores = segmentation_scores(lab, gt)
     assert scores["pixel_f1"] > 0.6 and scores["aji"] > 0.3
+
+
+def test_fit_on_the_given_images(tmp_path) -> None:
+    """segmenter.default_model = "fit": the whole label-free chain on the inputs (tiny settings)."""
+    torch.set_num_threads(1)
+    srcs = []
+    for s in range(2):
+        img = np.concatenate([synthetic_tile(96, s)[0], synthetic_tile(96, s + 5)[0]], 1)
+        srcs.append(tmp_path / f"img{s}.png")
+        write_png(srcs[-1], img)
+    cfg = CFG.with_updates(
+        **{"segmenter.default_model": "fit", "segmenter.width": 4, "segmenter.depth": 2,
+           "segmenter.fit_steps": 4, "segmenter.fit_batch": 2, "segmenter.fit_crop_px": 48,
+           "psm.fit_steps": 2, "psm.fit_batch": 2, "psm.width": 4, "cluster.sample_pixels": 2000}
+    )  # fmt: skip
+    written = segment_images(srcs, tmp_path / "o", cfg, mpp=0.5)
+    assert len(written) == 4 and all(p.is_file() for p in written)
+    assert tifffile.imread(tmp_path / "o" / "img0_labels.tif").shape == (96, 192)

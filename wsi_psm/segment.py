@@ -154,7 +154,7 @@ def _write_outputs(
 
 # ------------------------------------------------------------------------------------------ model
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "segmenter_default.pt"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.pt"
 
 
 def load_segmenter(path: str | Path) -> SegNet:
@@ -190,33 +190,70 @@ def read_processing_images(
     return out
 
 
+def pseudo_masks_per_image(
+    bundle: Any, images: Sequence[np.ndarray], cfg: RunConfig, *, device: torch.device
+) -> list[np.ndarray]:
+    """Boolean pseudo masks of ``images`` (uint8 RGB at ``cfg.target_mpp``): the bundle's PSM, then
+    one PSM + stain clustering fitted on each image's own pixels (each image may come from another
+    slide or stain batch, as the pipeline fits one clustering per slide)."""
+    from .clustering import PseudoMaskModel
+
+    masks = []
+    for i, im in enumerate(images):
+        psm = bundle.psm(im[None], device)[0]
+        pm = PseudoMaskModel.fit(
+            [im], [psm], cfg.cluster, mpp=cfg.target_mpp, seed=cfg.seed + i, stain=bundle.stain
+        )
+        masks.append(pm.predict(im, psm))
+    return masks
+
+
 def fit_on_images(
     images: Sequence[np.ndarray],
     cfg: RunConfig,
     *,
     device: torch.device,
     progress: ProgressHook | None = None,
-) -> SegNet:
+    sources: Sequence[str] = (),
+) -> Any:
     """The whole label-free chain on unlabelled images (uint8 RGB at ``cfg.target_mpp``): the
-    self-supervised activation net and the PSM + stain clustering give pseudo masks, the downstream
-    network is trained on them and refined by self-training."""
+    self-supervised activation net (fitted on all images) and a PSM + stain clustering per image
+    give pseudo masks; the downstream network is trained on them, then refined from its own points.
+
+    Returns the ``ModelBundle`` with the segmenter in ``components["segmenter"]`` (its
+    ``component_meta["segmenter"]`` records the schedule and timings).
+    """
     from .model import fit_model
+    from .segmenter.network import segmenter_state
     from .segmenter.train import fit_on_pseudo_masks
 
     progress = progress or NullProgress()
+    t0 = time.perf_counter()
     progress.start("fit: PSM and pseudo masks", None)
-    bundle = fit_model(list(images), cfg, device=device)
-    masks = [bundle.pseudo_masks(im[None], device)[0] for im in images]
+    bundle = fit_model(list(images), cfg, device=device, sources=sources)
+    masks = pseudo_masks_per_image(bundle, images, cfg, device=device)
     progress.done("fit: PSM and pseudo masks")
+    t1 = time.perf_counter()
     sc = cfg.segmenter
-    total = sc.fit_steps * (sc.self_training_rounds + 1)
-    progress.start("fit: segmenter", total)
+    progress.start("fit: segmenter", sc.fit_steps * (sc.refine_rounds + 1))
     net = fit_on_pseudo_masks(
-        images, masks, cfg, device=device,
+        images, masks, cfg, stain=bundle.stain, device=device,
         progress=lambda stage, i, n: progress.advance("fit: segmenter", 1),
     )  # fmt: skip
     progress.done("fit: segmenter")
-    return net
+    state = segmenter_state(
+        net,
+        target_mpp=cfg.target_mpp,
+        trained_on=list(sources) or f"{len(images)} images",
+        schedule=sc.model_dump(mode="json"),
+        fit_seconds={
+            "psm_and_pseudo_masks": round(t1 - t0, 1),
+            "segmenter": round(time.perf_counter() - t1, 1),
+        },
+    )
+    bundle.components["segmenter"] = state["tensors"]
+    bundle.component_meta["segmenter"] = state["meta"]
+    return bundle
 
 
 def resolve_model(
@@ -243,9 +280,10 @@ def resolve_model(
             raise ModelError("the model holds no downstream segmenter (fit it with the segmenter)")
         return segmenter_from_state({"meta": meta, "tensors": comps["segmenter"]})
     if cfg.segmenter.default_model == "fit":
-        return fit_on_images(
-            read_processing_images(paths, cfg, mpp), cfg, device=device, progress=progress
-        )
+        images = read_processing_images(paths, cfg, mpp)
+        sources = [p.name for p in paths]
+        bundle = fit_on_images(images, cfg, device=device, progress=progress, sources=sources)
+        return resolve_model(bundle, paths=paths, cfg=cfg, mpp=mpp, device=device)
     return default_model()
 
 
@@ -315,6 +353,7 @@ __all__ = [
     "fit_on_images",
     "load_segmenter",
     "output_paths",
+    "pseudo_masks_per_image",
     "resolve_model",
     "segment_array",
     "segment_images",

@@ -1,0 +1,91 @@
+"""Train the segmentation model shipped with wsi-psm (``wsi_psm/models/default.pt``), label-free.
+
+Data: the 17 MoNuSeg 2018 training images that have NO XML annotation (their pixels only; no
+annotation of any kind is read), so the 13 images with XML stay unseen for measuring
+(benchmarks/monuseg_segment.py). MoNuSeg: Kumar et al., IEEE TMI 2017/2020; licence CC BY-NC-SA 4.0,
+so the shipped weights are for non-commercial research use.
+
+Chain (``wsi_psm.segment.fit_on_images``, the same that ``segment`` runs with
+``segmenter.default_model = "fit"``): images read at ``RunConfig().target_mpp`` (0.5 µm/px, from
+0.25) -> self-supervised activation net fitted on all 17 -> PSM -> one PSM + haematoxylin k-means
+clustering per image -> pseudo masks -> downstream U-Net trained on them -> one point/Voronoi
+refinement round -> saved as a model bundle (PSM net + clustering + segmenter component), whose
+provenance names the images, the config and the timings. Deterministic for a given seed on CPU.
+
+    .venv/bin/python benchmarks/train_default_model.py [--data ../shared/data/monuseg-train]
+        [--out wsi_psm/models/default.pt] [--threads 2]
+
+About 15 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from wsi_psm.config import RunConfig
+from wsi_psm.groundtruth import monuseg_cases
+from wsi_psm.segment import DEFAULT_MODEL, fit_on_images, read_processing_images
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "monuseg-train"
+MONUSEG_MPP = 0.25
+
+
+class PrintProgress:
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.total: dict[str, int | None] = {}
+        self.t0 = time.perf_counter()
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.n[stage], self.total[stage] = 0, total
+        print(f"[{time.perf_counter() - self.t0:7.1f} s] {stage} ...", flush=True)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        self.n[stage] += n
+        tot = self.total.get(stage)
+        if tot and self.n[stage] % 100 == 0:
+            print(
+                f"[{time.perf_counter() - self.t0:7.1f} s] {stage} {self.n[stage]}/{tot}",
+                flush=True,
+            )
+
+    def done(self, stage: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f} s] {stage} done", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the monuseg-train folder")
+    ap.add_argument("--out", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if not args.data.is_dir():
+        print(f"MoNuSeg data not found: {args.data}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    cfg = RunConfig().with_updates(device="cpu")
+    # images only: the case list is used to tell which images have an XML, never to read one
+    paths = [c.image for c in monuseg_cases(args.data) if not c.has_xml]
+    print(f"training on {len(paths)} unannotated MoNuSeg images at {cfg.target_mpp} µm/px")
+    images = read_processing_images(paths, cfg, MONUSEG_MPP)
+    t0 = time.perf_counter()
+    bundle = fit_on_images(
+        images, cfg, device=torch.device("cpu"), progress=PrintProgress(),
+        sources=[f"MoNuSeg 2018 train (CC BY-NC-SA 4.0): {p.name}" for p in paths],
+    )  # fmt: skip
+    bundle.provenance["trained_by"] = "benchmarks/train_default_model.py"
+    bundle.provenance["torch_threads"] = args.threads
+    bundle.save(args.out)
+    size = args.out.stat().st_size / 2**20
+    print(f"wrote {args.out} ({size:.1f} MiB) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
