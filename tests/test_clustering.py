@@ -31,13 +31,16 @@ def _smooth_psm(rgb: np.ndarray) -> np.ndarray:
     return np.clip(h / np.percentile(h, 99.5), 0, 1).astype(np.float32)
 
 
-@pytest.mark.parametrize("features", ["h", "psm+h", "psm+stain", "psm+rgb"])
-def test_monuseg_pseudo_mask_is_plausible(monuseg_dir, features: str) -> None:
+@pytest.mark.parametrize(
+    ("features", "k", "psm_weight"),
+    [("psm+h", 2, 0.25), ("h", 2, 1.0), ("psm+stain", 3, 1.0), ("psm+rgb", 3, 1.0)],
+)
+def test_monuseg_pseudo_mask_is_plausible(
+    monuseg_dir, features: str, k: int, psm_weight: float
+) -> None:
     tiles = _monuseg_half(monuseg_dir)
     psms = [_smooth_psm(t) for t in tiles]
-    cfg = ClusterConfig(
-        features=features, k=2 if features in ("h", "psm+h") else 3, sample_pixels=20000
-    )
+    cfg = ClusterConfig(features=features, k=k, psm_weight=psm_weight, sample_pixels=20000)
     model = PseudoMaskModel.fit(tiles, psms, cfg, mpp=0.5, seed=0)
     assert model.stain == "he"
     for t, p in zip(tiles, psms, strict=True):
@@ -60,12 +63,12 @@ def test_predict_is_consistent_and_state_round_trips(monuseg_dir) -> None:
     again = PseudoMaskModel.from_state(state)
     for t, p in zip(tiles, psms, strict=True):
         np.testing.assert_array_equal(model.predict(t, p), again.predict(t, p))
-    # a tile is predicted the same alone or as a crop of a larger field (per-pixel model, no per-tile refit)
+    # a tile is predicted the same alone or as a crop of a larger field (one model, no per-tile
+    # refit); only the feature smoothing (sigma 1 px) sees past the crop, so compare the interior,
+    # and BLAS may round the deconvolution differently for another array size: allow rare ties
     full = model.predict_clusters(tiles[0], psms[0])
-    np.testing.assert_array_equal(
-        model.predict_clusters(tiles[0][100:300, 50:250], psms[0][100:300, 50:250]),
-        full[100:300, 50:250],
-    )
+    crop = model.predict_clusters(tiles[0][100:300, 50:250], psms[0][100:300, 50:250])
+    assert np.mean(crop[5:-5, 5:-5] != full[105:295, 55:245]) < 1e-3
     with pytest.raises(ValueError):
         PseudoMaskModel.from_state({**state, "version": 99})
 

@@ -95,6 +95,17 @@ def test_polarity_nuclei_high(flip_head: bool) -> None:
     assert psm[mask].mean() > psm[~mask].mean() + 0.1
 
 
+def test_psm_under_inference_mode() -> None:
+    torch.manual_seed(0)
+    net = ActivationNet(width=4, shallow_blocks=2)
+    rgb, _ = blob_tile(4)
+    ref = compute_psm(net, rgb, CPU)
+    with torch.inference_mode():
+        np.testing.assert_allclose(compute_psm(net, rgb, CPU), ref, atol=1e-6)
+    with torch.no_grad():
+        np.testing.assert_allclose(compute_psm(net, rgb, CPU), ref, atol=1e-6)
+
+
 def test_flipped_head_gives_same_map() -> None:
     torch.manual_seed(5)
     net = ActivationNet(width=4, shallow_blocks=2)

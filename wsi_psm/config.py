@@ -36,21 +36,23 @@ class PSMConfig(_Frozen):
     fit_batch: int = Field(16, ge=2)
     fit_crop_px: int = Field(96, ge=32, description="crop side used while fitting")
     lr: float = Field(2e-3, gt=0)
-    colour_jitter: float = Field(0.3, ge=0, lt=1, description="per-view stain-intensity jitter while fitting")
-    task: Literal["rot180-similarity", "rotation", "contrastive", "stain-regression"] = "rot180-similarity"
+    colour_jitter: float = Field(
+        0.0, ge=0, lt=1, description="per-view stain-intensity jitter while fitting (contrastive/similarity need > 0)"
+    )
+    task: Literal["rot180-similarity", "rotation", "contrastive", "stain-regression"] = "stain-regression"
 
 
 class ClusterConfig(_Frozen):
     """Turning PSM + stain into nucleus pseudo masks (scikit-learn k-means)."""
 
     features: str = Field(
-        "psm+stain",
+        "psm+h",
         pattern=r"^(psm|h|stain|rgb)(\+(psm|h|stain|rgb))*$",
         description="'+'-joined per-pixel k-means features: psm, h (haematoxylin), stain (both stains), rgb; without psm it is the ablation",
     )
-    k: int = Field(3, ge=2, le=8)
-    psm_weight: float = Field(1.0, gt=0, description="weight of the (standardised) PSM feature")
-    smooth_um: float = Field(0.0, ge=0, description="Gaussian smoothing of the features before clustering")
+    k: int = Field(2, ge=2, le=8)
+    psm_weight: float = Field(0.25, gt=0, description="weight of the (standardised) PSM feature")
+    smooth_um: float = Field(0.5, ge=0, description="Gaussian smoothing of the features before clustering")
     sample_pixels: int = Field(200000, ge=1000, description="pixels sampled to fit the clustering")
     min_hole_um2: float = Field(16.0, ge=0, description="holes smaller than this inside a nucleus are filled")
     min_object_um2: float = Field(0.0, ge=0, description="mask specks smaller than this are removed")

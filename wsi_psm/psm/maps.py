@@ -28,7 +28,10 @@ from wsi_psm.stain import TISSUE_OD, Stain, rgb_to_od, stain_channels
 def _block_cams(net: ActivationNet, x: torch.Tensor) -> torch.Tensor:
     """Raw per-block Grad-CAMs at shallow resolution: (B, n_blocks, h, w) float32."""
     net.eval()
-    with torch.enable_grad():
+    # Grad-CAM needs autograd even when a caller runs under no_grad or inference_mode.
+    with torch.inference_mode(False), torch.enable_grad():
+        if x.is_inference():
+            x = x.clone()
         out, acts = net.forward_with_shallow(x)
         # Images are independent in eval mode, so the gradient of the sum gives each its own gradient.
         grads = torch.autograd.grad(net.score(out).sum(), acts)
