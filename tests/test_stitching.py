@@ -87,8 +87,8 @@ def test_cells_on_seams_and_corners_are_found_once(tmp_path):
     assert summary["class_counts"]["Nucleus"]["count"] == len(centres)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_cells_across_seams_no_duplicates_no_losses(tmp_path, seed):
+@pytest.mark.parametrize(("seed", "post_mode"), [(0, "threads"), (1, "processes")])
+def test_random_cells_across_seams_no_duplicates_no_losses(tmp_path, seed, post_mode):
     rng = np.random.default_rng(seed)
     size = 512
     pts = []
@@ -98,9 +98,10 @@ def test_random_cells_across_seams_no_duplicates_no_losses(tmp_path, seed):
             pts.append(p)
     slide_path = tmp_path / "random.tif"
     _plant(slide_path, size, [tuple(p) for p in pts], radius_px=7)
-    ctx = prepare_slide(slide_path, CFG)
+    cfg = CFG.with_updates(**{"tiles.post_mode": post_mode})
+    ctx = prepare_slide(slide_path, cfg)
     try:
-        run_slide(ctx, tmp_path / "out", DarkThreshold(), CFG)
+        run_slide(ctx, tmp_path / "out", DarkThreshold(), cfg)
     finally:
         ctx.slide.close()
     feats = json.loads((tmp_path / "out" / "cells.geojson").read_text())["features"]

@@ -24,6 +24,10 @@ class TileConfig(_Frozen):
     batch_size: int = Field(8, ge=1, description="tiles per batch sent to the network")
     decode_workers: int = Field(2, ge=1, description="threads decoding tiles (Dask threaded scheduler)")
     prefetch_batches: int = Field(3, ge=1, description="decoded batches allowed in flight ahead of the network")
+    post_workers: int = Field(0, ge=0, description="workers turning network maps into cells; 0 = auto")
+    post_mode: Literal["auto", "threads", "processes"] = Field(
+        "auto", description="post-processing in threads or processes; auto = processes when the network runs on a GPU"
+    )
 
 
 class PSMConfig(_Frozen):

@@ -20,6 +20,18 @@ from .psm.network import ActivationNet
 CLASSES_COMPONENT = "classes"
 
 
+class PseudoMaskLabeller:
+    """The CPU half of PSMPredictor (picklable: sent to post-processing workers)."""
+
+    def __init__(self, pseudo: PseudoMaskModel, cfg: RunConfig) -> None:
+        self.pseudo = pseudo
+        self.cfg = cfg
+
+    def labels(self, image: np.ndarray, raw: np.ndarray | None) -> np.ndarray:
+        fg = self.pseudo.predict(image, raw)
+        return split_instances(fg, mpp=self.cfg.target_mpp, cfg=self.cfg.instances)
+
+
 class PSMPredictor:
     """Cells straight from the PSM pseudo masks: PSM on the device, clustering + watershed on the CPU."""
 
@@ -37,9 +49,11 @@ class PSMPredictor:
             return [None] * len(images)
         return list(compute_psm(self.net, images, self.device, stain=self.pseudo.stain))
 
+    def labeller(self) -> PseudoMaskLabeller:
+        return PseudoMaskLabeller(self.pseudo, self.cfg)
+
     def labels(self, image: np.ndarray, raw: np.ndarray | None) -> np.ndarray:
-        fg = self.pseudo.predict(image, raw)
-        return split_instances(fg, mpp=self.cfg.target_mpp, cfg=self.cfg.instances)
+        return self.labeller().labels(image, raw)
 
 
 def make_predictor(

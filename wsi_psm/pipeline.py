@@ -2,17 +2,19 @@
 
 The network stage runs on the caller's thread (the GPU when there is one) on batches the Dask tile
 stream decodes ahead of it; the per-tile CPU work (pseudo mask or probability -> instances ->
-polygons -> measurements and classes) runs in a small thread pool behind it, with a bounded number of
-tiles in flight; cells then pass the seam resolver and stream into the writers. Nothing holds a whole
+polygons -> measurements and classes) runs in a pool behind it (threads on a CPU run, worker
+processes beside a GPU so the GIL does not starve it), with a bounded number of tiles in flight; cells then pass the seam resolver and stream into the writers. Nothing holds a whole
 slide's cells or pixels, so memory does not grow with slide size.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -133,23 +135,62 @@ def read_tile(slide: Slide, tile: Tile, target_mpp: float) -> np.ndarray:
     return img
 
 
-def process_tile(
-    image: np.ndarray,
-    raw: Any,
-    tile: Tile,
-    ctx: SlideContext,
-    predictor: TilePredictor,
-    annotator: CellAnnotator,
-    cfg: RunConfig,
-    band: float,
-) -> TileCandidates:
+@dataclass
+class TileWork:
+    """Everything the post-processing of a tile needs besides the tile itself (picklable, so it can
+    be sent once to each worker process)."""
+
+    labeller: Any  # has labels(image, raw) -> instance labels
+    annotator: CellAnnotator
+    grid: TileGrid
+    mpp_l0: float
+    band: float
+
+
+def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> TileCandidates:
     """The CPU part of one tile: instances -> candidate cells with class and measurements."""
-    labels = predictor.labels(image, raw)
-    tc = tile_candidates(labels, tile, ctx.grid, band)
+    labels = work.labeller.labels(image, raw)
+    tc = tile_candidates(labels, tile, work.grid, work.band)
     if tc.candidates:
-        annotator.annotate(image, tc.labels, tc.candidates, ctx.mpp)
+        work.annotator.annotate(image, tc.labels, tc.candidates, work.mpp_l0)
     tc.labels = None  # free the array; only the polygons travel on
     return tc
+
+
+_WORKER_WORK: TileWork | None = None
+
+
+def _init_worker(work: TileWork) -> None:
+    global _WORKER_WORK
+    _WORKER_WORK = work
+    import torch
+
+    torch.set_num_threads(1)  # one core per worker process
+
+
+def _process_tile_in_worker(image: np.ndarray, raw: Any, tile: Tile) -> TileCandidates:
+    assert _WORKER_WORK is not None
+    return process_tile(image, raw, tile, _WORKER_WORK)
+
+
+def _post_pool(cfg: RunConfig, work: TileWork, on_gpu: bool) -> tuple[Executor, int, bool]:
+    """The post-processing pool: threads on a CPU run (the network already uses the cores), worker
+    processes when a GPU does the network and the CPU cores would otherwise sit behind the GIL."""
+    processes = cfg.tiles.post_mode == "processes" or (cfg.tiles.post_mode == "auto" and on_gpu)
+    n = cfg.tiles.post_workers or (
+        max(1, min((os.cpu_count() or 2) - cfg.tiles.decode_workers - 1, 12))
+        if processes
+        else cfg.tiles.decode_workers
+    )
+    if processes:
+        # spawn: never fork a process that holds Dask and torch threads
+        ctx = multiprocessing.get_context("spawn")
+        return (
+            ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(work,)),
+            n,
+            True,
+        )
+    return ThreadPoolExecutor(n, thread_name_prefix="wsi-psm-post"), n, False
 
 
 @dataclass
@@ -188,7 +229,10 @@ def run_slide(
     colors: dict[str, tuple[int, int, int]] = {}
     cut_dropped = 0
     t_net = t_wait = t_write = 0.0
-    n_post = max(1, cfg.tiles.decode_workers)
+    labeller = predictor.labeller() if hasattr(predictor, "labeller") else predictor
+    work = TileWork(labeller, annotator, grid, ctx.mpp, band)
+    on_gpu = str(getattr(predictor, "device", "cpu")).startswith("cuda")
+    pool, n_post, in_processes = _post_pool(cfg, work, on_gpu)
     t_start = time.perf_counter()
     name = ctx.slide.name
     geojson_name = "cells.geojson.gz" if cfg.geojson_gzip else "cells.geojson"
@@ -202,7 +246,7 @@ def run_slide(
         with (
             GeoJSONWriter(tmp / geojson_name, gzip=cfg.geojson_gzip, slide_key=name) as gj,
             GeoParquetWriter(tmp / "cells.parquet", slide_key=name) as gp,
-            ThreadPoolExecutor(n_post, thread_name_prefix="wsi-psm-post") as pool,
+            pool,
         ):
 
             def write(cells: list[Candidate]) -> None:
@@ -250,9 +294,9 @@ def run_slide(
                     pending.append(
                         (
                             tile,
-                            pool.submit(
-                                process_tile, image, raw, tile, ctx, predictor, annotator, cfg, band
-                            ),
+                            pool.submit(_process_tile_in_worker, image, raw, tile)
+                            if in_processes
+                            else pool.submit(process_tile, image, raw, tile, work),
                         )
                     )
                 drain(limit=2 * n_post + cfg.tiles.batch_size)
@@ -273,7 +317,9 @@ def run_slide(
         order = [name for name, _ in getattr(annotator, "classes", ())]
         for name, color in getattr(annotator, "classes", ()):
             colors.setdefault(name, tuple(color))
-        counts = Counter({n: counts.get(n, 0) for n in [*order, *[n for n in counts if n not in order]]})
+        counts = Counter(
+            {n: counts.get(n, 0) for n in [*order, *[n for n in counts if n not in order]]}
+        )
         summary = build_summary(ctx, cfg, counts, colors, area, timings, model_info)
         summary["counters"] = {
             "tiles": len(grid),
