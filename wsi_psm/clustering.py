@@ -1,19 +1,30 @@
-"""PSM + stain -> binary nucleus pseudo mask, with one k-means model per slide or cohort.
+"""PSM + stain -> binary nucleus pseudo mask, with one k-means model per slide (or cohort).
 
-Per-pixel features (``ClusterConfig.features``):
+Per-pixel features (``ClusterConfig.features``, '+'-joined):
 
-- ``psm+stain``: PSM, haematoxylin OD and eosin (or DAB) OD, from colour deconvolution with a stain
-  matrix estimated (Macenko) on the fit tiles;
-- ``stain``: the two stain ODs only (the ablation: no PSM);
-- ``psm+rgb``: PSM and RGB in [0, 1] (the reference used a JET colour map of the PSM plus RGB).
+- ``psm``: the prior self-activation map (one column);
+- ``h``: nuclear stain OD (haematoxylin); ``stain``: haematoxylin and eosin (or DAB) OD as two
+  columns; both by colour deconvolution with stain vectors estimated (Macenko) on the fit tiles;
+- ``rgb``: RGB in [0, 1] (the reference clustered a JET colour map of the PSM plus RGB).
 
-Features are z-scored with the fit sample's mean and std (the PSM column then multiplied by
-``psm_weight``), k-means (scikit-learn, ``k`` clusters) is fitted on ``sample_pixels`` pixels drawn
-evenly from all fit tiles, and every tile is predicted with the same centroids, so masks are
-consistent across a slide. The nucleus cluster is picked by a rule, never by labels: the cluster whose
-centroid is highest in PSM plus haematoxylin (or PSM plus darkness for ``psm+rgb``; haematoxylin
-alone for ``stain``). Holes smaller than ``min_hole_um2`` are filled and objects smaller than
-``min_object_um2`` removed (sizes converted to pixels with the processing mpp).
+A feature set without ``psm`` is the ablation "colour/stain alone". Features are smoothed (Gaussian,
+``smooth_um``), z-scored with the fit sample's mean and std (the PSM column then multiplied by
+``psm_weight``), and k-means (scikit-learn, ``k`` clusters) is fitted on ``sample_pixels`` stained
+pixels drawn evenly from all fit tiles; every tile is then predicted with the same centroids, so
+masks are consistent across a slide. The nucleus cluster is picked by a rule, never by labels: the
+centroid highest in PSM plus nuclear stain ("high activation and dark"; with ``rgb``, darkness).
+Holes smaller than ``min_hole_um2`` are filled and specks smaller than ``min_object_um2`` removed
+(sizes converted to pixels with the processing mpp).
+
+Haematoxylin-DAB (Ki-67) with ``h`` in the features: positive nuclei are brown and negative ones
+faint blue, which one cluster cannot hold (measured on BCData: a single 2-means on H + DAB finds
+75% of positive and 0% of negative cells). So two stages run in turn, each a k-means as above:
+stage 1 on log DAB (+ PSM) finds brown nuclei; stage 2 on log haematoxylin (+ PSM), fitted on the
+pixels stage 1 left, finds blue ones; the mask is their union (BCData, 26 images at 0.5 um/px:
+99% of positive and 81% of negative annotated cells fall inside the mask, 31% foreground).
+
+Measured on MoNuSeg (benchmarks/pseudo_masks.py): k=2 on ``psm+h`` or ``h`` gives the best masks, and
+the clustering must be fitted per slide: one cohort model does not transfer across stainings.
 """
 
 from __future__ import annotations
@@ -35,8 +46,12 @@ from wsi_psm.stain import (
     stain_channels,
 )
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 FEATURE_PARTS = ("psm", "h", "stain", "rgb")
+# Offset inside the log of stain OD (H-DAB stages): compresses strong DAB, spreads faint haematoxylin.
+LOG_EPS = 0.05
+# Column kinds that count towards "nucleus" in the rule (z-scored centroid summed); rgb counts negatively.
+_NUCLEAR = {"psm", "h", "dab", "logh", "logdab"}
 
 
 def _parts(features: str) -> list[str]:
@@ -48,48 +63,63 @@ def _parts(features: str) -> list[str]:
     return parts
 
 
+def stages_for(features: str, stain: Stain) -> list[list[str]]:
+    """Column kinds of each clustering stage: ["psm", "h"] etc.; see the module docstring."""
+    parts = _parts(features)
+    psm = ["psm"] if "psm" in parts else []
+    if stain == "ihc-dab" and "h" in parts:
+        return [[*psm, "logdab"], [*psm, "logh"]]
+    cols: list[str] = []
+    for p in parts:
+        if p == "psm":
+            cols.append("psm")
+        elif p == "h":
+            cols.append("h")
+        elif p == "stain":
+            cols += ["h", "dab" if stain == "ihc-dab" else "eosin"]
+        else:
+            cols += ["r", "g", "b"]
+    return [cols]
+
+
 def _features(
     rgb: np.ndarray,
     psm: np.ndarray | None,
-    features: str,
+    cols: list[str],
     stain: Stain,
     matrix: np.ndarray,
     smooth_px: float,
 ) -> np.ndarray:
-    """(H, W, F) float32 raw features of one tile (before standardisation), in ``features`` order:
-    psm -> 1 column, h -> haematoxylin, stain -> haematoxylin + eosin/DAB, rgb -> 3 columns."""
-    cols: list[np.ndarray] = []
-    for part in _parts(features):
-        if part == "psm":
+    """(H, W, len(cols)) float32 raw features of one tile (before standardisation)."""
+    ch: list[np.ndarray] | None = None
+    out: list[np.ndarray] = []
+    for c in cols:
+        if c == "psm":
             if psm is None:
-                raise ValueError(f"features {features!r} need a PSM")
-            cols.append(np.asarray(psm, np.float32))
-        elif part in ("h", "stain"):
+                raise ValueError("these cluster features need a PSM")
+            out.append(np.asarray(psm, np.float32))
+            continue
+        if c in ("r", "g", "b"):
+            out.append(np.asarray(rgb[..., "rgb".index(c)], np.float32) / 255.0)
+            continue
+        if ch is None:
             ch = list(stain_channels(rgb, stain, matrix).values())  # haematoxylin first
-            cols.extend(ch[:1] if part == "h" else ch)
-        else:
-            cols.extend(np.moveaxis(np.asarray(rgb, np.float32) / 255.0, -1, 0))
-    f = np.stack(cols, axis=-1).astype(np.float32)
+        v = ch[0] if c in ("h", "logh") else ch[1]
+        out.append(np.log(v + LOG_EPS) if c.startswith("log") else v)
+    f = np.stack(out, axis=-1).astype(np.float32)
     if smooth_px > 0:
         f = ndi.gaussian_filter(f, sigma=(smooth_px, smooth_px, 0))
     return f
 
 
-def _nucleus_score(centroids: np.ndarray, features: str) -> np.ndarray:
-    """Rule picking the nucleus cluster on standardised centroids: high activation and dark, i.e.
-    the sum of the PSM column (if any) and the haematoxylin column (or, with rgb, darkness)."""
+def _nucleus_score(centroids: np.ndarray, cols: list[str]) -> np.ndarray:
+    """Rule picking the nucleus cluster on standardised centroids: high activation and dark."""
     score = np.zeros(len(centroids))
-    col = 0
-    for part in _parts(features):
-        if part == "psm":
-            score += centroids[:, col]
-            col += 1
-        elif part in ("h", "stain"):
-            score += centroids[:, col]
-            col += 1 if part == "h" else 2
-        else:
-            score -= centroids[:, col : col + 3].mean(axis=1)
-            col += 3
+    for j, c in enumerate(cols):
+        if c in _NUCLEAR:
+            score += centroids[:, j]
+        elif c in ("r", "g", "b"):
+            score -= centroids[:, j] / 3.0
     return score
 
 
@@ -103,8 +133,46 @@ def _small_components(mask: np.ndarray, max_px: float) -> np.ndarray:
     return small[lab]
 
 
+class _Stage:
+    """One k-means over some feature columns: z-scoring, weights, centroids, nucleus cluster."""
+
+    def __init__(self, cols: list[str], mean, std, weights, centroids, nucleus: int) -> None:
+        self.cols = list(cols)
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.weights = np.asarray(weights, np.float32)
+        self.centroids = np.asarray(centroids, np.float32)
+        self.nucleus = int(nucleus)
+
+    @classmethod
+    def fit(cls, cols: list[str], x: np.ndarray, cfg: ClusterConfig, seed: int) -> _Stage:
+        mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+        w = np.array([cfg.psm_weight if c == "psm" else 1.0 for c in cols], np.float32)
+        km = KMeans(n_clusters=cfg.k, n_init=4, random_state=seed).fit((x - mean) / std * w)
+        cents = km.cluster_centers_.astype(np.float32)
+        return cls(cols, mean, std, w, cents, int(np.argmax(_nucleus_score(cents / w, cols))))
+
+    def clusters(self, f: np.ndarray) -> np.ndarray:
+        z = (f - self.mean) / self.std * self.weights
+        return np.argmin(((z[..., None, :] - self.centroids) ** 2).sum(axis=-1), axis=-1)
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "cols": self.cols,
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "weights": self.weights.tolist(),
+            "centroids": self.centroids.tolist(),
+            "nucleus": self.nucleus,
+        }
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> _Stage:
+        return cls(d["cols"], d["mean"], d["std"], d["weights"], d["centroids"], d["nucleus"])
+
+
 class PseudoMaskModel:
-    """k-means on per-pixel PSM + stain features, fitted once per slide or cohort."""
+    """k-means on per-pixel PSM + stain features, fitted once per slide (or cohort)."""
 
     def __init__(
         self,
@@ -113,30 +181,21 @@ class PseudoMaskModel:
         mpp: float,
         stain: Stain,
         stain_matrix: np.ndarray,
-        mean: np.ndarray,
-        std: np.ndarray,
-        centroids: np.ndarray,
-        nucleus: int,
+        stages: list[_Stage],
     ) -> None:
         self.cfg = cfg
         self.mpp = float(mpp)
         self.stain: Stain = stain
         self.stain_matrix = np.asarray(stain_matrix, np.float64)
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
-        self.centroids = np.asarray(centroids, np.float32)
-        self.nucleus = int(nucleus)
+        self.stages = stages
 
-    # ----------------------------------------------------------------------------------------
+    @property
+    def needs_psm(self) -> bool:
+        return "psm" in _parts(self.cfg.features)
+
     @property
     def _smooth_px(self) -> float:
         return self.cfg.smooth_um / self.mpp
-
-    def _weights(self) -> np.ndarray:
-        w = np.ones(len(self.mean), np.float32)
-        if "psm" in _parts(self.cfg.features):
-            w[_parts(self.cfg.features).index("psm")] = self.cfg.psm_weight  # psm is one column
-        return w
 
     @classmethod
     def fit(
@@ -149,9 +208,10 @@ class PseudoMaskModel:
         seed: int,
         stain: Stain | None = None,
     ) -> PseudoMaskModel:
-        """Fit on pixels sampled evenly from ``rgb_tiles`` (uint8 RGB at ``mpp``) and their PSMs.
+        """Fit on stained pixels sampled evenly from ``rgb_tiles`` (uint8 RGB at ``mpp``) and their
+        PSMs (``None`` is fine when the features have no ``psm``).
 
-        ``stain`` None detects it from the tiles; the stain matrix is a Macenko estimate on them.
+        ``stain`` None detects it from the tiles; the stain vectors are a Macenko estimate on them.
         """
         if not rgb_tiles:
             raise ValueError("PseudoMaskModel.fit needs at least one tile")
@@ -160,52 +220,58 @@ class PseudoMaskModel:
         rng = np.random.default_rng(seed)
         stain = stain or detect_stain(rgb_tiles, seed=seed)
         matrix = estimate_stain_matrix(rgb_tiles, stain, seed=seed)
+        stage_cols = stages_for(cfg.features, stain)
+        all_cols = list(dict.fromkeys(c for cols in stage_cols for c in cols))
         per_tile = max(1, cfg.sample_pixels // len(rgb_tiles))
         smooth_px = cfg.smooth_um / mpp
         samples = []
         for i, rgb in enumerate(rgb_tiles):
             f = _features(
-                rgb, None if psms is None else psms[i], cfg.features, stain, matrix, smooth_px
+                rgb, None if psms is None else psms[i], all_cols, stain, matrix, smooth_px
             )
-            f = f.reshape(-1, f.shape[-1])
-            # Fit on stained pixels only: white background/lumen would otherwise claim a cluster and
-            # shift the nucleus boundary with the amount of glass in the sample.
+            # Fit on stained pixels only: glass would otherwise claim a cluster and move the nucleus
+            # boundary with the amount of glass in the sample.
             idx = np.flatnonzero(rgb_to_od(rgb).sum(axis=-1).ravel() > TISSUE_OD)
-            if len(idx) == 0:
-                continue
-            samples.append(f[rng.choice(idx, min(per_tile, len(idx)), replace=False)])
+            if len(idx):
+                pick = rng.choice(idx, min(per_tile, len(idx)), replace=False)
+                samples.append(f.reshape(-1, f.shape[-1])[pick])
         if not samples:
             raise ValueError("no stained pixels in the fit tiles")
-        x = np.concatenate(samples)
-        mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
-        model = cls(
-            cfg=cfg,
-            mpp=mpp,
-            stain=stain,
-            stain_matrix=matrix,
-            mean=mean,
-            std=std,
-            centroids=np.zeros((cfg.k, x.shape[1])),
-            nucleus=0,
-        )
-        z = (x - mean) / std * model._weights()
-        km = KMeans(n_clusters=cfg.k, n_init=4, random_state=seed).fit(z)
-        model.centroids = km.cluster_centers_.astype(np.float32)
-        model.nucleus = int(
-            np.argmax(_nucleus_score(model.centroids / model._weights(), cfg.features))
-        )
-        return model
+        x_all = np.concatenate(samples)
+        stages: list[_Stage] = []
+        left = np.ones(len(x_all), bool)  # each stage is fitted on the pixels earlier stages left
+        for cols in stage_cols:
+            x = x_all[left][:, [all_cols.index(c) for c in cols]]
+            if len(x) < cfg.k:
+                raise ValueError("too few stained pixels left to fit the clustering")
+            st = _Stage.fit(cols, x, cfg, seed)
+            stages.append(st)
+            left[np.flatnonzero(left)[st.clusters(x) == st.nucleus]] = False
+        return cls(cfg=cfg, mpp=mpp, stain=stain, stain_matrix=matrix, stages=stages)
 
     def predict_clusters(self, rgb: np.ndarray, psm: np.ndarray | None) -> np.ndarray:
-        """(H, W) int cluster index per pixel."""
-        f = _features(rgb, psm, self.cfg.features, self.stain, self.stain_matrix, self._smooth_px)
-        z = (f - self.mean) / self.std * self._weights()
-        d = ((z[..., None, :] - self.centroids) ** 2).sum(axis=-1)
-        return np.argmin(d, axis=-1)
+        """(H, W) int cluster index per pixel: stage s's clusters are numbered from s * k, and a
+        pixel gets the first stage that calls it nucleus (else the last stage's cluster)."""
+        all_cols = list(dict.fromkeys(c for st in self.stages for c in st.cols))
+        f = _features(rgb, psm, all_cols, self.stain, self.stain_matrix, self._smooth_px)
+        out = np.full(f.shape[:2], -1, np.int64)
+        k = self.cfg.k
+        for s, st in enumerate(self.stages):
+            lab = st.clusters(f[..., [all_cols.index(c) for c in st.cols]]) + s * k
+            free = out < 0
+            last = s == len(self.stages) - 1
+            take = free & ((lab == st.nucleus + s * k) | last)
+            out[take] = lab[take]
+        return out
+
+    def nucleus_clusters(self) -> list[int]:
+        return [st.nucleus + s * self.cfg.k for s, st in enumerate(self.stages)]
 
     def predict(self, rgb: np.ndarray, psm: np.ndarray | None) -> np.ndarray:
-        """Bool nucleus mask (H, W) for one tile."""
-        mask = self.predict_clusters(rgb, psm) == self.nucleus
+        """Bool nucleus mask (H, W) for one tile (``psm`` is ignored when the features have none)."""
+        mask = np.isin(
+            self.predict_clusters(rgb, psm if self.needs_psm else None), self.nucleus_clusters()
+        )
         px_area = self.mpp * self.mpp
         if self.cfg.min_hole_um2 > 0:
             mask |= _small_components(~mask, self.cfg.min_hole_um2 / px_area)
@@ -222,10 +288,7 @@ class PseudoMaskModel:
             "mpp": self.mpp,
             "stain": self.stain,
             "stain_matrix": self.stain_matrix.tolist(),
-            "mean": self.mean.tolist(),
-            "std": self.std.tolist(),
-            "centroids": self.centroids.tolist(),
-            "nucleus": self.nucleus,
+            "stages": [st.to_state() for st in self.stages],
         }
 
     @classmethod
@@ -237,10 +300,7 @@ class PseudoMaskModel:
             mpp=d["mpp"],
             stain=d["stain"],
             stain_matrix=np.array(d["stain_matrix"]),
-            mean=np.array(d["mean"]),
-            std=np.array(d["std"]),
-            centroids=np.array(d["centroids"]),
-            nucleus=d["nucleus"],
+            stages=[_Stage.from_state(s) for s in d["stages"]],
         )
 
 

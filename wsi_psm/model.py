@@ -84,7 +84,7 @@ class ModelBundle:
         if rgb.ndim == 3:
             rgb = rgb[None]
         psms = self.psm(rgb, device)
-        needs_psm = "psm" in self.pseudo.cfg.features.split("+")
+        needs_psm = self.pseudo.needs_psm
         return np.stack(
             [
                 self.pseudo.predict(t, p if needs_psm else None)
