@@ -153,3 +153,18 @@ def test_fit_errors() -> None:
         )
     with pytest.raises(ValueError):
         ClusterConfig(features="psm+hue")
+
+
+def test_reads_version_1_state() -> None:
+    """Bundles saved before clustering stages existed (one k-means) still load and predict the same."""
+    from tests.test_psm import blob_tile
+
+    tiles = [blob_tile(s, 64)[0] for s in range(3)]
+    psms = [np.random.default_rng(s).random((64, 64)).astype(np.float32) for s in range(3)]
+    model = PseudoMaskModel.fit(tiles, psms, ClusterConfig(), mpp=0.5, seed=0)
+    st = model.to_state()
+    (stage,) = st["stages"]
+    v1 = {k: st[k] for k in ("cfg", "mpp", "stain", "stain_matrix")}
+    v1.update(version=1, **{k: stage[k] for k in ("mean", "std", "centroids", "nucleus")})
+    old = PseudoMaskModel.from_state(v1)
+    np.testing.assert_array_equal(old.predict(tiles[0], psms[0]), model.predict(tiles[0], psms[0]))

@@ -293,6 +293,8 @@ class PseudoMaskModel:
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> PseudoMaskModel:
+        if d.get("version") == 1:
+            d = _state_v1_to_v2(d)
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported PseudoMaskModel state version {d.get('version')!r}")
         return cls(
@@ -302,6 +304,22 @@ class PseudoMaskModel:
             stain_matrix=np.array(d["stain_matrix"]),
             stages=[_Stage.from_state(s) for s in d["stages"]],
         )
+
+
+def _state_v1_to_v2(d: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (one k-means, columns in feature order) as one stage; H-DAB with ``h`` summed the
+    two stains into one column, which no stage reproduces: such a model must be refitted."""
+    cfg = ClusterConfig.model_validate(d["cfg"])
+    if d["stain"] == "ihc-dab" and "h" in _parts(cfg.features):
+        raise ValueError(
+            "PseudoMaskModel state version 1 for H-DAB cannot be read: refit the model"
+        )
+    (cols,) = stages_for(cfg.features, d["stain"])
+    weights = [cfg.psm_weight if c == "psm" else 1.0 for c in cols]
+    stage = {"cols": cols, "mean": d["mean"], "std": d["std"], "weights": weights,
+             "centroids": d["centroids"], "nucleus": d["nucleus"]}  # fmt: skip
+    keep = {k: d[k] for k in ("cfg", "mpp", "stain", "stain_matrix")}
+    return {**keep, "version": 2, "stages": [stage]}
 
 
 def sample_tiles(tiles: Sequence[np.ndarray], n: int, seed: int) -> list[np.ndarray]:
