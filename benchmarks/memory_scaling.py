@@ -48,9 +48,8 @@ def make_mosaic(src: Path, k: int, out: Path) -> tuple[int, int, float]:
 
 
 def child(slide: str, model: str, out: str) -> None:
-    from wsi_psm.model import ModelBundle
-
     from wsi_psm.config import RunConfig
+    from wsi_psm.model import ModelBundle
     from wsi_psm.pipeline import process_slide
 
     t = time.perf_counter()

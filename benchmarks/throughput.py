@@ -21,12 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from wsi_psm.model import ModelBundle
-
 from wsi_psm.config import RunConfig
 from wsi_psm.device import select_device
 from wsi_psm.fit import fit_model_on_context
 from wsi_psm.inference import make_predictor
+from wsi_psm.model import ModelBundle
 from wsi_psm.pipeline import prepare_slide, read_tile, run_slide
 from wsi_psm.stream import stream_batches
 
