@@ -38,7 +38,7 @@ class PSMConfig(_Frozen):
     fit_tiles: int = Field(64, ge=1, description="tiles sampled from the tissue to fit the network")
     fit_steps: int = Field(300, ge=1, description="optimiser steps of the self-supervised fit")
     fit_batch: int = Field(16, ge=2)
-    fit_crop_px: int = Field(96, ge=32, description="crop side used while fitting")
+    fit_crop_px: int = Field(64, ge=32, description="crop side used while fitting")
     lr: float = Field(2e-3, gt=0)
     colour_jitter: float = Field(
         0.0, ge=0, lt=1, description="per-view stain-intensity jitter while fitting (contrastive/similarity need > 0)"
