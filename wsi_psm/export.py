@@ -398,8 +398,10 @@ def load_schema(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+@cache
 def config_json_schema() -> dict[str, Any]:
-    """The run-config schema as generated from :class:`RunConfig` (what config.schema.json holds)."""
+    """The run-config schema as generated from :class:`RunConfig` (what config.schema.json holds;
+    runs validate against this live one, a test keeps the file equal to it)."""
     return {"$schema": JSON_SCHEMA_DRAFT, **RunConfig.model_json_schema()}
 
 
@@ -509,7 +511,7 @@ def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> P
     if err is not None:
         raise _schema_error("summary.json", err)
     err = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(load_schema("config")).iter_errors(data["config"])
+        jsonschema.Draft202012Validator(config_json_schema()).iter_errors(data["config"])
     )
     if err is not None:
         raise _schema_error("summary.json config", err)
