@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -97,10 +98,11 @@ def psm_throughput(
         y, x = rng.integers(im.shape[0] - 511), rng.integers(im.shape[1] - 511)
         crops.append(im[y : y + 512, x : x + 512])
     compute_psm(net, np.stack(crops[:2]), device)  # warm-up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for i in range(n_batches):
         compute_psm(net, np.stack(crops[i * batch : (i + 1) * batch]), device)
-    return batch * n_batches / (time.perf_counter() - t)
+    n = batch * n_batches
+    return n / (time.perf_counter() - t), (time.process_time() - c) / n
 
 
 def _variant(base: ClusterConfig, spec: str) -> ClusterConfig:
@@ -166,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         blob = torch.load(cached, weights_only=True)
         net = ActivationNet(**json.loads(blob["arch"]))
         net.load_state_dict(blob["state"])
-        fit_s = float(blob["fit_s"])
+        fit_s, fit_cpu = float(blob["fit_s"]), float(blob.get("fit_cpu", float("nan")))
         print(f"(net loaded from {cached})")
     else:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         net = fit_activation_net(fit_tiles, cfg.psm, seed=cfg.seed, device=device, stain="he")
-        fit_s = time.perf_counter() - t
+        fit_s, fit_cpu = time.perf_counter() - t, time.process_time() - c
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.save(
@@ -180,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     psm = {s: compute_psm(net, im, device)[0] for s, im in rgb.items()}
     psm_s = time.perf_counter() - t
-    tput = psm_throughput(net, device, fit_tiles)
+    tput, psm_cpu = psm_throughput(net, device, fit_tiles)
     print(
-        f"fit: {fit_s:.1f} s on {len(fit_tiles)} images ({cfg.psm.fit_steps} steps, {torch.get_num_threads()} threads); "
-        f"PSM: {psm_s / len(rgb):.2f} s per image, {tput:.2f} tiles/s at 512x512 (batch 8)"
+        f"fit: {fit_s:.1f} s wall, {fit_cpu:.1f} s CPU on {len(fit_tiles)} images ({cfg.psm.fit_steps} steps, "
+        f"{torch.get_num_threads()} threads); PSM: {psm_s / len(rgb):.2f} s per image, {tput:.2f} tiles/s "
+        f"at 512x512 (batch 8), {psm_cpu:.2f} CPU s per tile; load average {os.getloadavg()[0]:.1f} "
+        "(wall times on a shared machine vary several-fold)"
     )
 
     # PSM quality on its own: ROC AUC of the map against the annotation (at the processing grid),
@@ -255,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "config": cfg.to_dict(),
                     "fit_seconds": fit_s,
+                    "fit_cpu_seconds": fit_cpu,
+                    "psm_cpu_seconds_per_512_tile": psm_cpu,
                     "psm_seconds_per_image": psm_s / len(rgb),
                     "psm_tiles_per_second_512": tput,
                     "psm_auc": float(np.mean(auc_psm)),

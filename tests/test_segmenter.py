@@ -9,6 +9,7 @@ import torch
 
 from wsi_psm.config import RunConfig
 from wsi_psm.segmenter.network import (
+    SegEnsemble,
     SegNet,
     read_segmenter_file,
     save_segmenter,
@@ -192,8 +193,25 @@ def test_fit_on_pseudo_masks_runs_refinement() -> None:
     )  # fmt: skip
     stages = []
     net = fit_on_pseudo_masks([img], [labels > 0], cfg, progress=lambda s, i, n: stages.append(s))
-    assert isinstance(net, SegNet)
+    assert isinstance(net, SegEnsemble) and len(net.members) == 2  # pseudo-mask net + refined net
     assert len(stages) == 10 and stages[0] != stages[-1]
+    single = fit_on_pseudo_masks(
+        [img], [labels > 0], cfg.with_updates(**{"segmenter.ensemble": False})
+    )
+    assert isinstance(single, SegNet)
+
+
+def test_ensemble_averages_probabilities_and_round_trips() -> None:
+    a, b = tiny_net(1), tiny_net(2)
+    ens = SegEnsemble([a, b]).eval()
+    img, _ = synthetic_tile(64)
+    pa = network_maps(a, img[None], CPU, tta=False)
+    pb = network_maps(b, img[None], CPU, tta=False)
+    pe = network_maps(ens, img[None], CPU, tta=False)
+    np.testing.assert_allclose(pe, (pa + pb) / 2, atol=1e-5)
+    again = segmenter_from_state(segmenter_state(ens))
+    assert isinstance(again, SegEnsemble)
+    np.testing.assert_allclose(network_maps(again, img[None], CPU, tta=False), pe, atol=1e-6)
 
 
 def test_state_round_trip(tmp_path) -> None:

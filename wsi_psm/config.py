@@ -14,19 +14,34 @@ class _Frozen(BaseModel):
 
 
 class TissueConfig(_Frozen):
-    thumb_mpp: float = Field(8.0, gt=0, description="resolution of the thumbnail the tissue mask is computed on")
-    min_area_um2: float = Field(20000.0, ge=0, description="tissue components smaller than this are dropped")
+    thumb_mpp: float = Field(
+        8.0, gt=0, description="resolution of the thumbnail the tissue mask is computed on"
+    )
+    min_area_um2: float = Field(
+        20000.0, ge=0, description="tissue components smaller than this are dropped"
+    )
 
 
 class TileConfig(_Frozen):
-    core_um: float = Field(256.0, gt=0, description="side of a tile's core (the part that owns cells), micrometres")
-    margin_um: float = Field(20.0, gt=0, description="overlap margin on each side; must exceed the largest nucleus")
+    core_um: float = Field(
+        256.0, gt=0, description="side of a tile's core (the part that owns cells), micrometres"
+    )
+    margin_um: float = Field(
+        20.0, gt=0, description="overlap margin on each side; must exceed the largest nucleus"
+    )
     batch_size: int = Field(8, ge=1, description="tiles per batch sent to the network")
-    decode_workers: int = Field(2, ge=1, description="threads decoding tiles (Dask threaded scheduler)")
-    prefetch_batches: int = Field(3, ge=1, description="decoded batches allowed in flight ahead of the network")
-    post_workers: int = Field(0, ge=0, description="workers turning network maps into cells; 0 = auto")
+    decode_workers: int = Field(
+        2, ge=1, description="threads decoding tiles (Dask threaded scheduler)"
+    )
+    prefetch_batches: int = Field(
+        3, ge=1, description="decoded batches allowed in flight ahead of the network"
+    )
+    post_workers: int = Field(
+        0, ge=0, description="workers turning network maps into cells; 0 = auto"
+    )
     post_mode: Literal["auto", "threads", "processes"] = Field(
-        "auto", description="post-processing in threads or processes; auto = processes when the network runs on a GPU"
+        "auto",
+        description="post-processing in threads or processes; auto = processes when the network runs on a GPU",
     )
 
 
@@ -34,16 +49,23 @@ class PSMConfig(_Frozen):
     """Self-supervised activation network and prior self-activation map."""
 
     width: int = Field(16, ge=4, description="channels of the stem; shallow blocks use 2x")
-    shallow_blocks: int = Field(2, ge=1, le=6, description="residual blocks the PSM is read from (stride 2)")
+    shallow_blocks: int = Field(
+        2, ge=1, le=6, description="residual blocks the PSM is read from (stride 2)"
+    )
     fit_tiles: int = Field(64, ge=1, description="tiles sampled from the tissue to fit the network")
     fit_steps: int = Field(300, ge=1, description="optimiser steps of the self-supervised fit")
     fit_batch: int = Field(16, ge=2)
     fit_crop_px: int = Field(64, ge=32, description="crop side used while fitting")
     lr: float = Field(2e-3, gt=0)
     colour_jitter: float = Field(
-        0.0, ge=0, lt=1, description="per-view stain-intensity jitter while fitting (contrastive/similarity need > 0)"
+        0.0,
+        ge=0,
+        lt=1,
+        description="per-view stain-intensity jitter while fitting (contrastive/similarity need > 0)",
     )
-    task: Literal["rot180-similarity", "rotation", "contrastive", "stain-regression"] = "stain-regression"
+    task: Literal["rot180-similarity", "rotation", "contrastive", "stain-regression"] = (
+        "stain-regression"
+    )
 
 
 class ClusterConfig(_Frozen):
@@ -56,16 +78,26 @@ class ClusterConfig(_Frozen):
     )
     k: int = Field(2, ge=2, le=8)
     psm_weight: float = Field(0.25, gt=0, description="weight of the (standardised) PSM feature")
-    smooth_um: float = Field(0.5, ge=0, description="Gaussian smoothing of the features before clustering")
+    smooth_um: float = Field(
+        0.5, ge=0, description="Gaussian smoothing of the features before clustering"
+    )
     sample_pixels: int = Field(200000, ge=1000, description="pixels sampled to fit the clustering")
-    min_hole_um2: float = Field(16.0, ge=0, description="holes smaller than this inside a nucleus are filled")
-    min_object_um2: float = Field(0.0, ge=0, description="mask specks smaller than this are removed")
+    min_hole_um2: float = Field(
+        16.0, ge=0, description="holes smaller than this inside a nucleus are filled"
+    )
+    min_object_um2: float = Field(
+        0.0, ge=0, description="mask specks smaller than this are removed"
+    )
 
 
 class InstanceConfig(_Frozen):
     min_area_um2: float = Field(8.0, ge=0, description="smaller objects are dropped (debris)")
-    max_area_um2: float = Field(300.0, gt=0, description="larger objects are dropped (not a nucleus)")
-    split_min_distance_um: float = Field(2.5, gt=0, description="minimum distance between two nucleus seeds")
+    max_area_um2: float = Field(
+        300.0, gt=0, description="larger objects are dropped (not a nucleus)"
+    )
+    split_min_distance_um: float = Field(
+        2.5, gt=0, description="minimum distance between two nucleus seeds"
+    )
 
 
 class ClassConfig(_Frozen):
@@ -73,25 +105,43 @@ class ClassConfig(_Frozen):
 
     enabled: bool = Field(True, description="name cells by class; false: every cell is 'Nucleus'")
     estimate_stain_matrix: bool = Field(
-        True, description="estimate the stain vectors per slide/cohort (Macenko); false: fixed Ruifrok vectors"
+        True,
+        description="estimate the stain vectors per slide/cohort (Macenko); false: fixed Ruifrok vectors",
     )
-    ring_um: float = Field(1.0, gt=0, description="width of the ring measured just outside each nucleus")
+    ring_um: float = Field(
+        1.0, gt=0, description="width of the ring measured just outside each nucleus"
+    )
     dab_floor_od: float = Field(
-        0.15, ge=0, description="nuclear DAB OD mean below which no nucleus is positive (stain leakage bound)"
+        0.15,
+        ge=0,
+        description="nuclear DAB OD mean below which no nucleus is positive (stain leakage bound)",
     )
-    marker: str = Field("ki67", pattern=r"^[a-z0-9_]+$", description="IHC marker; the summary index is '<marker>_index'")
-    max_groups: int = Field(3, ge=1, le=4, description="H&E: most nucleus groups (1 = 'Nucleus' only)")
-    min_group_fraction: float = Field(0.05, ge=0, lt=0.5, description="H&E: smallest share of cells a group may hold")
+    marker: str = Field(
+        "ki67",
+        pattern=r"^[a-z0-9_]+$",
+        description="IHC marker; the summary index is '<marker>_index'",
+    )
+    max_groups: int = Field(
+        3, ge=1, le=4, description="H&E: most nucleus groups (1 = 'Nucleus' only)"
+    )
+    min_group_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="H&E: smallest share of cells a group may hold"
+    )
     group_criterion: Literal["bic", "icl"] = Field(
-        "bic", description="H&E: how many groups: 'bic' (phenotype tiers) or 'icl' (only clearly separate groups)"
+        "bic",
+        description="H&E: how many groups: 'bic' (phenotype tiers) or 'icl' (only clearly separate groups)",
     )
-    fit_max_cells: int = Field(20000, ge=100, description="cells sampled from the fit tiles to fit the classes")
+    fit_max_cells: int = Field(
+        20000, ge=100, description="cells sampled from the fit tiles to fit the classes"
+    )
 
 
 class SegmenterConfig(_Frozen):
     """Downstream segmentation network (small U-Net trained on the pseudo masks) and its read-out."""
 
-    width: int = Field(16, ge=4, description="U-Net channels at full resolution (doubling per level)")
+    width: int = Field(
+        16, ge=4, description="U-Net channels at full resolution (doubling per level)"
+    )
     depth: int = Field(3, ge=1, le=5, description="U-Net downsamplings")
     fit_steps: int = Field(600, ge=1, description="optimiser steps per training round")
     fit_batch: int = Field(8, ge=1)
@@ -100,9 +150,14 @@ class SegmenterConfig(_Frozen):
     refine_rounds: int = Field(
         1, ge=0, description="point/Voronoi refinement rounds after training on the pseudo masks"
     )
+    ensemble: bool = Field(
+        True, description="keep and average the pseudo-mask net and the last refined net"
+    )
     tta: bool = Field(True, description="average the 8 rotations/flips at inference")
     amp: bool = Field(True, description="float16 autocast at inference on CUDA")
-    window_px: int = Field(512, ge=64, description="inference window (processing px) for large images")
+    window_px: int = Field(
+        512, ge=64, description="inference window (processing px) for large images"
+    )
     fg_threshold: float = Field(0.5, gt=0, lt=1, description="nucleus probability threshold")
     marker_threshold: float = Field(
         0.5, gt=0, lt=1, description="normalised distance above which a pixel seeds a nucleus"

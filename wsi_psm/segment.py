@@ -12,7 +12,7 @@ to the input's pixels and the instances are separated there (``segmenter.native_
 separated at the processing resolution and the labels resampled). Both files are written under a
 temporary name and renamed when complete; existing outputs are refused unless ``overwrite``.
 
-Model: a :class:`~wsi_psm.segmenter.network.SegNet`, a segmenter state or model-bundle file, a
+Model: a :class:`~wsi_psm.segmenter.network.SegNet` (or ensemble), a segmenter state or model-bundle file, a
 ``ModelBundle`` carrying a segmenter component, or None for the default (see :func:`default_model`).
 """
 
@@ -36,7 +36,7 @@ from .export import CellRecord, GeoJSONWriter
 from .pipeline import CellAnnotator, ShapeOnly
 from .polygons import labels_to_polygons
 from .progress import NullProgress, ProgressHook
-from .segmenter.network import SegNet, read_segmenter_file
+from .segmenter.network import SegEnsemble, Segmenter, SegNet, read_segmenter_file
 from .segmenter.predict import instances_from_maps, predict_maps
 from .slide import Slide
 from .stitching import Candidate
@@ -104,7 +104,7 @@ def segment_array(
     rgb_native: np.ndarray,
     rgb_processing: np.ndarray,
     native_mpp: float,
-    net: SegNet,
+    net: Segmenter,
     device: torch.device,
     cfg: RunConfig,
 ) -> np.ndarray:
@@ -157,7 +157,7 @@ def _write_outputs(
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.pt"
 
 
-def load_segmenter(path: str | Path) -> SegNet:
+def load_segmenter(path: str | Path) -> Segmenter:
     """A segmenter from a file (stand-alone segmenter, or a model bundle with a segmenter)."""
     p = Path(path)
     if not p.is_file():
@@ -169,7 +169,7 @@ def load_segmenter(path: str | Path) -> SegNet:
     return net
 
 
-def default_model() -> SegNet:
+def default_model() -> Segmenter:
     """The segmenter shipped with the package (see benchmarks/train_default_model.py)."""
     if not DEFAULT_MODEL.is_file():
         raise ModelError(
@@ -199,10 +199,10 @@ def pseudo_masks_per_image(
     from .clustering import PseudoMaskModel
 
     masks = []
-    for i, im in enumerate(images):
+    for im in images:
         psm = bundle.psm(im[None], device)[0]
         pm = PseudoMaskModel.fit(
-            [im], [psm], cfg.cluster, mpp=cfg.target_mpp, seed=cfg.seed + i, stain=bundle.stain
+            [im], [psm], cfg.cluster, mpp=cfg.target_mpp, seed=cfg.seed, stain=bundle.stain
         )
         masks.append(pm.predict(im, psm))
     return masks
@@ -264,10 +264,10 @@ def resolve_model(
     mpp: float | None,
     device: torch.device,
     progress: ProgressHook | None = None,
-) -> SegNet:
-    """The net to segment with: ``model`` itself (SegNet), loaded from a file, taken from a model
+) -> Segmenter:
+    """The net to segment with: ``model`` itself (SegNet or SegEnsemble), loaded from a file, taken from a model
     bundle, or the default (``cfg.segmenter.default_model``: the shipped model, or a fit on ``paths``)."""
-    if isinstance(model, SegNet):
+    if isinstance(model, (SegNet, SegEnsemble)):
         return model
     if isinstance(model, (str, os.PathLike)):
         return load_segmenter(model)

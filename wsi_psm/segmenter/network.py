@@ -78,13 +78,48 @@ class SegNet(nn.Module):
         return self.head(h)
 
 
+class SegEnsemble(nn.Module):
+    """Several :class:`SegNet` whose probabilities are averaged; ``forward`` returns the logits of
+    the mean probabilities, so it stands in for a single net everywhere.
+
+    The label-free fit keeps the net trained on the pseudo masks and the net trained on its
+    point/Voronoi refinement: the first follows the pseudo masks' extent, the second separates and
+    rounds nuclei; their average scores better than either (benchmarks/README.md).
+    """
+
+    def __init__(self, members: list[SegNet]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one net")
+        self.members = nn.ModuleList(members)
+        self.arch: dict[str, Any] = {"ensemble": [dict(m.arch) for m in members]}
+
+    @property
+    def multiple(self) -> int:
+        return max(m.multiple for m in self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+        return torch.logit(p, eps=1e-6)
+
+
+Segmenter = SegNet | SegEnsemble
+
+
+def build_segmenter(arch: dict[str, Any]) -> Segmenter:
+    """An untrained net (or ensemble) of the given architecture (``net.arch``)."""
+    if "ensemble" in arch:
+        return SegEnsemble([SegNet(**a) for a in arch["ensemble"]])
+    return SegNet(**arch)
+
+
 # ------------------------------------------------------------------------------ saving / loading
 
 STATE_FORMAT = "wsi-psm-segmenter"
 STATE_VERSION = 1
 
 
-def segmenter_state(net: SegNet, **meta: Any) -> dict[str, Any]:
+def segmenter_state(net: Segmenter, **meta: Any) -> dict[str, Any]:
     """A plain, ``torch.load(weights_only=True)``-safe description of a trained net.
 
     ``{"meta": {"format", "version", "arch", **meta} (JSON-able), "tensors": {name: tensor}}``;
@@ -97,7 +132,7 @@ def segmenter_state(net: SegNet, **meta: Any) -> dict[str, Any]:
     }
 
 
-def segmenter_from_state(state: dict[str, Any]) -> SegNet:
+def segmenter_from_state(state: dict[str, Any]) -> Segmenter:
     """Rebuild the net (eval mode, CPU) from :func:`segmenter_state`; ValueError when inconsistent."""
     meta = state.get("meta") if isinstance(state, dict) else None
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
@@ -106,12 +141,12 @@ def segmenter_from_state(state: dict[str, Any]) -> SegNet:
         raise ValueError(
             f"segmenter state version {meta.get('version')!r} is newer than this wsi-psm reads"
         )
-    net = SegNet(**meta["arch"])
+    net = build_segmenter(meta["arch"])
     net.load_state_dict(state["tensors"], strict=True)
     return net.eval()
 
 
-def save_segmenter(path: str | Path, net: SegNet, **meta: Any) -> Path:
+def save_segmenter(path: str | Path, net: Segmenter, **meta: Any) -> Path:
     """Write a stand-alone segmenter file atomically (temporary name, then rename).
 
     ``torch.save`` of ``{"format", "version", "meta": <JSON string>, "tensors": {name: tensor}}``,
@@ -137,7 +172,7 @@ def save_segmenter(path: str | Path, net: SegNet, **meta: Any) -> Path:
     return path
 
 
-def read_segmenter_file(path: str | Path) -> tuple[SegNet, dict[str, Any]]:
+def read_segmenter_file(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
     """Load a file written by :func:`save_segmenter`, or a model bundle (``wsi-psm-model``) holding a
     ``segmenter`` component. Returns the net (eval, CPU) and its meta; ValueError when it is neither."""
     data = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True)

@@ -24,7 +24,7 @@ from skimage.segmentation import watershed
 from wsi_psm.config import RunConfig
 from wsi_psm.instances import fill_label_holes, fill_small_holes
 from wsi_psm.preprocess import to_network_input
-from wsi_psm.segmenter.network import SegNet
+from wsi_psm.segmenter.network import Segmenter
 
 _FOUR = ndi.generate_binary_structure(2, 1)
 
@@ -45,7 +45,7 @@ def _undo_dihedral(y: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def network_maps(
-    net: SegNet, images: np.ndarray, device: torch.device, *, tta: bool = True, amp: bool = False
+    net: Segmenter, images: np.ndarray, device: torch.device, *, tta: bool = True, amp: bool = False
 ) -> np.ndarray:
     """Probabilities (B, 2, H, W) float32 of a (B, H, W, 3) uint8 batch; H and W any size (padded)."""
     x = to_network_input(images)
@@ -91,7 +91,7 @@ def _windows(n: int, win: int, core: int) -> Iterator[tuple[int, int, int]]:
 
 @torch.no_grad()
 def predict_maps(
-    net: SegNet,
+    net: Segmenter,
     image: np.ndarray,
     device: torch.device,
     *,
@@ -189,7 +189,7 @@ class SegmenterPredictor:
     (:func:`maps_to_instances` at the tile's processing resolution ``cfg.target_mpp``).
     """
 
-    def __init__(self, net: SegNet, device: torch.device, cfg: RunConfig) -> None:
+    def __init__(self, net: Segmenter, device: torch.device, cfg: RunConfig) -> None:
         self.net = net.to(device).eval()
         self.device = device
         self.cfg = cfg

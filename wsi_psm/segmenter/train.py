@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from wsi_psm.config import InstanceConfig, RunConfig
 from wsi_psm.instances import split_instances
 from wsi_psm.preprocess import to_network_input
-from wsi_psm.segmenter.network import DIST, FG, SegNet
+from wsi_psm.segmenter.network import DIST, FG, SegEnsemble, Segmenter, SegNet
 from wsi_psm.stain import Stain, default_stain_matrix, rgb_to_od, stain_channels
 
 Progress = Callable[[int, int, float], None]
@@ -312,13 +312,15 @@ def fit_on_pseudo_masks(
     stain: Stain = "he",
     device: torch.device | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> SegNet:
+) -> Segmenter:
     """The label-free downstream fit, on a fixed schedule (no annotation, no checkpoint selection):
 
     1. train on the pseudo masks, split into nuclei by the distance watershed;
     2. ``refine_rounds`` times: the previous net's test-time-augmented instances on the same images
        give nucleus centres, :func:`voronoi_sample` turns them into point-supervision targets, and a
-       fresh net is trained on those.
+       fresh net is trained on those;
+    3. with ``ensemble`` (and at least one refinement), the result averages the first and the last
+       net (:class:`SegEnsemble`), else it is the last net.
 
     ``images``: uint8 RGB at ``cfg.target_mpp`` (any sizes); ``masks``: their boolean pseudo masks.
     ``progress(stage, step, total)`` is called after every optimiser step.
@@ -337,6 +339,7 @@ def fit_on_pseudo_masks(
         pseudo_instance_sample(im, m, mpp=mpp, instance_cfg=cfg.instances)
         for im, m in zip(images, masks, strict=True)
     ]
+    nets: list[SegNet] = []
     net: SegNet | None = None
     for rnd in range(sc.refine_rounds + 1):
         stage = "segmenter: pseudo masks" if rnd == 0 else f"segmenter: point refinement {rnd}"
@@ -355,6 +358,7 @@ def fit_on_pseudo_masks(
             samples, width=sc.width, depth=sc.depth, steps=sc.fit_steps, batch=sc.fit_batch,
             crop=sc.fit_crop_px, lr=sc.lr, seed=cfg.seed + rnd, device=device, progress=step,
         )  # fmt: skip
-    assert net is not None
-    net.fit_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
-    return net
+        nets.append(net)
+    out: Segmenter = SegEnsemble([nets[0], nets[-1]]) if sc.ensemble and len(nets) > 1 else nets[-1]
+    out.fit_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
+    return out.eval()
