@@ -251,10 +251,9 @@ def fit(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a model (self-supervised, no labels) on a cohort of slides, for `run --model`."""
+    from wsi_psm.discovery import find_slides
     from wsi_psm.fit import fit_model_on_slides
     from wsi_psm.model import ModelBundle
-
-    from wsi_psm.discovery import find_slides
 
     from .progress import progress_bars
 
@@ -351,9 +350,8 @@ def segment(
     quiet: QuietOpt = False,
 ) -> None:
     """Segment nuclei in image tiles; writes a GeoJSON and an instance-label TIFF per image."""
-    from wsi_psm.segment import segment_images
-
     from wsi_psm.discovery import find_slides
+    from wsi_psm.segment import segment_images
 
     from .progress import progress_bars
 
