@@ -18,7 +18,7 @@ segmenter (wsi_psm.segment) lands: haematoxylin and DAB optical density (colour 
 the cohort's Macenko stain vectors), Gaussian smoothing, two masks with Otsu thresholds on log OD
 fitted on the cohort's pixels (DAB first, then haematoxylin among the non-DAB pixels), each split by
 the pipeline's ``split_instances``; DAB nuclei win where the two overlap. ``--detector segment``
-uses ``wsi_psm.segment.segment_images`` when it exists. ``--detector points`` is a diagnostic that
+uses the downstream network ``segment`` ships (wsi_psm/models/default.pt). ``--detector points`` is a diagnostic that
 places a 2 µm disc at every annotated point (perfect detection; the point classes are not used), so
 the classifier can be measured alone.
 
@@ -43,12 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
 from wsi_psm.classes import CellClassifier
-from wsi_psm.config import ClassConfig, InstanceConfig
+from wsi_psm.config import ClassConfig, InstanceConfig, RunConfig
 from wsi_psm.groundtruth import BCDATA_CLASSES, bcdata_cases, load_bcdata_points
 from wsi_psm.instances import split_instances
 from wsi_psm.metrics import detection_scores, match_points
@@ -199,10 +200,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             labels.append(_point_discs(im.shape[:2], xy, r_px))
         detector_info = {"detector": "points (annotation discs, diagnostic)"}
     else:
-        from wsi_psm.segment import segment_images  # type: ignore[import-not-found]
+        # the downstream network that `segment` uses by default (the shipped model), read out at
+        # the processing resolution with the run's thresholds
+        from wsi_psm.segment import default_model
+        from wsi_psm.segmenter.predict import instances_from_maps, predict_maps
 
-        labels = list(segment_images(proc, mpp=args.process_mpp))
-        detector_info = {"detector": "segment"}
+        rc = RunConfig(target_mpp=args.process_mpp, stain=args.stain, seed=args.seed)
+        cpu = torch.device("cpu")
+        if args.detector == "segment-fit":
+            # `segment`'s "fit" default: the whole label-free chain fitted on these images' pixels
+            from wsi_psm.segment import fit_on_images, resolve_model
+
+            bundle = fit_on_images(proc, rc, device=cpu)
+            net = resolve_model(bundle, paths=[], cfg=rc, mpp=None, device=cpu)
+        else:
+            net = default_model()
+        labels = [
+            instances_from_maps(
+                predict_maps(net, im, cpu, window=rc.segmenter.window_px, tta=rc.segmenter.tta),
+                mpp=args.process_mpp,
+                cfg=rc,
+            )
+            for im in proc
+        ]
+        detector_info = {"detector": f"{args.detector} (downstream network)"}
     t_detect = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -352,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--radius", type=float, default=10.0, help="match radius in image pixels")
     ap.add_argument(
         "--detector",
-        choices=("standin", "segment", "points"),
+        choices=("standin", "segment", "segment-fit", "points"),
         default="standin",
         help="points: discs at the annotated points (diagnostic: the classifier alone)",
     )

@@ -25,7 +25,10 @@ from wsi_psm.pipeline import process_slide
 
 pytestmark = pytest.mark.acceptance
 
-QUICK = RunConfig().with_updates(**{"psm.fit_steps": 40, "psm.fit_tiles": 12})
+# no test-time augmentation: these tests check the contract, and TTA costs 8x the network time
+QUICK = RunConfig().with_updates(
+    **{"psm.fit_steps": 40, "psm.fit_tiles": 12, "segmenter.tta": False}
+)
 CHECKER = DATA.parent / "tools" / "check_cells.py"
 
 
@@ -75,6 +78,16 @@ def test_outputs_meet_the_contract(cmu_run):
     assert 0.3 < summary["tissue_area_mm2"] < 1.65  # the slide is 1.64 mm², partly glass
     # thousands of nuclei on this slide
     assert cmu_run.cells > 2000
+
+
+def test_slide_cells_come_from_the_downstream_network(cmu_run, quick_model):
+    # an H&E slide gets the shipped segmenter, the same network `segment` uses on tiles
+    from wsi_psm.model import ModelBundle
+    from wsi_psm.segment import bundle_segmenter
+
+    summary = json.loads((cmu_run.out_dir / "summary.json").read_text())
+    assert summary["model"]["provenance"]["segmenter"] == "shipped"
+    assert bundle_segmenter(ModelBundle.load(quick_model)) is not None
 
 
 def test_geopandas_reads_the_same_cells(cmu_run):

@@ -2,7 +2,8 @@
 
 Order of the stages (each one's output feeds the next; no annotation anywhere): stain detection ->
 self-supervised activation net (+ PSM calibration) -> pseudo-mask clustering (model.fit_model) ->
-[downstream segmenter trained on the pseudo masks] -> instances on the fit tiles -> cell classes.
+downstream segmenter (segment.attach_segmenter: the shipped one, or trained on the pseudo masks) ->
+instances on the fit tiles (from the segmenter when there is one) -> cell classes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .inference import CLASSES_COMPONENT, make_predictor
 from .model import ModelBundle, fit_model
 from .pipeline import SlideContext, prepare_slide, sample_tiles
 from .progress import NullProgress, ProgressHook
+from .segment import attach_segmenter
 
 
 def fit_bundle(
@@ -42,6 +44,9 @@ def fit_bundle(
         progress=lambda step, total, loss: progress.advance(stage, 1),
     )
     progress.done(stage)
+    bundle.provenance["segmenter"] = attach_segmenter(
+        bundle, tiles, cfg, device=device, progress=progress
+    )
     if cfg.classes.enabled:
         t = time.perf_counter()
         predictor, _, _ = make_predictor(bundle, device=device, cfg=cfg)

@@ -1,4 +1,9 @@
-"""Applying a fitted model bundle to tiles: the pipeline's TilePredictor and CellAnnotator."""
+"""Applying a fitted model bundle to tiles: the pipeline's TilePredictor and CellAnnotator.
+
+Two routes: the bundle's downstream network when it has one (NetworkPredictor), else the PSM
+pseudo masks split by the watershed (PSMPredictor). Each has a picklable CPU half (labeller) that
+post-processing workers receive instead of the network.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from .model import ModelBundle
 from .pipeline import CellAnnotator, ShapeOnly, TilePredictor
 from .psm.maps import compute_psm
 from .psm.network import ActivationNet
+from .segment import bundle_segmenter
+from .segmenter.predict import SegmenterPredictor, instances_from_maps
 
 CLASSES_COMPONENT = "classes"
 
@@ -56,11 +63,33 @@ class PSMPredictor:
         return self.labeller().labels(image, raw)
 
 
+class MapsLabeller:
+    """The CPU half of the segmenter route: network maps -> instances (picklable, holds no net)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def labels(self, image: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        return instances_from_maps(raw, mpp=self.cfg.target_mpp, cfg=self.cfg)
+
+
+class NetworkPredictor(SegmenterPredictor):
+    """Cells from the downstream network: maps on the device, watershed read-out on the CPU."""
+
+    def labeller(self) -> MapsLabeller:
+        return MapsLabeller(self.cfg)
+
+
 def make_predictor(
     bundle: ModelBundle, *, device: torch.device, cfg: RunConfig
 ) -> tuple[TilePredictor, CellAnnotator, Callable[[dict[str, int]], dict[str, Any]] | None]:
     """The predictor, the cell annotator and the summary-indices hook for a bundle."""
-    predictor = PSMPredictor(bundle.net, bundle.pseudo, device, cfg)
+    net = bundle_segmenter(bundle)
+    predictor: TilePredictor = (
+        PSMPredictor(bundle.net, bundle.pseudo, device, cfg)
+        if net is None
+        else NetworkPredictor(net, device, cfg)
+    )
     state = bundle.component_meta.get(CLASSES_COMPONENT)
     if state is None or not cfg.classes.enabled:
         return predictor, ShapeOnly(), None

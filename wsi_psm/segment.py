@@ -224,7 +224,6 @@ def fit_on_images(
     ``component_meta["segmenter"]`` records the schedule and timings).
     """
     from .model import fit_model
-    from .segmenter.network import segmenter_state
     from .segmenter.train import fit_on_pseudo_masks
 
     progress = progress or NullProgress()
@@ -241,7 +240,8 @@ def fit_on_images(
         progress=lambda stage, i, n: progress.advance("fit: segmenter", 1),
     )  # fmt: skip
     progress.done("fit: segmenter")
-    state = segmenter_state(
+    set_segmenter(
+        bundle,
         net,
         target_mpp=cfg.target_mpp,
         trained_on=list(sources) or f"{len(images)} images",
@@ -251,9 +251,83 @@ def fit_on_images(
             "segmenter": round(time.perf_counter() - t1, 1),
         },
     )
-    bundle.components["segmenter"] = state["tensors"]
-    bundle.component_meta["segmenter"] = state["meta"]
     return bundle
+
+
+SEGMENTER_COMPONENT = "segmenter"
+
+
+def set_segmenter(bundle: Any, net: Segmenter, **meta: Any) -> None:
+    """Store ``net`` in a model bundle as its downstream-network component."""
+    from .segmenter.network import segmenter_state
+
+    state = segmenter_state(net, **meta)
+    bundle.components[SEGMENTER_COMPONENT] = state["tensors"]
+    bundle.component_meta[SEGMENTER_COMPONENT] = state["meta"]
+
+
+def bundle_segmenter(bundle: Any) -> Segmenter | None:
+    """The bundle's downstream network, or None when it has none (cells come from pseudo masks)."""
+    from .segmenter.network import segmenter_from_state
+
+    comps = getattr(bundle, "components", {}) or {}
+    meta = (getattr(bundle, "component_meta", {}) or {}).get(SEGMENTER_COMPONENT)
+    if SEGMENTER_COMPONENT not in comps or meta is None:
+        return None
+    return segmenter_from_state({"meta": meta, "tensors": comps[SEGMENTER_COMPONENT]})
+
+
+def attach_segmenter(
+    bundle: Any,
+    tiles: Sequence[np.ndarray],
+    cfg: RunConfig,
+    *,
+    device: torch.device,
+    progress: ProgressHook | None = None,
+) -> str:
+    """Give a freshly fitted bundle its downstream network (``run`` and ``fit``); returns the source.
+
+    ``segmenter.default_model = "shipped"``: the shipped model when it matches the bundle (H&E at
+    the same processing resolution); for other stains no network is attached and cells come from
+    the slide's pseudo masks (the shipped model was trained on H&E and misses pale haematoxylin
+    nuclei in IHC: benchmarks/README.md). ``"fit"``: trained on ``tiles`` (uint8 RGB at
+    ``cfg.target_mpp``) and the bundle's pseudo masks of them: minutes on a GPU, ~10 on 2 CPU cores.
+    """
+    from .segmenter.train import fit_on_pseudo_masks
+
+    sc = cfg.segmenter
+    if sc.default_model == "shipped":
+        if not DEFAULT_MODEL.is_file():
+            return "none (no shipped model)"
+        net, meta = read_segmenter_file(DEFAULT_MODEL)
+        shipped_mpp = float(meta.get("target_mpp", 0.0))
+        if bundle.stain != "he" or abs(shipped_mpp - cfg.target_mpp) > 1e-6:
+            return f"none (shipped model is H&E at {shipped_mpp} µm/px)"
+        set_segmenter(bundle, net, **{k: v for k, v in meta.items() if k not in _STATE_KEYS})
+        return "shipped"
+    progress = progress or NullProgress()
+    images = list(tiles)
+    masks = [
+        m
+        for i in range(0, len(images), cfg.tiles.batch_size)
+        for m in bundle.pseudo_masks(np.stack(images[i : i + cfg.tiles.batch_size]), device)
+    ]
+    stage = "fit: segmenter"
+    progress.start(stage, sc.fit_steps * (sc.refine_rounds + 1))
+    t = time.perf_counter()
+    net = fit_on_pseudo_masks(
+        images, masks, cfg, stain=bundle.stain, device=device,
+        progress=lambda _stage, i, n: progress.advance(stage, 1),
+    )  # fmt: skip
+    progress.done(stage)
+    set_segmenter(
+        bundle, net, target_mpp=cfg.target_mpp, trained_on=f"{len(images)} tiles",
+        schedule=sc.model_dump(mode="json"), fit_seconds={"segmenter": round(time.perf_counter() - t, 1)},
+    )  # fmt: skip
+    return "fitted"
+
+
+_STATE_KEYS = ("format", "version", "arch")
 
 
 def resolve_model(
@@ -272,13 +346,10 @@ def resolve_model(
     if isinstance(model, (str, os.PathLike)):
         return load_segmenter(model)
     if model is not None:  # a ModelBundle (or anything carrying a segmenter component)
-        from .segmenter.network import segmenter_from_state
-
-        comps = getattr(model, "components", {}) or {}
-        meta = (getattr(model, "component_meta", {}) or {}).get("segmenter")
-        if "segmenter" not in comps or meta is None:
+        net = bundle_segmenter(model)
+        if net is None:
             raise ModelError("the model holds no downstream segmenter (fit it with the segmenter)")
-        return segmenter_from_state({"meta": meta, "tensors": comps["segmenter"]})
+        return net
     if cfg.segmenter.default_model == "fit":
         images = read_processing_images(paths, cfg, mpp)
         sources = [p.name for p in paths]
@@ -348,7 +419,10 @@ def segment_images(
 
 __all__ = [
     "DEFAULT_MODEL",
+    "SEGMENTER_COMPONENT",
     "SegmentInputError",
+    "attach_segmenter",
+    "bundle_segmenter",
     "default_model",
     "fit_on_images",
     "load_segmenter",
@@ -357,4 +431,5 @@ __all__ = [
     "resolve_model",
     "segment_array",
     "segment_images",
+    "set_segmenter",
 ]

@@ -1,0 +1,55 @@
+"""Which route a fitted bundle takes to cells, and the picklable CPU half sent to workers."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from wsi_psm.config import RunConfig
+from wsi_psm.inference import MapsLabeller, NetworkPredictor
+from wsi_psm.segment import DEFAULT_MODEL, attach_segmenter, bundle_segmenter, default_model
+from wsi_psm.segmenter.network import SegNet
+
+CPU = torch.device("cpu")
+
+
+def _bundle(stain: str) -> SimpleNamespace:
+    return SimpleNamespace(stain=stain, components={}, component_meta={})
+
+
+def test_he_bundle_gets_the_shipped_segmenter() -> None:
+    assert DEFAULT_MODEL.is_file(), "the package ships its default segmenter"
+    b = _bundle("he")
+    assert attach_segmenter(b, [], RunConfig(), device=CPU) == "shipped"
+    net = bundle_segmenter(b)  # rebuilt from the tensors stored in the bundle
+    assert net is not None
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(net(x), default_model()(x))
+
+
+def test_ihc_bundle_keeps_the_pseudo_mask_route() -> None:
+    # the shipped model was trained on H&E; IHC cells come from the slide's own pseudo masks
+    b = _bundle("ihc-dab")
+    assert attach_segmenter(b, [], RunConfig(), device=CPU).startswith("none")
+    assert bundle_segmenter(b) is None
+
+
+def test_other_resolution_keeps_the_pseudo_mask_route() -> None:
+    b = _bundle("he")
+    assert attach_segmenter(b, [], RunConfig(target_mpp=0.25), device=CPU).startswith("none")
+
+
+def test_network_predictor_labeller_is_picklable_and_agrees() -> None:
+    torch.manual_seed(0)
+    cfg = RunConfig().with_updates(**{"segmenter.tta": False})
+    pred = NetworkPredictor(SegNet(width=4, depth=2).eval(), CPU, cfg)
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    raws = pred.network(tiles)
+    lab = pickle.loads(pickle.dumps(pred.labeller()))
+    assert isinstance(lab, MapsLabeller)
+    for t, r in zip(tiles, raws, strict=True):
+        np.testing.assert_array_equal(lab.labels(t, r), pred.labels(t, r))
