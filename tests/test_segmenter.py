@@ -24,6 +24,7 @@ from wsi_psm.segmenter.predict import (
 )
 from wsi_psm.segmenter.train import (
     colour_jitter,
+    distance_peaks,
     distance_target,
     fit_on_pseudo_masks,
     fit_segmenter,
@@ -139,6 +140,32 @@ def test_maps_to_instances_separates_touching_discs() -> None:
     assert out.dtype == np.int32
     assert set(np.unique(out[a & ~b])) == {out[30, 20]}
     assert out[30, 20] != out[30, 58]
+
+
+def test_marker_h_splits_a_core_with_two_peaks() -> None:
+    # two overlapping discs whose distance valley (0.625) stays above the marker threshold: one core
+    shape = (60, 80)
+    a, b = disc(shape, 30, 30, 12), disc(shape, 30, 48, 12)
+    yy, xx = np.mgrid[:60, :80]
+    cone = np.maximum(1 - np.hypot(yy - 30, xx - 30) / 24, 1 - np.hypot(yy - 30, xx - 48) / 24)
+    dist = (cone * (a | b)).astype(np.float32)
+    fg = (a | b).astype(np.float32)
+    kw = {"mpp": 0.5, "min_area_um2": 1, "smooth_um": 0}
+    assert maps_to_instances(fg, dist, **kw).max() == 1
+    out = maps_to_instances(fg, dist, marker_h=0.1, **kw)
+    assert out.max() == 2 and out[30, 22] != out[30, 56]
+    # a lone disc keeps one label
+    one = disc(shape, 30, 40, 10).astype(np.float32)
+    assert maps_to_instances(one, one, marker_h=0.1, **kw).max() == 1
+
+
+def test_distance_peaks_one_point_per_nucleus() -> None:
+    _, labels = synthetic_tile(96)
+    maps = np.stack([(labels > 0).astype(np.float32), distance_target(labels)])
+    pts = distance_peaks(maps, mpp=0.5)
+    assert pts.shape == (5, 2) and pts.dtype == np.int64
+    assert len(np.unique(labels[pts[:, 0], pts[:, 1]])) == 5  # the two touching discs included
+    assert distance_peaks(np.zeros((2, 16, 16), np.float32), mpp=0.5).shape == (0, 2)
 
 
 def test_maps_to_instances_empty() -> None:

@@ -150,6 +150,10 @@ class SegmenterConfig(_Frozen):
     refine_rounds: int = Field(
         1, ge=0, description="point/Voronoi refinement rounds after training on the pseudo masks"
     )
+    refine_points: Literal["peaks", "instances"] = Field(
+        "instances",
+        description="refinement teacher points: distance-map peaks, or centroids of the instances",
+    )
     ensemble: bool = Field(
         True, description="keep and average the pseudo-mask net and the last refined net"
     )
@@ -161,6 +165,12 @@ class SegmenterConfig(_Frozen):
     fg_threshold: float = Field(0.5, gt=0, lt=1, description="nucleus probability threshold")
     marker_threshold: float = Field(
         0.5, gt=0, lt=1, description="normalised distance above which a pixel seeds a nucleus"
+    )
+    marker_h: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="also seed every distance peak at least this high above its surroundings (0: off)",
     )
     default_model: Literal["shipped", "fit"] = Field(
         "shipped",

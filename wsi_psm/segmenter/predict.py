@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 from skimage.measure import label as cc_label
+from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from wsi_psm.config import RunConfig
@@ -133,6 +134,24 @@ def _relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.nda
     return lut[labels]
 
 
+def _split_cores(
+    cores: np.ndarray, n_cores: int, mask: np.ndarray, d: np.ndarray, h: float, floor: float
+) -> tuple[np.ndarray, int]:
+    """Markers = the h-maxima of ``d`` inside ``mask`` (above ``floor``), plus every threshold core
+    that holds none of them. Touching nuclei whose distance peaks are parted by a shallow valley
+    (one core above the threshold) get one marker each."""
+    # quantised to 1/1000: h_maxima on floats is sensitive to rounding plateaus
+    q = np.where(mask, np.round(d * 1000), 0).astype(np.int32)
+    peaks = h_maxima(q, max(1, round(h * 1000))).astype(bool) & (d > floor)
+    plabels, n_peaks = ndi.label(peaks, structure=np.ones((3, 3), bool))
+    has_peak = np.zeros(n_cores + 1, bool)
+    has_peak[np.unique(cores[plabels > 0])] = True
+    has_peak[0] = True
+    lonely, n_lonely = ndi.label(~has_peak[cores], structure=_FOUR)
+    markers = np.where(plabels > 0, plabels, np.where(lonely > 0, lonely + n_peaks, 0))
+    return markers.astype(np.int32), n_peaks + n_lonely
+
+
 def maps_to_instances(
     fg: np.ndarray,
     dist: np.ndarray,
@@ -140,15 +159,19 @@ def maps_to_instances(
     mpp: float,
     fg_threshold: float = 0.5,
     marker_threshold: float = 0.5,
+    marker_h: float = 0.0,
     smooth_um: float = 0.25,
     min_area_um2: float = 8.0,
     max_area_um2: float = 300.0,
 ) -> np.ndarray:
     """Instance labels (int32, 0 = background) from foreground and distance probability maps.
 
-    Markers: 4-connected components of ``dist > marker_threshold`` inside the foreground. Each
-    foreground component without a marker keeps one label of its own. Labels are one 4-connected
-    piece each, hole-free, area-filtered (µm²), numbered 1..n in raster order.
+    Markers: 4-connected components of ``dist > marker_threshold`` inside the foreground. With
+    ``marker_h > 0`` every regional maximum of the (smoothed) distance that stands at least
+    ``marker_h`` above its surroundings (an h-maximum, above ``marker_threshold / 2``) is a marker
+    of its own, so a core that holds two peaks is split, and a core without one keeps one marker.
+    Each foreground component without a marker keeps one label of its own. Labels are one
+    4-connected piece each, hole-free, area-filtered (µm²), numbered 1..n in raster order.
     """
     px = mpp * mpp
     sigma = smooth_um / mpp
@@ -161,6 +184,8 @@ def maps_to_instances(
     if not mask.any():
         return np.zeros(fg.shape, np.int32)
     markers, n = ndi.label(mask & (d > marker_threshold), structure=_FOUR)
+    if marker_h > 0:
+        markers, n = _split_cores(markers, n, mask, d, marker_h, marker_threshold / 2)
     labels = watershed(-d, markers, mask=mask, connectivity=1)
     orphans = mask & (labels == 0)
     if orphans.any():
@@ -176,7 +201,7 @@ def instances_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.n
     sc, ic = cfg.segmenter, cfg.instances
     return maps_to_instances(
         np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32), mpp=mpp,
-        fg_threshold=sc.fg_threshold, marker_threshold=sc.marker_threshold,
+        fg_threshold=sc.fg_threshold, marker_threshold=sc.marker_threshold, marker_h=sc.marker_h,
         min_area_um2=ic.min_area_um2, max_area_um2=ic.max_area_um2,
     )  # fmt: skip
 

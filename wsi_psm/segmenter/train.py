@@ -249,6 +249,33 @@ def label_centroids(labels: np.ndarray) -> np.ndarray:
     return pts[present]
 
 
+def distance_peaks(
+    maps: np.ndarray,
+    *,
+    mpp: float,
+    smooth_um: float = 0.5,
+    min_distance_um: float = 1.5,
+    min_dist: float = 0.3,
+    fg_threshold: float = 0.5,
+) -> np.ndarray:
+    """(n, 2) integer (row, col) nucleus centres: local maxima of the smoothed distance map
+    (``maps[1]``) at least ``min_distance_um`` apart, above ``min_dist``, on the foreground.
+
+    The teacher points of a refinement round. Unlike the centroids of the read-out's instances,
+    every distance peak counts, so nuclei merged into one instance still give one point each
+    (on the 17 MoNuSeg mask-only images: point recall 0.74 vs 0.59 at about the same precision).
+    """
+    from skimage.feature import peak_local_max
+
+    fg, dist = np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32)
+    d = ndi.gaussian_filter(dist, smooth_um / mpp) if smooth_um > 0 else dist
+    pts = peak_local_max(
+        d, min_distance=max(1, round(min_distance_um / mpp)), threshold_abs=min_dist,
+        exclude_border=False,
+    )  # fmt: skip
+    return pts[fg[pts[:, 0], pts[:, 1]] > fg_threshold].astype(np.int64)
+
+
 def voronoi_sample(
     image: np.ndarray,
     points: np.ndarray,
@@ -316,8 +343,9 @@ def fit_on_pseudo_masks(
     """The label-free downstream fit, on a fixed schedule (no annotation, no checkpoint selection):
 
     1. train on the pseudo masks, split into nuclei by the distance watershed;
-    2. ``refine_rounds`` times: the previous net's test-time-augmented instances on the same images
-       give nucleus centres, :func:`voronoi_sample` turns them into point-supervision targets, and a
+    2. ``refine_rounds`` times: the previous net's test-time-augmented maps on the same images
+       give nucleus centres (``refine_points``: the peaks of its distance map, or the centroids of
+       its instances), :func:`voronoi_sample` turns them into point-supervision targets, and a
        fresh net is trained on those;
     3. with ``ensemble`` (and at least one refinement), the result averages the first and the last
        net (:class:`SegEnsemble`), else it is the last net.
@@ -347,7 +375,10 @@ def fit_on_pseudo_masks(
             samples = []
             for i, im in enumerate(images):
                 maps = predict_maps(net, im, device, window=sc.window_px, tta=True, amp=sc.amp)
-                pts = label_centroids(instances_from_maps(maps, mpp=mpp, cfg=cfg))
+                if sc.refine_points == "peaks":
+                    pts = distance_peaks(maps, mpp=mpp, fg_threshold=sc.fg_threshold)
+                else:
+                    pts = label_centroids(instances_from_maps(maps, mpp=mpp, cfg=cfg))
                 samples.append(voronoi_sample(im, pts, mpp=mpp, stain=stain, seed=cfg.seed + i))
 
         def step(i: int, n: int, loss: float, stage: str = stage) -> None:
