@@ -9,8 +9,15 @@ Chain (``wsi_psm.segment.fit_on_images``, the same that ``segment`` runs with
 ``segmenter.default_model = "fit"``): images read at ``RunConfig().target_mpp`` (0.5 µm/px, from
 0.25) -> self-supervised activation net fitted on all 17 -> PSM -> one PSM + haematoxylin k-means
 clustering per image -> pseudo masks -> downstream U-Net trained on them -> one point/Voronoi
-refinement round -> saved as a model bundle (PSM net + clustering + segmenter component), whose
-provenance names the images, the config and the timings. Deterministic for a given seed on CPU.
+refinement round (teacher points: the centroids of the first net's threshold-marker instances) ->
+the two nets averaged (``segmenter.ensemble``) -> saved as a model bundle (PSM net + clustering +
+segmenter component), whose provenance names the images, the config and the timings.
+Deterministic for a given seed on CPU.
+
+The shipped file (2026-11-25) was assembled in two parts under this same chain and seeds: the
+refined net from a full run of this script (single-net era, commit 9666e39), the pseudo-mask net
+refit from that bundle's pseudo masks with ``fit_segmenter`` (seed 0, same schedule), because a
+full rerun did not fit in the session on a shared 2-core machine (benchmarks/README.md).
 
     .venv/bin/python benchmarks/train_default_model.py [--data ../shared/data/monuseg-train]
         [--out wsi_psm/models/default.pt] [--threads 2]

@@ -167,7 +167,7 @@ class SegmenterConfig(_Frozen):
         0.5, gt=0, lt=1, description="normalised distance above which a pixel seeds a nucleus"
     )
     marker_h: float = Field(
-        0.0,
+        0.05,
         ge=0,
         lt=1,
         description="also seed every distance peak at least this high above its surroundings (0: off)",

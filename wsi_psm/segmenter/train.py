@@ -377,8 +377,9 @@ def fit_on_pseudo_masks(
                 maps = predict_maps(net, im, device, window=sc.window_px, tta=True, amp=sc.amp)
                 if sc.refine_points == "peaks":
                     pts = distance_peaks(maps, mpp=mpp, fg_threshold=sc.fg_threshold)
-                else:
-                    pts = label_centroids(instances_from_maps(maps, mpp=mpp, cfg=cfg))
+                else:  # the threshold-marker read-out (marker_h off), as the shipped model was fit
+                    plain = cfg.with_updates(**{"segmenter.marker_h": 0.0})
+                    pts = label_centroids(instances_from_maps(maps, mpp=mpp, cfg=plain))
                 samples.append(voronoi_sample(im, pts, mpp=mpp, stain=stain, seed=cfg.seed + i))
 
         def step(i: int, n: int, loss: float, stage: str = stage) -> None:
