@@ -199,6 +199,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             xy = np.concatenate([pts[k] for k in BCDATA_CLASSES]) * factor
             labels.append(_point_discs(im.shape[:2], xy, r_px))
         detector_info = {"detector": "points (annotation discs, diagnostic)"}
+    elif args.detector == "pipeline":
+        # what `run` does on an IHC slide: one bundle (activation net + two-stage DAB / haematoxylin
+        # clustering) fitted on the images' pixels as if they were one slide, pseudo masks split by
+        # the watershed (no downstream network: see segment.attach_segmenter)
+        from wsi_psm.inference import make_predictor
+        from wsi_psm.model import fit_model
+
+        rc = RunConfig(target_mpp=args.process_mpp, stain=args.stain, seed=args.seed)
+        cpu = torch.device("cpu")
+        pred, _, _ = make_predictor(fit_model(proc, rc, device=cpu), device=cpu, cfg=rc)
+        labels = [pred.labels(im, pred.network(im[None])[0]) for im in proc]
+        detector_info = {"detector": "pipeline (PSM pseudo masks + watershed, as run on IHC)"}
     else:
         # the downstream network that `segment` uses by default (the shipped model), read out at
         # the processing resolution with the run's thresholds
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--radius", type=float, default=10.0, help="match radius in image pixels")
     ap.add_argument(
         "--detector",
-        choices=("standin", "segment", "segment-fit", "points"),
+        choices=("standin", "pipeline", "segment", "segment-fit", "points"),
         default="standin",
         help="points: discs at the annotated points (diagnostic: the classifier alone)",
     )

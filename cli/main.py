@@ -362,7 +362,7 @@ def segment(
         written = segment_images(
             paths, output, cfg, model=bundle, mpp=mpp, overwrite=overwrite, progress=prog
         )
-    console.print(f"{len(written)} image(s) segmented -> {output}", highlight=False)
+    console.print(f"{len(written) // 2} image(s) segmented -> {output}", highlight=False)
 
 
 @app.command(name="eval")

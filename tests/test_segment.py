@@ -167,3 +167,20 @@ def test_fit_on_the_given_images(tmp_path) -> None:
     written = segment_images(srcs, tmp_path / "o", cfg, mpp=0.5)
     assert len(written) == 4 and all(p.is_file() for p in written)
     assert tifffile.imread(tmp_path / "o" / "img0_labels.tif").shape == (96, 192)
+
+
+def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:
+    # default model on IHC: the label-free pseudo-mask route fitted on the images, then the classes
+    from skimage import data
+
+    src = tmp_path / "ihc.png"
+    write_png(src, data.immunohistochemistry())  # a real DAB + haematoxylin field
+    cfg = CFG.with_updates(**{"psm.fit_steps": 30})
+    out = tmp_path / "out"
+    segment_images([src], out, cfg, mpp=0.5)
+    geo, tif = output_paths(src, out)
+    names = [
+        f["properties"]["classification"]["name"] for f in json.loads(geo.read_text())["features"]
+    ]
+    assert len(names) == tifffile.imread(tif).max() > 100
+    assert set(names) == {"Positive", "Negative"}

@@ -358,6 +358,113 @@ def resolve_model(
     return default_model()
 
 
+ImageLabeller = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
+"""(native uint8 RGB, the same at ``cfg.target_mpp``, native mpp) -> int32 labels at native pixels."""
+
+CLASS_FIT_IMAGES = 32  # images (a seeded sample) whose cells fit the class model in `segment`
+
+
+def _images_stain(paths: Sequence[Path], cfg: RunConfig, mpp: float | None) -> str:
+    if cfg.stain != "auto":
+        return cfg.stain
+    from .stain import detect_stain
+
+    return detect_stain(read_processing_images(list(paths)[:8], cfg, mpp), seed=cfg.seed)
+
+
+def resolve_labeller(
+    model: Any,
+    *,
+    paths: Sequence[Path],
+    cfg: RunConfig,
+    mpp: float | None,
+    device: torch.device,
+    progress: ProgressHook | None = None,
+) -> tuple[ImageLabeller, str]:
+    """How ``segment`` turns an image into instances, and a one-line description of the route.
+
+    The downstream network (``model``, or the default of :func:`resolve_model`), except for IHC
+    images with the shipped default: that model was trained on H&E and finds few pale
+    haematoxylin-only nuclei, so IHC images get the label-free route ``run`` takes on IHC slides:
+    an activation net and a two-stage DAB / haematoxylin clustering fitted on (a sample of) the
+    images themselves, pseudo masks split by the watershed.
+    """
+    if model is None and cfg.segmenter.default_model == "shipped":
+        if _images_stain(paths, cfg, mpp) == "ihc-dab":
+            from .instances import split_instances
+            from .model import fit_model
+
+            rng = np.random.default_rng(cfg.seed)
+            pick = sorted(rng.permutation(len(paths))[: cfg.psm.fit_tiles])
+            fit_cfg = cfg.with_updates(stain="ihc-dab")
+            bundle = fit_model(
+                read_processing_images([paths[i] for i in pick], fit_cfg, mpp), fit_cfg,
+                device=device, sources=[paths[i].name for i in pick],
+            )  # fmt: skip
+
+            def pseudo_labels(
+                native: np.ndarray, proc: np.ndarray, native_mpp: float
+            ) -> np.ndarray:
+                fg = bundle.pseudo_masks(proc[None], device)[0]
+                lab = split_instances(fg, mpp=cfg.target_mpp, cfg=cfg.instances)
+                return _resize_labels(lab, native.shape[:2])
+
+            return pseudo_labels, "IHC: PSM pseudo masks fitted on the images + watershed"
+    net = resolve_model(model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress)
+    net = net.to(device).eval()
+
+    def network_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:
+        return segment_array(native, proc, native_mpp, net, device, cfg)
+
+    return network_labels, "downstream network"
+
+
+def _read_pair(p: Path, cfg: RunConfig, mpp: float | None) -> tuple[np.ndarray, np.ndarray, float]:
+    """The image at its own pixels, at the processing resolution, and its mpp."""
+    with Slide.open(p, mpp=mpp) as slide:
+        native_mpp = slide.mpp
+        rgb = slide.read_region(0, 0, slide.width, slide.height)
+        proc = (
+            rgb
+            if abs(native_mpp - cfg.target_mpp) < 1e-9
+            else slide.read_at_mpp(0, 0, slide.width, slide.height, cfg.target_mpp)
+        )
+    if min(proc.shape[:2]) < 1:
+        raise SegmentInputError(f"{p}: image is empty at {cfg.target_mpp} µm/px")
+    return rgb, proc, native_mpp
+
+
+CACHE_PIXELS = (
+    64 * 2**20
+)  # labels of the class-fit sample kept for the writing pass (int32: 256 MiB)
+
+
+def fit_image_classes(
+    paths: Sequence[Path],
+    labeller: ImageLabeller,
+    cfg: RunConfig,
+    mpp: float | None,
+    cache: dict[Path, np.ndarray] | None = None,
+) -> CellAnnotator:
+    """The label-free cell classes of a set of images (IHC positive / negative, H&E groups), fitted
+    on the cells of a seeded sample of up to CLASS_FIT_IMAGES of them (one cohort). The sample's
+    labels go into ``cache`` (up to CACHE_PIXELS) so the writing pass need not segment them again."""
+    from .classes import CellClassifier
+
+    rng = np.random.default_rng(cfg.seed)
+    images, labels, cached_px = [], [], 0
+    for i in sorted(rng.permutation(len(paths))[:CLASS_FIT_IMAGES]):
+        native, proc, native_mpp = _read_pair(paths[i], cfg, mpp)
+        lab = labeller(native, proc, native_mpp)
+        if cache is not None and cached_px + lab.size <= CACHE_PIXELS:
+            cache[paths[i]], cached_px = lab, cached_px + lab.size
+        images.append(proc)
+        labels.append(_resize_labels(lab, proc.shape[:2]))
+    return CellClassifier.fit(
+        images, labels, mpp=cfg.target_mpp, stain=cfg.stain, cfg=cfg.classes, seed=cfg.seed
+    )
+
+
 def segment_images(
     paths: Sequence[str | Path],
     out_dir: str | Path,
@@ -373,15 +480,15 @@ def segment_images(
     """Segment every image of ``paths`` into ``out_dir``; returns the written files (two per image).
 
     ``mpp`` overrides the images' own resolution (MoNuSeg TIFFs carry none: pass 0.25).
-    ``annotator`` names and measures the cells (default: one class "Nucleus" with shape
-    measurements). ``on_image(path, n_cells, seconds)`` is called after each image.
+    ``annotator`` names and measures the cells; by default (``classes.enabled``) the label-free
+    classes are fitted on the images' own cells first (:func:`fit_image_classes`), else one class
+    "Nucleus". ``on_image(path, n_cells, seconds)`` is called after each image.
     Outputs are checked before any work: an existing one raises OutputExistsError unless
     ``overwrite``. Unreadable images, missing mpp etc. raise the slide reader's WsiPsmError.
     """
     from .device import select_device
 
     progress = progress or NullProgress()
-    annotator = annotator or ShapeOnly()
     paths = [Path(p) for p in paths]
     out = Path(out_dir)
     _check_outputs(paths, out, overwrite)
@@ -390,23 +497,22 @@ def segment_images(
     except OSError as err:
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
     device = select_device(cfg.device)
-    net = resolve_model(model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress)
-    net = net.to(device).eval()
+    labeller, _route = resolve_labeller(
+        model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress
+    )
+    cache: dict[Path, np.ndarray] = {}
+    if annotator is None:
+        annotator = (
+            fit_image_classes(paths, labeller, cfg, mpp, cache)
+            if cfg.classes.enabled
+            else ShapeOnly()
+        )
     written: list[Path] = []
     progress.start(SEGMENT_STAGE, len(paths))
     for p in paths:
         t0 = time.perf_counter()
-        with Slide.open(p, mpp=mpp) as slide:
-            native_mpp = slide.mpp
-            rgb = slide.read_region(0, 0, slide.width, slide.height)
-            proc = (
-                rgb
-                if abs(native_mpp - cfg.target_mpp) < 1e-9
-                else slide.read_at_mpp(0, 0, slide.width, slide.height, cfg.target_mpp)
-            )
-        if min(proc.shape[:2]) < 1:
-            raise SegmentInputError(f"{p}: image is empty at {cfg.target_mpp} µm/px")
-        labels = segment_array(rgb, proc, native_mpp, net, device, cfg)
+        rgb, proc, native_mpp = _read_pair(p, cfg, mpp)
+        labels = cache.pop(p) if p in cache else labeller(rgb, proc, native_mpp)
         geo, tif = output_paths(p, out)
         n = _write_outputs(rgb, labels, native_mpp, geo, tif, annotator, overwrite, p.name)
         written += [geo, tif]
@@ -424,10 +530,12 @@ __all__ = [
     "attach_segmenter",
     "bundle_segmenter",
     "default_model",
+    "fit_image_classes",
     "fit_on_images",
     "load_segmenter",
     "output_paths",
     "pseudo_masks_per_image",
+    "resolve_labeller",
     "resolve_model",
     "segment_array",
     "segment_images",
