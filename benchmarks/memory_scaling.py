@@ -72,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("slide", nargs="?")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--config", type=Path, help="run configuration JSON (default: RunConfig())")
     ap.add_argument("--child", nargs=3, metavar=("SLIDE", "MODEL", "OUT"))
     args = ap.parse_args()
     if args.child:
@@ -83,7 +84,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = tmp / "model.pt"
-        fit_model_on_slides([args.slide], RunConfig()).save(model)
+        cfg = RunConfig.load(args.config) if args.config else RunConfig()
+        fit_model_on_slides([args.slide], cfg).save(model)
         rows = []
         for k in args.sizes:
             path = tmp / f"mosaic{k}.tiff"

@@ -30,16 +30,11 @@ def test_he_bundle_gets_the_shipped_segmenter() -> None:
     torch.testing.assert_close(net(x), default_model()(x))
 
 
-def test_ihc_bundle_keeps_the_pseudo_mask_route() -> None:
-    # the shipped model was trained on H&E; IHC cells come from the slide's own pseudo masks
-    b = _bundle("ihc-dab")
-    assert attach_segmenter(b, [], RunConfig(), device=CPU).startswith("none")
-    assert bundle_segmenter(b) is None
-
-
-def test_other_resolution_keeps_the_pseudo_mask_route() -> None:
+def test_none_keeps_the_pseudo_mask_route() -> None:
     b = _bundle("he")
-    assert attach_segmenter(b, [], RunConfig(target_mpp=0.25), device=CPU).startswith("none")
+    cfg = RunConfig().with_updates(**{"segmenter.default_model": "none"})
+    assert attach_segmenter(b, [], cfg, device=CPU).startswith("none")
+    assert bundle_segmenter(b) is None
 
 
 def test_network_predictor_labeller_is_picklable_and_agrees() -> None:

@@ -170,12 +170,15 @@ def test_fit_on_the_given_images(tmp_path) -> None:
 
 
 def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:
-    # default model on IHC: the label-free pseudo-mask route fitted on the images, then the classes
+    # the shipped default on IHC: a network fitted on the images (short schedule here), then the
+    # label-free classes fitted on the images' cells
     from skimage import data
 
     src = tmp_path / "ihc.png"
     write_png(src, data.immunohistochemistry())  # a real DAB + haematoxylin field
-    cfg = CFG.with_updates(**{"psm.fit_steps": 30})
+    cfg = CFG.with_updates(
+        **{"psm.fit_steps": 30, "segmenter.fit_steps": 40, "segmenter.refine_rounds": 0}
+    )
     out = tmp_path / "out"
     segment_images([src], out, cfg, mpp=0.5)
     geo, tif = output_paths(src, out)
@@ -184,3 +187,13 @@ def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:
     ]
     assert len(names) == tifffile.imread(tif).max() > 100
     assert set(names) == {"Positive", "Negative"}
+
+
+def test_no_network_route_fits_on_the_images(tmp_path) -> None:
+    from skimage import data
+
+    src = tmp_path / "ihc.png"
+    write_png(src, data.immunohistochemistry())
+    cfg = CFG.with_updates(**{"psm.fit_steps": 30, "segmenter.default_model": "none"})
+    segment_images([src], tmp_path / "out", cfg, mpp=0.5)
+    assert tifffile.imread(output_paths(src, tmp_path / "out")[1]).max() > 100

@@ -172,9 +172,11 @@ class SegmenterConfig(_Frozen):
         lt=1,
         description="also seed every distance peak at least this high above its surroundings (0: off)",
     )
-    default_model: Literal["shipped", "fit"] = Field(
+    default_model: Literal["shipped", "fit", "none"] = Field(
         "shipped",
-        description="segment without --model: the model shipped in the package, or fit on the images",
+        description="without --model: 'shipped' = the packaged H&E network (IHC, which it was not "
+        "trained on, gets a network fitted on the images/slide), 'fit' = always fit one on the "
+        "images/slide, 'none' = no network: cells from the PSM pseudo masks (fastest)",
     )
     native_instances: bool = Field(
         True, description="segment: separate instances at the input's resolution (maps upsampled)"

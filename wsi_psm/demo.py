@@ -19,7 +19,12 @@ from .pipeline import SlideRun, process_slide
 from .progress import ProgressHook
 
 DEMO_MPP = 0.25
-DEMO_CONFIG = RunConfig().with_updates(**{"tiles.core_um": 128.0})
+# 128-µm tile cores so the small slide still has seams; no downstream network, because an IHC slide
+# would otherwise get one trained on it (about 10 minutes on 2 CPU cores): the demo shows the pipe,
+# `segmenter.default_model` decides the accuracy/time trade-off for real runs
+DEMO_CONFIG = RunConfig().with_updates(
+    **{"tiles.core_um": 128.0, "segmenter.default_model": "none"}
+)
 
 
 def write_demo_slide(path: str | Path) -> Path:

@@ -287,24 +287,23 @@ def attach_segmenter(
 ) -> str:
     """Give a freshly fitted bundle its downstream network (``run`` and ``fit``); returns the source.
 
-    ``segmenter.default_model = "shipped"``: the shipped model when it matches the bundle (H&E at
-    the same processing resolution); for other stains no network is attached and cells come from
-    the slide's pseudo masks (the shipped model was trained on H&E and misses pale haematoxylin
-    nuclei in IHC: benchmarks/README.md). ``"fit"``: trained on ``tiles`` (uint8 RGB at
-    ``cfg.target_mpp``) and the bundle's pseudo masks of them: minutes on a GPU, ~10 on 2 CPU cores.
+    ``segmenter.default_model``: "shipped" = the packaged network when it matches the bundle (H&E at
+    the same processing resolution), else (IHC, other resolutions) one trained on ``tiles`` (uint8
+    RGB at ``cfg.target_mpp``) and the bundle's pseudo masks of them, as "fit" always does (seconds
+    to minutes on a GPU, about 10 minutes on 2 CPU cores); "none" = no network (cells from the
+    pseudo masks).
     """
     from .segmenter.train import fit_on_pseudo_masks
 
     sc = cfg.segmenter
-    if sc.default_model == "shipped":
-        if not DEFAULT_MODEL.is_file():
-            return "none (no shipped model)"
+    if sc.default_model == "none":
+        return "none (segmenter.default_model = none)"
+    if sc.default_model == "shipped" and DEFAULT_MODEL.is_file():
         net, meta = read_segmenter_file(DEFAULT_MODEL)
         shipped_mpp = float(meta.get("target_mpp", 0.0))
-        if bundle.stain != "he" or abs(shipped_mpp - cfg.target_mpp) > 1e-6:
-            return f"none (shipped model is H&E at {shipped_mpp} µm/px)"
-        set_segmenter(bundle, net, **{k: v for k, v in meta.items() if k not in _STATE_KEYS})
-        return "shipped"
+        if bundle.stain == "he" and abs(shipped_mpp - cfg.target_mpp) < 1e-6:
+            set_segmenter(bundle, net, **{k: v for k, v in meta.items() if k not in _STATE_KEYS})
+            return "shipped"
     progress = progress or NullProgress()
     images = list(tiles)
     masks = [
@@ -324,7 +323,7 @@ def attach_segmenter(
         bundle, net, target_mpp=cfg.target_mpp, trained_on=f"{len(images)} tiles",
         schedule=sc.model_dump(mode="json"), fit_seconds={"segmenter": round(time.perf_counter() - t, 1)},
     )  # fmt: skip
-    return "fitted"
+    return f"fitted on {len(images)} tiles (label-free)"
 
 
 _STATE_KEYS = ("format", "version", "arch")
@@ -383,33 +382,33 @@ def resolve_labeller(
 ) -> tuple[ImageLabeller, str]:
     """How ``segment`` turns an image into instances, and a one-line description of the route.
 
-    The downstream network (``model``, or the default of :func:`resolve_model`), except for IHC
-    images with the shipped default: that model was trained on H&E and finds few pale
-    haematoxylin-only nuclei, so IHC images get the label-free route ``run`` takes on IHC slides:
-    an activation net and a two-stage DAB / haematoxylin clustering fitted on (a sample of) the
-    images themselves, pseudo masks split by the watershed.
+    The downstream network: ``model``, else per ``segmenter.default_model``: "shipped" (the packaged
+    H&E network; IHC images, which it was not trained on and where it finds few pale
+    haematoxylin-only nuclei, get a network fitted on the images themselves, label-free), "fit"
+    (always fitted on the images), or "none" (no network: an activation net and clustering fitted
+    on a sample of the images, pseudo masks split by the watershed).
     """
-    if model is None and cfg.segmenter.default_model == "shipped":
+    sc = cfg.segmenter
+    if model is None and sc.default_model == "none":
+        from .instances import split_instances
+        from .model import fit_model
+
+        rng = np.random.default_rng(cfg.seed)
+        pick = sorted(rng.permutation(len(paths))[: cfg.psm.fit_tiles])
+        bundle = fit_model(
+            read_processing_images([paths[i] for i in pick], cfg, mpp), cfg,
+            device=device, sources=[paths[i].name for i in pick],
+        )  # fmt: skip
+
+        def pseudo_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:
+            fg = bundle.pseudo_masks(proc[None], device)[0]
+            lab = split_instances(fg, mpp=cfg.target_mpp, cfg=cfg.instances)
+            return _resize_labels(lab, native.shape[:2])
+
+        return pseudo_labels, "PSM pseudo masks fitted on the images + watershed"
+    if model is None and sc.default_model == "shipped":
         if _images_stain(paths, cfg, mpp) == "ihc-dab":
-            from .instances import split_instances
-            from .model import fit_model
-
-            rng = np.random.default_rng(cfg.seed)
-            pick = sorted(rng.permutation(len(paths))[: cfg.psm.fit_tiles])
-            fit_cfg = cfg.with_updates(stain="ihc-dab")
-            bundle = fit_model(
-                read_processing_images([paths[i] for i in pick], fit_cfg, mpp), fit_cfg,
-                device=device, sources=[paths[i].name for i in pick],
-            )  # fmt: skip
-
-            def pseudo_labels(
-                native: np.ndarray, proc: np.ndarray, native_mpp: float
-            ) -> np.ndarray:
-                fg = bundle.pseudo_masks(proc[None], device)[0]
-                lab = split_instances(fg, mpp=cfg.target_mpp, cfg=cfg.instances)
-                return _resize_labels(lab, native.shape[:2])
-
-            return pseudo_labels, "IHC: PSM pseudo masks fitted on the images + watershed"
+            cfg = cfg.with_updates(stain="ihc-dab", **{"segmenter.default_model": "fit"})
     net = resolve_model(model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress)
     net = net.to(device).eval()
 
