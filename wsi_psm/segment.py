@@ -329,6 +329,13 @@ def attach_segmenter(
 _STATE_KEYS = ("format", "version", "arch")
 
 
+def fit_sample(paths: Sequence[Path], cfg: RunConfig) -> list[Path]:
+    """The images a label-free fit in ``segment`` reads: a seeded sample of ``psm.fit_tiles`` of
+    them (held in memory at the processing resolution), in their given order."""
+    pick = np.random.default_rng(cfg.seed).permutation(len(paths))[: cfg.psm.fit_tiles]
+    return [paths[i] for i in sorted(pick)]
+
+
 def resolve_model(
     model: Any,
     *,
@@ -350,8 +357,9 @@ def resolve_model(
             raise ModelError("the model holds no downstream segmenter (fit it with the segmenter)")
         return net
     if cfg.segmenter.default_model == "fit":
-        images = read_processing_images(paths, cfg, mpp)
-        sources = [p.name for p in paths]
+        sample = fit_sample(paths, cfg)
+        images = read_processing_images(sample, cfg, mpp)
+        sources = [p.name for p in sample]
         bundle = fit_on_images(images, cfg, device=device, progress=progress, sources=sources)
         return resolve_model(bundle, paths=paths, cfg=cfg, mpp=mpp, device=device)
     return default_model()
@@ -393,11 +401,10 @@ def resolve_labeller(
         from .instances import split_instances
         from .model import fit_model
 
-        rng = np.random.default_rng(cfg.seed)
-        pick = sorted(rng.permutation(len(paths))[: cfg.psm.fit_tiles])
+        sample = fit_sample(paths, cfg)
         bundle = fit_model(
-            read_processing_images([paths[i] for i in pick], cfg, mpp), cfg,
-            device=device, sources=[paths[i].name for i in pick],
+            read_processing_images(sample, cfg, mpp), cfg, device=device,
+            sources=[p.name for p in sample],
         )  # fmt: skip
 
         def pseudo_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:
