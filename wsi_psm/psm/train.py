@@ -193,6 +193,19 @@ def _flush_denormals() -> Iterator[None]:
             torch.set_flush_denormal(False)
 
 
+def one_cycle(
+    opt: torch.optim.Optimizer, lr: float, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """One-cycle schedule (10% warm-up) for any step count: torch's OneCycleLR divides by zero when
+    a phase is shorter than one step (e.g. exactly 10 steps), so the warm-up is at least 2 steps and
+    fewer than 4 steps keep a constant rate."""
+    if steps < 4:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2.0 / steps)
+    )
+
+
 def fit_activation_net(
     tiles: Sequence[np.ndarray],
     cfg: PSMConfig,
@@ -216,9 +229,7 @@ def fit_activation_net(
             device
         )
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=cfg.fit_steps, pct_start=0.1
-        )
+        sched = one_cycle(opt, cfg.lr, cfg.fit_steps)
         net.train()
         for step in range(cfg.fit_steps):
             loss = _step_loss(net, cfg.task, usable, cfg, rng, device)

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from wsi_psm.config import InstanceConfig, RunConfig
 from wsi_psm.instances import split_instances
 from wsi_psm.preprocess import to_network_input
+from wsi_psm.psm.train import one_cycle
 from wsi_psm.segmenter.network import DIST, FG, SegEnsemble, Segmenter, SegNet
 from wsi_psm.stain import Stain, default_stain_matrix, rgb_to_od, stain_channels
 
@@ -206,7 +207,7 @@ def fit_segmenter(
         net = init if init is not None else SegNet(width=width, depth=depth)
     net = net.to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = one_cycle(opt, lr, steps)
     t0 = time.perf_counter()
     for step in range(steps):
         x, y = sample_batch(samples, rng, batch, crop, colour=colour)
