@@ -440,9 +440,8 @@ def _read_pair(p: Path, cfg: RunConfig, mpp: float | None) -> tuple[np.ndarray, 
     return rgb, proc, native_mpp
 
 
-CACHE_PIXELS = (
-    64 * 2**20
-)  # labels of the class-fit sample kept for the writing pass (int32: 256 MiB)
+# labels of the class-fit sample kept for the writing pass (int32: 256 MiB at most)
+CACHE_PIXELS = 64 * 2**20
 
 
 def fit_image_classes(
