@@ -21,9 +21,8 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/wsi-psm demo --output demo-out --overwrite
 
-test: $(STAMP)
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+# .ci/run runs these same steps (setup, lint, pytest)
+test: lint
 	$(BIN)/python -m pytest
 
 test-all: $(STAMP)
