@@ -36,6 +36,7 @@ import torch
 
 from wsi_psm.config import RunConfig
 from wsi_psm.groundtruth import monuseg_cases
+from wsi_psm.model import ModelBundle
 from wsi_psm.segment import DEFAULT_MODEL, fit_on_images, read_processing_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +67,15 @@ class PrintProgress:
         print(f"[{time.perf_counter() - self.t0:7.1f} s] {stage} done", flush=True)
 
 
+def store_half(bundle: ModelBundle) -> None:
+    """Keep the segmenter's float weights as float16 in the file (half the size: the ensemble is
+    5.7 MiB in float32); loading copies them back into float32 parameters."""
+    seg = bundle.components["segmenter"]
+    for name, t in seg.items():
+        if t.is_floating_point():
+            seg[name] = t.half()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the monuseg-train folder")
@@ -88,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     bundle.provenance["trained_by"] = "benchmarks/train_default_model.py"
     bundle.provenance["torch_threads"] = args.threads
+    store_half(bundle)
     bundle.save(args.out)
     size = args.out.stat().st_size / 2**20
     print(f"wrote {args.out} ({size:.1f} MiB) in {time.perf_counter() - t0:.0f} s")
