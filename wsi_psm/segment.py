@@ -329,11 +329,16 @@ def attach_segmenter(
 _STATE_KEYS = ("format", "version", "arch")
 
 
-def fit_sample(paths: Sequence[Path], cfg: RunConfig) -> list[Path]:
-    """The images a label-free fit in ``segment`` reads: a seeded sample of ``psm.fit_tiles`` of
-    them (held in memory at the processing resolution), in their given order."""
-    pick = np.random.default_rng(cfg.seed).permutation(len(paths))[: cfg.psm.fit_tiles]
+def seeded_sample(paths: Sequence[Path], n: int, seed: int) -> list[Path]:
+    """Up to ``n`` of ``paths``, a seeded random choice, in their given order."""
+    pick = np.random.default_rng(seed).permutation(len(paths))[:n]
     return [paths[i] for i in sorted(pick)]
+
+
+def fit_sample(paths: Sequence[Path], cfg: RunConfig) -> list[Path]:
+    """The images a label-free fit in ``segment`` reads (held in memory at the processing
+    resolution): a seeded sample of ``psm.fit_tiles`` of them."""
+    return seeded_sample(paths, cfg.psm.fit_tiles, cfg.seed)
 
 
 def resolve_model(
@@ -456,13 +461,12 @@ def fit_image_classes(
     labels go into ``cache`` (up to CACHE_PIXELS) so the writing pass need not segment them again."""
     from .classes import CellClassifier
 
-    rng = np.random.default_rng(cfg.seed)
     images, labels, cached_px = [], [], 0
-    for i in sorted(rng.permutation(len(paths))[:CLASS_FIT_IMAGES]):
-        native, proc, native_mpp = _read_pair(paths[i], cfg, mpp)
+    for p in seeded_sample(paths, CLASS_FIT_IMAGES, cfg.seed):
+        native, proc, native_mpp = _read_pair(p, cfg, mpp)
         lab = labeller(native, proc, native_mpp)
         if cache is not None and cached_px + lab.size <= CACHE_PIXELS:
-            cache[paths[i]], cached_px = lab, cached_px + lab.size
+            cache[p], cached_px = lab, cached_px + lab.size
         images.append(proc)
         labels.append(_resize_labels(lab, proc.shape[:2]))
     return CellClassifier.fit(
