@@ -23,7 +23,7 @@ import numpy as np
 import tifffile
 
 
-def make_mosaic(src: Path, k: int, out: Path) -> tuple[int, int, float]:
+def make_mosaic(src: Path, k: int, out: Path, compression: str = "jpeg") -> tuple[int, int, float]:
     from wsi_psm.slide import Slide
 
     with Slide.open(src) as s:
@@ -40,7 +40,7 @@ def make_mosaic(src: Path, k: int, out: Path) -> tuple[int, int, float]:
     with tifffile.TiffWriter(out, bigtiff=True) as tif:
         level = mosaic
         for i in range(4):
-            tif.write(level, tile=(256, 256), photometric="rgb", compression="jpeg",
+            tif.write(level, tile=(256, 256), photometric="rgb", compression=compression,
                       subfiletype=0 if i == 0 else 1, resolution=(res / 2**i, res / 2**i),
                       resolutionunit="CENTIMETER")  # fmt: skip
             level = level[::2, ::2]

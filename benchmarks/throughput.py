@@ -26,7 +26,7 @@ from wsi_psm.device import select_device
 from wsi_psm.fit import fit_model_on_context
 from wsi_psm.inference import make_predictor
 from wsi_psm.model import ModelBundle
-from wsi_psm.pipeline import prepare_slide, read_tile, run_slide
+from wsi_psm.pipeline import decode_workers, prepare_slide, read_tile, run_slide
 from wsi_psm.stream import stream_batches
 
 
@@ -50,7 +50,7 @@ def main() -> None:
         n = 0
         for batch in stream_batches(
             lambda tile: read_tile(ctx.slide, tile, cfg.target_mpp), tiles,
-            batch_size=cfg.tiles.batch_size, workers=cfg.tiles.decode_workers,
+            batch_size=cfg.tiles.batch_size, workers=decode_workers(cfg, device.type == "cuda"),
             prefetch=cfg.tiles.prefetch_batches,
         ):  # fmt: skip
             n += len(batch.tiles)
@@ -87,7 +87,14 @@ def main() -> None:
     print(
         f"waiting for decode    {timings['waiting_for_decode'] / t_pipe:8.2%}   (GPU/CPU starved by decoding)"
     )
+    print(
+        f"waiting for post-proc {timings['waiting_for_postprocessing'] / t_pipe:8.2%}   (network blocked by CPU read-out)"
+    )
     print(f"peak RSS              {rss_mb:8.0f} MB")
+    if device.type == "cuda":
+        import torch
+
+        print(f"peak GPU memory       {torch.cuda.max_memory_allocated(device) / 2**20:8.0f} MB")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from wsi_psm.export import (
     class_counts_summary,
     config_json_schema,
     load_schema,
+    prepare_cell,
     render_overlay,
     software_versions,
     utc_now_iso,
@@ -190,6 +191,26 @@ def test_ids_are_deterministic_and_gzip_bytes_reproducible(tmp_path, cells):
     assert paths[0].read_bytes() == paths[1].read_bytes()
     ids = [[f["id"] for f in load_geojson(p)["features"]] for p in paths]
     assert ids[0] == ids[1] and not set(ids[0]) & set(ids[2])
+
+
+def test_cells_prepared_in_workers_write_the_same_bytes(tmp_path, cells):
+    # the pipeline encodes cells in its worker processes (prepare_cell); the files must not change
+    few = cells[:80]
+    prepared = [prepare_cell(c, "a.svs") for c in few]
+    for name, items in (("direct", few), ("prepared", prepared)):
+        (tmp_path / name).mkdir()
+        with (
+            GeoJSONWriter(tmp_path / name / "cells.geojson", slide_key="a.svs") as gj,
+            GeoParquetWriter(tmp_path / name / "cells.parquet", slide_key="a.svs") as gp,
+        ):
+            gj.write_many(items)
+            gp.write_many(items)
+    for f in ("cells.geojson", "cells.parquet"):
+        assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "prepared" / f).read_bytes()
+    # a cell encoded for another slide would carry the wrong ids: refused, not written
+    with GeoJSONWriter(tmp_path / "other.geojson", slide_key="b.svs") as w:
+        with pytest.raises(ValueError, match="slide key"):
+            w.write(prepared[0])
 
 
 def test_integral_coordinates_are_written_as_integers(tmp_path):

@@ -31,7 +31,10 @@ class TileConfig(_Frozen):
     )
     batch_size: int = Field(8, ge=1, description="tiles per batch sent to the network")
     decode_workers: int = Field(
-        2, ge=1, description="threads decoding tiles (Dask threaded scheduler)"
+        0,
+        ge=0,
+        description="threads decoding tiles (Dask threaded scheduler); 0 = auto: 2 when the network "
+        "runs on the CPU, a quarter of the cores (2 to 8) when it runs on a GPU",
     )
     prefetch_batches: int = Field(
         3, ge=1, description="decoded batches allowed in flight ahead of the network"

@@ -62,10 +62,18 @@ class CellRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class _Prepared:
+class PreparedCell:
+    """A cell encoded for the writers (see :func:`prepare_cell`): id, rounded rings, finite
+    measurements and its GeoJSON Feature text, so the encoding can run in worker processes."""
+
     id: str
     rings: list[np.ndarray]  # closed rings, exterior first, rounded
     measurements: dict[str, float]
+    class_name: str
+    color: tuple[int, int, int]
+    feature: str  # the GeoJSON Feature, compact JSON
+    slide_key: str
+    decimals: int
 
 
 def _round_sig(value: float, digits: int = 6) -> float:
@@ -108,15 +116,43 @@ def _check_colour(seen: dict[str, tuple[int, int, int]], name: str, color: Seque
     seen[name] = col  # type: ignore[assignment]
 
 
-def _prepare(cell: CellRecord, slide_key: str, decimals: int) -> _Prepared:
+def prepare_cell(cell: CellRecord, slide_key: str, decimals: int = 2) -> PreparedCell:
+    """Encode one cell for :class:`GeoJSONWriter` and :class:`GeoParquetWriter` (which accept
+    the result as is when their ``slide_key`` and ``decimals`` match). The pipeline calls it in its
+    post-processing workers, so the single writing thread only appends finished text."""
     poly = cell.polygon
     if not isinstance(poly, Polygon) or poly.is_empty:
         raise ValueError(f"a cell must be a non-empty shapely Polygon, got {poly.geom_type}")
+    _check_colour({}, cell.class_name, cell.color)
     rings = [np.round(shapely.get_coordinates(poly.exterior), decimals)]
     rings += [np.round(shapely.get_coordinates(r), decimals) for r in poly.interiors]
     # Non-finite numbers are not JSON; QuPath reads a missing measurement as NaN anyway.
     meas = {str(k): _round_sig(float(v)) for k, v in cell.measurements.items() if math.isfinite(v)}
-    return _Prepared(cell_id(slide_key, rings[0]), rings, meas)
+    cid = cell_id(slide_key, rings[0])
+    color = (int(cell.color[0]), int(cell.color[1]), int(cell.color[2]))
+    feature = {
+        "type": "Feature",
+        "id": cid,
+        "geometry": {"type": "Polygon", "coordinates": _coords_json(rings)},
+        "properties": {
+            "objectType": "detection",
+            "classification": {"name": cell.class_name, "color": list(color)},
+            "measurements": meas,
+        },
+    }
+    text = json.dumps(feature, separators=(",", ":"), allow_nan=False)
+    return PreparedCell(cid, rings, meas, cell.class_name, color, text, slide_key, decimals)
+
+
+def _prepared(cell: CellRecord | PreparedCell, slide_key: str, decimals: int) -> PreparedCell:
+    if isinstance(cell, PreparedCell):
+        if cell.slide_key == slide_key and cell.decimals == decimals:
+            return cell
+        raise ValueError(
+            f"cell prepared for slide key {cell.slide_key!r} / {cell.decimals} decimals, "
+            f"written with {slide_key!r} / {decimals}"
+        )
+    return prepare_cell(cell, slide_key, decimals)
 
 
 def _coords_json(rings: list[np.ndarray]) -> list[list[list[float]]] | list[list[list[int]]]:
@@ -177,32 +213,19 @@ class GeoJSONWriter:
         self._fh.write(self._HEADER)
         return self
 
-    def write(self, cell: CellRecord) -> str:
-        """Append one cell; returns its id."""
+    def write(self, cell: CellRecord | PreparedCell) -> str:
+        """Append one cell (or a cell from :func:`prepare_cell`); returns its id."""
         if self._fh is None:
             raise RuntimeError("GeoJSONWriter.write outside its with-block")
         _check_colour(self._colours, cell.class_name, cell.color)
-        p = _prepare(cell, self.slide_key, self.decimals)
-        feature = {
-            "type": "Feature",
-            "id": p.id,
-            "geometry": {"type": "Polygon", "coordinates": _coords_json(p.rings)},
-            "properties": {
-                "objectType": "detection",
-                "classification": {
-                    "name": cell.class_name,
-                    "color": list(self._colours[cell.class_name]),
-                },
-                "measurements": p.measurements,
-            },
-        }
-        self._buf.append(json.dumps(feature, separators=(",", ":"), allow_nan=False))
+        p = _prepared(cell, self.slide_key, self.decimals)
+        self._buf.append(p.feature)
         self.count += 1
         if len(self._buf) >= 2000:
             self._flush()
         return p.id
 
-    def write_many(self, cells: Iterable[CellRecord]) -> int:
+    def write_many(self, cells: Iterable[CellRecord | PreparedCell]) -> int:
         """Append every cell of an iterable (consumed lazily); returns how many."""
         n = 0
         for cell in cells:
@@ -263,7 +286,7 @@ class GeoParquetWriter:
         self.count = 0
         self._names: list[str] | None = list(measurement_names) if measurement_names else None
         self._writer: pq.ParquetWriter | None = None
-        self._rows: list[_Prepared] = []
+        self._rows: list[PreparedCell] = []
         self._classes: list[str] = []
         self._colours: dict[str, tuple[int, int, int]] = {}
         self._bbox = [math.inf, math.inf, -math.inf, -math.inf]
@@ -273,11 +296,11 @@ class GeoParquetWriter:
         self._open = True
         return self
 
-    def write(self, cell: CellRecord) -> str:
+    def write(self, cell: CellRecord | PreparedCell) -> str:
         if not self._open:
             raise RuntimeError("GeoParquetWriter.write outside its with-block")
         _check_colour(self._colours, cell.class_name, cell.color)
-        p = _prepare(cell, self.slide_key, self.decimals)
+        p = _prepared(cell, self.slide_key, self.decimals)
         if self._names is not None:
             extra = p.measurements.keys() - set(self._names)
             if extra:
@@ -292,7 +315,7 @@ class GeoParquetWriter:
             self._flush()
         return p.id
 
-    def write_many(self, cells: Iterable[CellRecord]) -> int:
+    def write_many(self, cells: Iterable[CellRecord | PreparedCell]) -> int:
         n = 0
         for cell in cells:
             self.write(cell)

@@ -28,7 +28,9 @@ from .export import (
     GeoParquetWriter,
     OutputFolder,
     OverlayRenderer,
+    PreparedCell,
     class_counts_summary,
+    prepare_cell,
     software_versions,
     utc_now_iso,
     write_summary,
@@ -145,6 +147,7 @@ class TileWork:
     grid: TileGrid
     mpp_l0: float
     band: float
+    slide_key: str  # for the cell ids (export.cell_id)
 
 
 def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> TileCandidates:
@@ -153,6 +156,9 @@ def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> Til
     tc = tile_candidates(labels, tile, work.grid, work.band)
     if tc.candidates:
         work.annotator.annotate(image, tc.labels, tc.candidates, work.mpp_l0)
+        # encode the cells here, in the worker: the one writing thread then only appends text
+        for c in tc.candidates:
+            c.payload = prepare_cell(CellRecord(c.polygon, *c.payload), work.slide_key)
     tc.labels = None  # free the array; only the polygons travel on
     return tc
 
@@ -164,8 +170,11 @@ def _init_worker(work: TileWork) -> None:
     global _WORKER_WORK
     _WORKER_WORK = work
     import torch
+    from threadpoolctl import threadpool_limits
 
-    torch.set_num_threads(1)  # one core per worker process
+    # one core per worker process: no torch, BLAS or OpenMP threads fighting the other workers
+    torch.set_num_threads(1)
+    threadpool_limits(1)
 
 
 def _process_tile_in_worker(image: np.ndarray, raw: Any, tile: Tile) -> TileCandidates:
@@ -173,14 +182,22 @@ def _process_tile_in_worker(image: np.ndarray, raw: Any, tile: Tile) -> TileCand
     return process_tile(image, raw, tile, _WORKER_WORK)
 
 
+def decode_workers(cfg: RunConfig, on_gpu: bool) -> int:
+    """Tile-decoding threads: 2 beside a CPU network (which wants the cores); beside a GPU, enough
+    to keep it fed (a quarter of the cores, 2 to 8), the rest left to post-processing."""
+    if cfg.tiles.decode_workers:
+        return cfg.tiles.decode_workers
+    return min(8, max(2, (os.cpu_count() or 2) // 4)) if on_gpu else 2
+
+
 def _post_pool(cfg: RunConfig, work: TileWork, on_gpu: bool) -> tuple[Executor, int, bool]:
     """The post-processing pool: threads on a CPU run (the network already uses the cores), worker
     processes when a GPU does the network and the CPU cores would otherwise sit behind the GIL."""
     processes = cfg.tiles.post_mode == "processes" or (cfg.tiles.post_mode == "auto" and on_gpu)
     n = cfg.tiles.post_workers or (
-        max(1, min((os.cpu_count() or 2) - cfg.tiles.decode_workers - 1, 12))
+        max(1, min((os.cpu_count() or 2) - decode_workers(cfg, on_gpu) - 1, 12))
         if processes
-        else cfg.tiles.decode_workers
+        else decode_workers(cfg, on_gpu)
     )
     if processes:
         # spawn: never fork a process that holds Dask and torch threads
@@ -228,13 +245,13 @@ def run_slide(
     counts: Counter[str] = Counter()
     colors: dict[str, tuple[int, int, int]] = {}
     cut_dropped = 0
-    t_net = t_wait = t_write = 0.0
+    t_net = t_wait = t_write = t_post = 0.0
     labeller = predictor.labeller() if hasattr(predictor, "labeller") else predictor
-    work = TileWork(labeller, annotator, grid, ctx.mpp, band)
+    name = ctx.slide.name
+    work = TileWork(labeller, annotator, grid, ctx.mpp, band, name)
     on_gpu = str(getattr(predictor, "device", "cpu")).startswith("cuda")
     pool, n_post, in_processes = _post_pool(cfg, work, on_gpu)
     t_start = time.perf_counter()
-    name = ctx.slide.name
     geojson_name = "cells.geojson.gz" if cfg.geojson_gzip else "cells.geojson"
 
     with OutputFolder(out_dir, overwrite) as tmp:
@@ -253,13 +270,12 @@ def run_slide(
                 nonlocal t_write
                 t = time.perf_counter()
                 for c in cells:
-                    cls, color, meas = c.payload
-                    rec = CellRecord(c.polygon, cls, color, meas)
+                    rec: PreparedCell = c.payload
                     gj.write(rec)
                     gp.write(rec)
-                    overlay.add(c.polygon, color)
-                    counts[cls] += 1
-                    colors[cls] = color
+                    overlay.add(c.polygon, rec.color)
+                    counts[rec.class_name] += 1
+                    colors[rec.class_name] = rec.color
                 t_write += time.perf_counter() - t
 
             pending: deque[tuple[Tile, Future[TileCandidates]]] = deque()
@@ -278,7 +294,7 @@ def run_slide(
                 lambda t: read_tile(ctx.slide, t, cfg.target_mpp),
                 grid.tiles,
                 batch_size=cfg.tiles.batch_size,
-                workers=cfg.tiles.decode_workers,
+                workers=decode_workers(cfg, on_gpu),
                 prefetch=cfg.tiles.prefetch_batches,
             )
             while True:
@@ -299,7 +315,10 @@ def run_slide(
                             else pool.submit(process_tile, image, raw, tile, work),
                         )
                     )
+                # time the network loop spends blocked on post-processing (GPU starved by the CPU side)
+                t = time.perf_counter()
                 drain(limit=2 * n_post + cfg.tiles.batch_size)
+                t_post += time.perf_counter() - t
             drain(limit=0)
             write(resolver.finish())
             progress.done("cells")
@@ -309,6 +328,7 @@ def run_slide(
                 "tiles_total": time.perf_counter() - t_start,
                 "network": t_net,
                 "waiting_for_decode": t_wait,
+                "waiting_for_postprocessing": t_post,
                 "writing": t_write,
             }
         )
