@@ -1,6 +1,6 @@
 """One-shot GPU check of the engine: CUDA vs CPU agreement, mixed precision, throughput, utilisation.
 
-    python benchmarks/gpu_check.py SLIDE [--mosaic K] [--out DIR]
+    python benchmarks/gpu_check.py SLIDE [--mosaic K] [--batch-sizes B ...] [--baseline OLD_CHECKOUT]
 
 1. Agreement: the shipped segmenter on the slide's first tissue tiles on the CPU (float32), CUDA
    float32 and CUDA float16 autocast (the default on CUDA): largest map difference, and the cells
@@ -16,6 +16,7 @@ Prints one report; needs a CUDA device (exits 2 without one).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -88,16 +89,25 @@ def agreement(slide: str, n_tiles: int, device: str) -> None:
         ctx.slide.close()
 
 
-def sampled(cmd: list[str]) -> tuple[str, list[float], list[float]]:
+def sampled(
+    cmd: list[str], env: dict[str, str] | None = None
+) -> tuple[str, list[float], list[float]]:
     """Run ``cmd``, sampling GPU utilisation (%) and memory (MiB) every 200 ms."""
+
+    def run() -> str:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if res.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+        return res.stdout
+
     if shutil.which("nvidia-smi") is None:
-        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout, [], []
+        return run(), [], []
     smi = subprocess.Popen(
         ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
          "-lms", "200"], stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = run()
     finally:
         smi.terminate()
     util, mem = [], []
@@ -111,26 +121,44 @@ def sampled(cmd: list[str]) -> tuple[str, list[float], list[float]]:
     return out, util, mem
 
 
-def throughput(slide: str, mosaic: int, batch_sizes: list[int], device: str) -> None:
+def throughput(
+    slide: str, mosaic: int, batch_sizes: list[int], device: str, baseline: Path | None
+) -> None:
     sys.path.insert(0, str(HERE))
     from memory_scaling import make_mosaic
 
+    from wsi_psm.config import RunConfig
+    from wsi_psm.fit import fit_model_on_slides
+
     with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model.pt"  # one fit on the slide serves every run (mosaics are copies)
+        fit_model_on_slides([slide], RunConfig().with_updates(device=device)).save(model)
         targets = [("slide", slide)]
         if mosaic > 1:
             path = Path(tmp) / f"mosaic{mosaic}.tiff"
             w, h, _ = make_mosaic(Path(slide), mosaic, path, compression="zlib")
             targets.append((f"{mosaic}x{mosaic} mosaic {w}x{h} px", str(path)))
-        runs = [(targets[0], batch_sizes[0])] + [(t, bs) for t in targets[1:] for bs in batch_sizes]
-        for (name, path), bs in runs:
-            cmd = [sys.executable, str(HERE / "throughput.py"), path, "--device", device,
-                   "--batch-size", str(bs)]  # fmt: skip
-            out, util, mem = sampled(cmd)
-            print(f"--- throughput, {name}, batch size {bs}", flush=True)
+        runs = [(targets[0], batch_sizes[0], None)]
+        if baseline is not None:  # an older checkout on the same data and machine
+            runs.append((targets[-1], batch_sizes[0], baseline))
+        runs += [(t, bs, None) for t in targets[1:] for bs in batch_sizes]
+        for (name, path), bs, code in runs:
+            script = (code or HERE.parent) / "benchmarks" / "throughput.py"
+            cmd = [sys.executable, str(script), path, "--device", device, "--batch-size", str(bs)]
+            if code is None:  # the baseline fits its own (bundles carry their code's config)
+                cmd += ["--model", str(model)]
+            env = (
+                None
+                if code is None
+                else {**os.environ, "PYTHONPATH": f"{code}:{os.environ.get('PYTHONPATH', '')}"}
+            )
+            out, util, mem = sampled(cmd, env)
+            tag = f" (baseline code {code})" if code else ""
+            print(f"--- throughput, {name}, batch size {bs}{tag}", flush=True)
             print(out.rstrip())
             busy = [u for u in util if u > 0]
             if util:
-                print(f"nvidia-smi over the run ({len(util)} samples, fit included): GPU util mean "
+                print(f"nvidia-smi over the run ({len(util)} samples, decode pass included): GPU util mean "
                       f"{statistics.mean(util):.0f}%, median while busy "
                       f"{statistics.median(busy) if busy else 0:.0f}%, memory max {max(mem):.0f} MiB")  # fmt: skip
 
@@ -142,14 +170,19 @@ def main() -> None:
     ap.add_argument("--mosaic", type=int, default=4, help="K for the K x K mosaic throughput run")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[8])
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument(
+        "--baseline", type=Path, help="older checkout (wsi_psm/, benchmarks/) to time too"
+    )
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device", file=sys.stderr)
         sys.exit(2)
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"torch {torch.__version__}, {name}, {torch.get_num_threads()} CPU threads", flush=True)
-    agreement(args.slide, args.tiles, args.device)
-    throughput(args.slide, args.mosaic, args.batch_sizes, args.device)
+    if not args.skip_agreement:
+        agreement(args.slide, args.tiles, args.device)
+    throughput(args.slide, args.mosaic, args.batch_sizes, args.device, args.baseline)
 
 
 if __name__ == "__main__":
