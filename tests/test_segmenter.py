@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage as ndi
 
 from wsi_psm.config import RunConfig
 from wsi_psm.segmenter.network import (
@@ -166,6 +167,33 @@ def test_distance_peaks_one_point_per_nucleus() -> None:
     assert pts.shape == (5, 2) and pts.dtype == np.int64
     assert len(np.unique(labels[pts[:, 0], pts[:, 1]])) == 5  # the two touching discs included
     assert distance_peaks(np.zeros((2, 16, 16), np.float32), mpp=0.5).shape == (0, 2)
+
+
+def test_shrink_takes_off_the_edge_in_micrometres() -> None:
+    # two touching discs and a lone one, read out at 0.25 µm/px with and without a 0.25 µm shrink
+    shape = (60, 100)
+    a, b, c = disc(shape, 30, 25, 12), disc(shape, 30, 48, 12), disc(shape, 30, 80, 8)
+    labels = np.zeros(shape, np.int32)
+    labels[a], labels[b & ~a], labels[c] = 1, 2, 3
+    fg, dist = (labels > 0).astype(np.float32), distance_target(labels)
+    kw = {"min_area_um2": 1.0, "smooth_um": 0.0}
+    plain = maps_to_instances(fg, dist, mpp=0.25, **kw)
+    shrunk = maps_to_instances(fg, dist, mpp=0.25, shrink_um=0.25, **kw)
+    assert plain.max() == shrunk.max() == 3 and shrunk.dtype == np.int32
+    # one pixel off every edge: the outer ring, and a gap between the touching pair
+    ring = (plain > 0) & ~ndi.binary_erosion(plain > 0, ndi.generate_binary_structure(2, 1))
+    assert not (shrunk[ring] > 0).any()
+    assert 0 < (plain > 0).sum() - (shrunk > 0).sum() < 2 * ring.sum()
+    lone = plain == plain[30, 80]
+    assert (shrunk[lone] > 0).sum() == (
+        ndi.binary_erosion(lone, ndi.generate_binary_structure(2, 1))
+    ).sum()
+    assert shrunk[30, 36] == 0 or shrunk[30, 37] == 0  # the pair now parts along a line of zeros
+    # at 0.5 µm/px the edge pixels' centres are 0.25 µm in: nothing is taken off
+    np.testing.assert_array_equal(
+        maps_to_instances(fg, dist, mpp=0.5, shrink_um=0.25, **kw),
+        maps_to_instances(fg, dist, mpp=0.5, **kw),
+    )
 
 
 def test_maps_to_instances_empty() -> None:

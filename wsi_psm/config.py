@@ -169,15 +169,27 @@ class SegmenterConfig(_Frozen):
     window_px: int = Field(
         512, ge=64, description="inference window (processing px) for large images"
     )
-    fg_threshold: float = Field(0.5, gt=0, lt=1, description="nucleus probability threshold")
+    fg_threshold: float = Field(
+        0.45,
+        gt=0,
+        lt=1,
+        description="nucleus probability threshold (with shrink_um: a lower threshold, then the "
+        "halo trimmed)",
+    )
     marker_threshold: float = Field(
         0.5, gt=0, lt=1, description="normalised distance above which a pixel seeds a nucleus"
     )
     marker_h: float = Field(
-        0.05,
+        0.02,
         ge=0,
         lt=1,
         description="also seed every distance peak at least this high above its surroundings (0: off)",
+    )
+    shrink_um: float = Field(
+        0.25,
+        ge=0,
+        description="take off every nucleus pixel whose centre lies within this many µm of the "
+        "nucleus's edge (the pseudo masks' halo); none at pixels of 2x this or more",
     )
     default_model: Literal["shipped", "fit", "none"] = Field(
         "shipped",

@@ -134,6 +134,38 @@ def _relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.nda
     return lut[labels]
 
 
+def _shrink(labels: np.ndarray, shrink_um: float, mpp: float) -> np.ndarray:
+    """``labels`` without the pixels whose centre lies within ``shrink_um`` of their instance's edge
+    (the edge with the background or with another instance; the image border is no edge). Each
+    instance keeps its largest 4-connected piece; instances left empty are dropped (renumbered)."""
+    lo = ndi.grey_erosion(labels, footprint=_FOUR, mode="nearest")
+    hi = ndi.grey_dilation(labels, footprint=_FOUR, mode="nearest")
+    edge = (labels > 0) & ((lo != labels) | (hi != labels))
+    if not edge.any():
+        return labels
+    # an edge pixel's centre is half a pixel from the edge; the others add their distance to one
+    to_edge = (ndi.distance_transform_edt(~edge) + 0.5) * mpp
+    if not (to_edge[edge] < shrink_um).any():  # less than half a pixel: nothing to take off
+        return labels
+    cut = np.where(to_edge < shrink_um, 0, labels)
+    pieces = cc_label(cut, background=0, connectivity=1)  # 4-connected pieces of one label each
+    n = int(pieces.max())
+    if n == 0:
+        return np.zeros_like(labels)
+    owner = np.zeros(n + 1, np.int64)
+    owner[pieces.ravel()] = cut.ravel()
+    area = np.bincount(pieces.ravel(), minlength=n + 1)
+    area[0] = 0
+    # the largest piece of each instance: sort pieces by (owner, area) and keep each owner's last
+    order = np.lexsort((area[1:], owner[1:])) + 1
+    last = np.r_[owner[order][1:] != owner[order][:-1], True]
+    keep = np.zeros(n + 1, bool)
+    keep[order[last]] = True
+    lut = np.zeros(n + 1, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[pieces]
+
+
 def _split_cores(
     cores: np.ndarray, n_cores: int, mask: np.ndarray, d: np.ndarray, h: float, floor: float
 ) -> tuple[np.ndarray, int]:
@@ -161,6 +193,7 @@ def maps_to_instances(
     marker_threshold: float = 0.5,
     marker_h: float = 0.0,
     smooth_um: float = 0.25,
+    shrink_um: float = 0.0,
     min_area_um2: float = 8.0,
     max_area_um2: float = 300.0,
 ) -> np.ndarray:
@@ -170,7 +203,9 @@ def maps_to_instances(
     ``marker_h > 0`` every regional maximum of the (smoothed) distance that stands at least
     ``marker_h`` above its surroundings (an h-maximum, above ``marker_threshold / 2``) is a marker
     of its own, so a core that holds two peaks is split, and a core without one keeps one marker.
-    Each foreground component without a marker keeps one label of its own. Labels are one
+    Each foreground component without a marker keeps one label of its own. ``shrink_um > 0``
+    then takes off every pixel whose centre lies within that many µm of its instance's edge (with
+    the background or a neighbour; none where a pixel is at least twice as wide). Labels are one
     4-connected piece each, hole-free, area-filtered (µm²), numbered 1..n in raster order.
     """
     px = mpp * mpp
@@ -193,7 +228,9 @@ def maps_to_instances(
         labels = np.where(orphans, extra + n, labels)
     pieces = cc_label(labels, background=0, connectivity=1)
     kept = _relabel_by_area(pieces, min_area_um2 / px, np.inf)
-    return _relabel_by_area(fill_label_holes(kept), 0, max_area_um2 / px)
+    out = _relabel_by_area(fill_label_holes(kept), 0, max_area_um2 / px)
+    # the sizes are judged before the shrink: it trims the halo, not the nucleus found
+    return _shrink(out, shrink_um, mpp) if shrink_um > 0 else out
 
 
 def instances_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
@@ -202,7 +239,7 @@ def instances_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.n
     return maps_to_instances(
         np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32), mpp=mpp,
         fg_threshold=sc.fg_threshold, marker_threshold=sc.marker_threshold, marker_h=sc.marker_h,
-        min_area_um2=ic.min_area_um2, max_area_um2=ic.max_area_um2,
+        shrink_um=sc.shrink_um, min_area_um2=ic.min_area_um2, max_area_um2=ic.max_area_um2,
     )  # fmt: skip
 
 

@@ -35,6 +35,11 @@ from wsi_psm.stain import Stain, default_stain_matrix, rgb_to_od, stain_channels
 Progress = Callable[[int, int, float], None]
 
 
+# The read-out that gives the refinement's teacher points: fixed (not the inference defaults, which
+# were tuned later on the finished net), so the shipped model stays what this fit makes.
+TEACHER_READOUT = {"fg_threshold": 0.5, "marker_h": 0.0, "shrink_um": 0.0}
+
+
 @dataclass
 class Sample:
     """One training image at the processing resolution with its targets (all the same H x W)."""
@@ -377,9 +382,13 @@ def fit_on_pseudo_masks(
             for i, im in enumerate(images):
                 maps = predict_maps(net, im, device, window=sc.window_px, tta=True, amp=sc.amp)
                 if sc.refine_points == "peaks":
-                    pts = distance_peaks(maps, mpp=mpp, fg_threshold=sc.fg_threshold)
-                else:  # the threshold-marker read-out (marker_h off), as the shipped model was fit
-                    plain = cfg.with_updates(**{"segmenter.marker_h": 0.0})
+                    pts = distance_peaks(
+                        maps, mpp=mpp, fg_threshold=TEACHER_READOUT["fg_threshold"]
+                    )
+                else:  # the plain threshold-marker read-out, as the shipped model was fit
+                    plain = cfg.with_updates(
+                        **{f"segmenter.{k}": v for k, v in TEACHER_READOUT.items()}
+                    )
                     pts = label_centroids(instances_from_maps(maps, mpp=mpp, cfg=plain))
                 samples.append(voronoi_sample(im, pts, mpp=mpp, stain=stain, seed=cfg.seed + i))
 
