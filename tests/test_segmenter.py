@@ -19,6 +19,7 @@ from wsi_psm.segmenter.network import (
 )
 from wsi_psm.segmenter.predict import (
     SegmenterPredictor,
+    _h_maxima_by_component,
     maps_to_instances,
     network_maps,
     predict_maps,
@@ -158,6 +159,23 @@ def test_marker_h_splits_a_core_with_two_peaks() -> None:
     # a lone disc keeps one label
     one = disc(shape, 30, 40, 10).astype(np.float32)
     assert maps_to_instances(one, one, marker_h=0.1, **kw).max() == 1
+
+
+def test_h_maxima_by_component_equals_skimage() -> None:
+    # clusters of touching blobs of a quantised distance-like map, the way _split_cores calls it
+    from skimage.morphology import h_maxima
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:160, :160]
+    q = np.zeros((160, 160))
+    for _ in range(40):
+        cy, cx, r = rng.uniform(0, 160), rng.uniform(0, 160), rng.uniform(3, 9)
+        q = np.maximum(q, 1000 * (1 - np.hypot(yy - cy, xx - cx) / r))
+    q = np.round(q + rng.uniform(0, 30, q.shape) * (q > 0)).astype(np.int32)
+    for h in (20, 100, 400):
+        ref = h_maxima(q, h).astype(bool) & (q >= h)
+        got = _h_maxima_by_component(q, h)
+        assert ref.any() and np.array_equal(got & (q >= h), ref)
 
 
 def test_distance_peaks_one_point_per_nucleus() -> None:

@@ -28,6 +28,26 @@ from wsi_psm.preprocess import to_network_input
 from wsi_psm.segmenter.network import Segmenter
 
 _FOUR = ndi.generate_binary_structure(2, 1)
+_EIGHT = np.ones((3, 3), bool)
+
+
+def _h_maxima_by_component(q: np.ndarray, h: int) -> np.ndarray:
+    """skimage's ``h_maxima`` of a non-negative int image, one 8-connected ``q > 0`` component at a
+    time (each cropped with a zero border). The same maxima wherever ``q >= h`` (zero separates the
+    components, so no reconstruction path crosses it at a level that matters there), about 3x
+    faster on a tile of nuclei: skimage sorts every pixel of the image it is given."""
+    lab, _ = ndi.label(q > 0, structure=_EIGHT)
+    out = np.zeros(q.shape, bool)
+    rows, cols = q.shape
+    for i, box in enumerate(ndi.find_objects(lab), 1):
+        if box is None:
+            continue
+        r0, r1 = max(box[0].start - 1, 0), min(box[0].stop + 1, rows)
+        c0, c1 = max(box[1].start - 1, 0), min(box[1].stop + 1, cols)
+        own = lab[r0:r1, c0:c1] == i
+        sub = np.where(own, q[r0:r1, c0:c1], 0)
+        out[r0:r1, c0:c1] |= h_maxima(sub, h).astype(bool) & own
+    return out
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -174,7 +194,8 @@ def _split_cores(
     (one core above the threshold) get one marker each."""
     # quantised to 1/1000: h_maxima on floats is sensitive to rounding plateaus
     q = np.where(mask, np.round(d * 1000), 0).astype(np.int32)
-    peaks = h_maxima(q, max(1, round(h * 1000))).astype(bool) & (d > floor)
+    h_q = max(1, round(h * 1000))
+    peaks = _h_maxima_by_component(q, h_q) & (d > floor) & (q >= h_q)
     plabels, n_peaks = ndi.label(peaks, structure=np.ones((3, 3), bool))
     has_peak = np.zeros(n_cores + 1, bool)
     has_peak[np.unique(cores[plabels > 0])] = True
