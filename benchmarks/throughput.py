@@ -90,6 +90,7 @@ def main() -> None:
     print(
         f"waiting for post-proc {timings['waiting_for_postprocessing'] / t_pipe:8.2%}   (network blocked by CPU read-out)"
     )
+    print(f"writing outputs       {timings['writing'] / t_pipe:8.2%}   (main thread)")
     print(f"peak RSS              {rss_mb:8.0f} MB")
     if device.type == "cuda":
         import torch

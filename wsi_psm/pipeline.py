@@ -315,10 +315,11 @@ def run_slide(
                             else pool.submit(process_tile, image, raw, tile, work),
                         )
                     )
-                # time the network loop spends blocked on post-processing (GPU starved by the CPU side)
-                t = time.perf_counter()
+                # time the network loop waits for the read-out workers (GPU starved by the CPU
+                # side); the writing done meanwhile is counted apart, as "writing"
+                t, w = time.perf_counter(), t_write
                 drain(limit=2 * n_post + cfg.tiles.batch_size)
-                t_post += time.perf_counter() - t
+                t_post += time.perf_counter() - t - (t_write - w)
             drain(limit=0)
             write(resolver.finish())
             progress.done("cells")
