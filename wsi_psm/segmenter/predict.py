@@ -158,6 +158,8 @@ def _shrink(labels: np.ndarray, shrink_um: float, mpp: float) -> np.ndarray:
     """``labels`` without the pixels whose centre lies within ``shrink_um`` of their instance's edge
     (the edge with the background or with another instance; the image border is no edge). Each
     instance keeps its largest 4-connected piece; instances left empty are dropped (renumbered)."""
+    if 0.5 * mpp >= shrink_um:  # every centre is at least half a pixel in: nothing to take off
+        return labels
     lo = ndi.grey_erosion(labels, footprint=_FOUR, mode="nearest")
     hi = ndi.grey_dilation(labels, footprint=_FOUR, mode="nearest")
     edge = (labels > 0) & ((lo != labels) | (hi != labels))
