@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # the downstream network that `segment` uses by default (the shipped model), read out at
         # the processing resolution with the run's thresholds
         from wsi_psm.segment import default_model
-        from wsi_psm.segmenter.predict import instances_from_maps, predict_maps
+        from wsi_psm.segmenter.predict import predict_maps
+        from wsi_psm.segmenter.readout import instances_from_maps
 
         rc = RunConfig(target_mpp=args.process_mpp, stain=args.stain, seed=args.seed)
         cpu = torch.device("cpu")

@@ -38,7 +38,8 @@ def agreement(slide: str, n_tiles: int, device: str) -> None:
     from wsi_psm.pipeline import prepare_slide, read_tile
     from wsi_psm.psm.maps import compute_psm
     from wsi_psm.segment import default_model
-    from wsi_psm.segmenter.predict import instances_from_maps, network_maps
+    from wsi_psm.segmenter.predict import network_maps
+    from wsi_psm.segmenter.readout import instances_from_maps
 
     cfg = RunConfig()
     ctx = prepare_slide(slide, cfg)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -52,6 +54,18 @@ def test_network_predictor_labeller_is_picklable_and_agrees() -> None:
     assert isinstance(lab, MapsLabeller)
     for t, r in zip(tiles, raws, strict=True):
         np.testing.assert_array_equal(lab.labels(t, r), pred.labels(t, r))
+
+
+def test_worker_side_of_the_network_route_does_not_import_torch() -> None:
+    # GPU runs spawn one post-processing process per core, each importing what the labeller needs:
+    # torch (seconds per process) must not be among it
+    code = (
+        "import pickle, sys; from wsi_psm.config import RunConfig; "
+        "from wsi_psm.segmenter.readout import MapsLabeller; import wsi_psm.pipeline, wsi_psm.classes; "
+        "pickle.loads(pickle.dumps(MapsLabeller(RunConfig()))); "
+        "sys.exit('torch' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_ihc_bundle_gets_a_network_fitted_on_its_tiles(tmp_path) -> None:

@@ -17,13 +17,8 @@ from wsi_psm.segmenter.network import (
     segmenter_from_state,
     segmenter_state,
 )
-from wsi_psm.segmenter.predict import (
-    SegmenterPredictor,
-    _h_maxima_by_component,
-    maps_to_instances,
-    network_maps,
-    predict_maps,
-)
+from wsi_psm.segmenter.predict import SegmenterPredictor, network_maps, predict_maps
+from wsi_psm.segmenter.readout import _h_maxima_by_component, maps_to_instances
 from wsi_psm.segmenter.train import (
     colour_jitter,
     distance_peaks,

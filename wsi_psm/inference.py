@@ -22,7 +22,8 @@ from .pipeline import CellAnnotator, ShapeOnly, TilePredictor
 from .psm.maps import compute_psm
 from .psm.network import ActivationNet
 from .segment import bundle_segmenter
-from .segmenter.predict import SegmenterPredictor, instances_from_maps
+from .segmenter.predict import SegmenterPredictor
+from .segmenter.readout import MapsLabeller
 
 CLASSES_COMPONENT = "classes"
 
@@ -61,16 +62,6 @@ class PSMPredictor:
 
     def labels(self, image: np.ndarray, raw: np.ndarray | None) -> np.ndarray:
         return self.labeller().labels(image, raw)
-
-
-class MapsLabeller:
-    """The CPU half of the segmenter route: network maps -> instances (picklable, holds no net)."""
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.cfg = cfg
-
-    def labels(self, image: np.ndarray, raw: np.ndarray) -> np.ndarray:
-        return instances_from_maps(raw, mpp=self.cfg.target_mpp, cfg=self.cfg)
 
 
 class NetworkPredictor(SegmenterPredictor):

@@ -78,7 +78,7 @@ def fill_label_holes(labels: np.ndarray) -> np.ndarray:
     return np.where(labels == 0, fill[bg], labels)
 
 
-def _relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarray:
+def relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarray:
     """Drop labels outside [min_px, max_px] and renumber the rest 1..n, keeping their order."""
     area = np.bincount(labels.ravel())
     keep = (area >= min_px) & (area <= max_px)
@@ -199,5 +199,5 @@ def split_instances(
     pieces = cc_label(labels, background=0, connectivity=1)
     # debris goes first, so a speck inside a nucleus leaves a hole that is then filled; a nucleus is
     # judged against the maximum area (and exported) with its holes filled
-    kept = _relabel_by_area(pieces, min_px, np.inf)
-    return _relabel_by_area(fill_label_holes(kept), 0, max_px)
+    kept = relabel_by_area(pieces, min_px, np.inf)
+    return relabel_by_area(fill_label_holes(kept), 0, max_px)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -169,12 +170,14 @@ _WORKER_WORK: TileWork | None = None
 def _init_worker(work: TileWork) -> None:
     global _WORKER_WORK
     _WORKER_WORK = work
-    import torch
     from threadpoolctl import threadpool_limits
 
-    # one core per worker process: no torch, BLAS or OpenMP threads fighting the other workers
-    torch.set_num_threads(1)
+    # one core per worker process: no BLAS, OpenMP (or torch, if a route imported it) threads
+    # fighting the other workers
     threadpool_limits(1)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)
 
 
 def _process_tile_in_worker(image: np.ndarray, raw: Any, tile: Tile) -> TileCandidates:

@@ -37,7 +37,8 @@ from .pipeline import CellAnnotator, ShapeOnly
 from .polygons import labels_to_polygons
 from .progress import NullProgress, ProgressHook
 from .segmenter.network import SegEnsemble, Segmenter, SegNet, read_segmenter_file
-from .segmenter.predict import instances_from_maps, predict_maps
+from .segmenter.predict import predict_maps
+from .segmenter.readout import instances_from_maps
 from .slide import Slide
 from .stitching import Candidate
 

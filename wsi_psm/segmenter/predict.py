@@ -1,14 +1,10 @@
-"""Running the downstream network: batched, tiled, test-time-augmented maps, and maps -> instances.
+"""Running the downstream network: batched, tiled, test-time-augmented maps (read out into
+instances by :mod:`wsi_psm.segmenter.readout`).
 
 ``predict_maps`` turns a uint8 RGB image of any size into two probability maps (nucleus foreground,
 normalised distance to the nucleus edge) at the same pixels. Large images go in overlapping windows
 whose centres are kept; windows are batched on the device, each with its 8 dihedral variants
 averaged (test-time augmentation) when asked.
-
-``maps_to_instances`` is the instance read-out: markers are the connected cores of high predicted
-distance inside the foreground, and a marker-controlled watershed on the (negated) distance map
-fills the foreground from them, so touching nuclei part along the distance valleys between their
-centres (not connected components).
 """
 
 from __future__ import annotations
@@ -17,37 +13,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
-from skimage.measure import label as cc_label
-from skimage.morphology import h_maxima
-from skimage.segmentation import watershed
 
 from wsi_psm.config import RunConfig
-from wsi_psm.instances import fill_label_holes, fill_small_holes
 from wsi_psm.preprocess import to_network_input
 from wsi_psm.segmenter.network import Segmenter
-
-_FOUR = ndi.generate_binary_structure(2, 1)
-_EIGHT = np.ones((3, 3), bool)
-
-
-def _h_maxima_by_component(q: np.ndarray, h: int) -> np.ndarray:
-    """skimage's ``h_maxima`` of a non-negative int image, one 8-connected ``q > 0`` component at a
-    time (each cropped with a zero border). The same maxima wherever ``q >= h`` (zero separates the
-    components, so no reconstruction path crosses it at a level that matters there), about 3x
-    faster on a tile of nuclei: skimage sorts every pixel of the image it is given."""
-    lab, _ = ndi.label(q > 0, structure=_EIGHT)
-    out = np.zeros(q.shape, bool)
-    rows, cols = q.shape
-    for i, box in enumerate(ndi.find_objects(lab), 1):
-        if box is None:
-            continue
-        r0, r1 = max(box[0].start - 1, 0), min(box[0].stop + 1, rows)
-        c0, c1 = max(box[1].start - 1, 0), min(box[1].stop + 1, cols)
-        own = lab[r0:r1, c0:c1] == i
-        sub = np.where(own, q[r0:r1, c0:c1], 0)
-        out[r0:r1, c0:c1] |= h_maxima(sub, h).astype(bool) & own
-    return out
+from wsi_psm.segmenter.readout import instances_from_maps
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -143,127 +113,6 @@ def predict_maps(
         for (ys, yk0, yk1, xs, xk0, xk1), m in zip(chunk, maps, strict=True):
             out[:, yk0:yk1, xk0:xk1] = m[:, yk0 - ys : yk1 - ys, xk0 - xs : xk1 - xs]
     return out
-
-
-def _relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarray:
-    area = np.bincount(labels.ravel())
-    keep = (area >= min_px) & (area <= max_px)
-    keep[0] = False
-    lut = np.zeros(len(area), dtype=np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return lut[labels]
-
-
-def _shrink(labels: np.ndarray, shrink_um: float, mpp: float) -> np.ndarray:
-    """``labels`` without the pixels whose centre lies within ``shrink_um`` of their instance's edge
-    (the edge with the background or with another instance; the image border is no edge). Each
-    instance keeps its largest 4-connected piece; instances left empty are dropped (renumbered)."""
-    if 0.5 * mpp >= shrink_um:  # every centre is at least half a pixel in: nothing to take off
-        return labels
-    lo = ndi.grey_erosion(labels, footprint=_FOUR, mode="nearest")
-    hi = ndi.grey_dilation(labels, footprint=_FOUR, mode="nearest")
-    edge = (labels > 0) & ((lo != labels) | (hi != labels))
-    if not edge.any():
-        return labels
-    # an edge pixel's centre is half a pixel from the edge; the others add their distance to one
-    to_edge = (ndi.distance_transform_edt(~edge) + 0.5) * mpp
-    if not (to_edge[edge] < shrink_um).any():  # less than half a pixel: nothing to take off
-        return labels
-    cut = np.where(to_edge < shrink_um, 0, labels)
-    pieces = cc_label(cut, background=0, connectivity=1)  # 4-connected pieces of one label each
-    n = int(pieces.max())
-    if n == 0:
-        return np.zeros_like(labels)
-    owner = np.zeros(n + 1, np.int64)
-    owner[pieces.ravel()] = cut.ravel()
-    area = np.bincount(pieces.ravel(), minlength=n + 1)
-    area[0] = 0
-    # the largest piece of each instance: sort pieces by (owner, area) and keep each owner's last
-    order = np.lexsort((area[1:], owner[1:])) + 1
-    last = np.r_[owner[order][1:] != owner[order][:-1], True]
-    keep = np.zeros(n + 1, bool)
-    keep[order[last]] = True
-    lut = np.zeros(n + 1, np.int32)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return lut[pieces]
-
-
-def _split_cores(
-    cores: np.ndarray, n_cores: int, mask: np.ndarray, d: np.ndarray, h: float, floor: float
-) -> tuple[np.ndarray, int]:
-    """Markers = the h-maxima of ``d`` inside ``mask`` (above ``floor``), plus every threshold core
-    that holds none of them. Touching nuclei whose distance peaks are parted by a shallow valley
-    (one core above the threshold) get one marker each."""
-    # quantised to 1/1000: h_maxima on floats is sensitive to rounding plateaus
-    q = np.where(mask, np.round(d * 1000), 0).astype(np.int32)
-    h_q = max(1, round(h * 1000))
-    peaks = _h_maxima_by_component(q, h_q) & (d > floor) & (q >= h_q)
-    plabels, n_peaks = ndi.label(peaks, structure=np.ones((3, 3), bool))
-    has_peak = np.zeros(n_cores + 1, bool)
-    has_peak[np.unique(cores[plabels > 0])] = True
-    has_peak[0] = True
-    lonely, n_lonely = ndi.label(~has_peak[cores], structure=_FOUR)
-    markers = np.where(plabels > 0, plabels, np.where(lonely > 0, lonely + n_peaks, 0))
-    return markers.astype(np.int32), n_peaks + n_lonely
-
-
-def maps_to_instances(
-    fg: np.ndarray,
-    dist: np.ndarray,
-    *,
-    mpp: float,
-    fg_threshold: float = 0.5,
-    marker_threshold: float = 0.5,
-    marker_h: float = 0.0,
-    smooth_um: float = 0.25,
-    shrink_um: float = 0.0,
-    min_area_um2: float = 8.0,
-    max_area_um2: float = 300.0,
-) -> np.ndarray:
-    """Instance labels (int32, 0 = background) from foreground and distance probability maps.
-
-    Markers: 4-connected components of ``dist > marker_threshold`` inside the foreground. With
-    ``marker_h > 0`` every regional maximum of the (smoothed) distance that stands at least
-    ``marker_h`` above its surroundings (an h-maximum, above ``marker_threshold / 2``) is a marker
-    of its own, so a core that holds two peaks is split, and a core without one keeps one marker.
-    Each foreground component without a marker keeps one label of its own. ``shrink_um > 0``
-    then takes off every pixel whose centre lies within that many µm of its instance's edge (with
-    the background or a neighbour; none where a pixel is at least twice as wide). Labels are one
-    4-connected piece each, hole-free, area-filtered (µm²), numbered 1..n in raster order.
-    """
-    px = mpp * mpp
-    sigma = smooth_um / mpp
-    d = (
-        ndi.gaussian_filter(dist.astype(np.float32), sigma)
-        if sigma > 0
-        else dist.astype(np.float32)
-    )
-    mask = fill_small_holes(fg > fg_threshold, min_area_um2 / px)
-    if not mask.any():
-        return np.zeros(fg.shape, np.int32)
-    markers, n = ndi.label(mask & (d > marker_threshold), structure=_FOUR)
-    if marker_h > 0:
-        markers, n = _split_cores(markers, n, mask, d, marker_h, marker_threshold / 2)
-    labels = watershed(-d, markers, mask=mask, connectivity=1)
-    orphans = mask & (labels == 0)
-    if orphans.any():
-        extra, _ = ndi.label(orphans, structure=_FOUR)
-        labels = np.where(orphans, extra + n, labels)
-    pieces = cc_label(labels, background=0, connectivity=1)
-    kept = _relabel_by_area(pieces, min_area_um2 / px, np.inf)
-    out = _relabel_by_area(fill_label_holes(kept), 0, max_area_um2 / px)
-    # the sizes are judged before the shrink: it trims the halo, not the nucleus found
-    return _shrink(out, shrink_um, mpp) if shrink_um > 0 else out
-
-
-def instances_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
-    """:func:`maps_to_instances` on a (2, H, W) map pair at ``mpp``, with the run's thresholds and sizes."""
-    sc, ic = cfg.segmenter, cfg.instances
-    return maps_to_instances(
-        np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32), mpp=mpp,
-        fg_threshold=sc.fg_threshold, marker_threshold=sc.marker_threshold, marker_h=sc.marker_h,
-        shrink_um=sc.shrink_um, min_area_um2=ic.min_area_um2, max_area_um2=ic.max_area_um2,
-    )  # fmt: skip
 
 
 class SegmenterPredictor:

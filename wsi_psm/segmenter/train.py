@@ -359,7 +359,8 @@ def fit_on_pseudo_masks(
     ``images``: uint8 RGB at ``cfg.target_mpp`` (any sizes); ``masks``: their boolean pseudo masks.
     ``progress(stage, step, total)`` is called after every optimiser step.
     """
-    from wsi_psm.segmenter.predict import instances_from_maps, predict_maps
+    from wsi_psm.segmenter.predict import predict_maps
+    from wsi_psm.segmenter.readout import instances_from_maps
 
     if len(images) != len(masks) or not images:
         raise ValueError(
