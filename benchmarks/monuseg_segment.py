@@ -14,7 +14,10 @@ split into nuclei by the same distance watershed), scored the same way.
 Run from the repository root (2 CPU cores: about 3 minutes, plus about 1 minute for the ablation):
 
     .venv/bin/python benchmarks/monuseg_segment.py [--data ../shared/data/monuseg-train]
-        [--model FILE] [--out DIR] [--json out.json] [--no-ablation]
+        [--model FILE] [--target-mpp MPP] [--dev-only] [--out DIR] [--json out.json] [--no-ablation]
+
+``--target-mpp`` (processing resolution) defaults to the one the model was trained at (recorded in
+its segmenter meta), else ``RunConfig().target_mpp``.
 """
 
 from __future__ import annotations
@@ -35,12 +38,23 @@ from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
 from wsi_psm.instances import split_instances
 from wsi_psm.metrics import segmentation_scores
 from wsi_psm.segment import DEFAULT_MODEL, pseudo_masks_per_image, segment_images
+from wsi_psm.segmenter.network import read_segmenter_file
 from wsi_psm.slide import Slide
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "monuseg-train"
 MONUSEG_MPP = 0.25
 KEYS = ("pixel_f1", "object_dice", "aji", "pq")
+
+
+def model_mpp(path: Path) -> float | None:
+    """The processing resolution a segmenter / model file was trained at (None if not recorded)."""
+    try:
+        _, meta = read_segmenter_file(path)
+    except Exception:  # not a segmenter file: segment reports it later
+        return None
+    mpp = meta.get("target_mpp")
+    return float(mpp) if mpp else None
 
 
 def print_block(title: str, rows: dict[str, dict[str, float]], seconds: dict[str, float]) -> dict:
@@ -104,17 +118,30 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the shipped model, fit on the images segmented (segmenter.default_model=fit)",
     )  # fmt: skip
     ap.add_argument("--xml-only", action="store_true", help="segment only the 13 images with XML")
+    ap.add_argument(
+        "--dev-only", action="store_true",
+        help="segment only the 17 mask-only images (the dev set; the XML test set stays unscored)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--target-mpp", type=float,
+        help="processing resolution, µm/px (default: the model's recorded one, else RunConfig's)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"MoNuSeg data not found: {args.data}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    cfg = RunConfig()
+    mpp = args.target_mpp
+    if mpp is None and not args.fit:
+        mpp = model_mpp(args.model or DEFAULT_MODEL)
+    cfg = RunConfig().with_updates(target_mpp=mpp)
     if args.fit:
         cfg = cfg.with_updates(**{"segmenter.default_model": "fit"})
     cases = monuseg_cases(args.data)
     if args.xml_only:
         cases = [c for c in cases if c.has_xml]
+    if args.dev_only:
+        cases = [c for c in cases if not c.has_xml]
     xml = [c for c in cases if c.has_xml]
     mask_only = [c for c in cases if not c.has_xml]
     tmp = None
@@ -125,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds: dict[str, float] = {}
     model = args.model
     what = "fitted on the images segmented" if args.fit else (model or DEFAULT_MODEL)
-    print(f"segment: default options, mpp {MONUSEG_MPP}, model {what}, device {cfg.device}")
+    print(f"segment: default options, mpp {MONUSEG_MPP}, processing at {cfg.target_mpp} µm/px, "
+          f"model {what}, device {cfg.device}")  # fmt: skip
     t0 = time.perf_counter()
     segment_images(
         [c.image for c in cases], out, cfg, model=model, mpp=MONUSEG_MPP, overwrite=True,
@@ -136,14 +164,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} torch threads)")  # fmt: skip
     ev = evaluate_segmentation(out, args.data)
     rows = ev["images"]
-    report = {
-        "config": cfg.to_dict(),
-        "model": str(what),
-        "wall_seconds": wall,
-        "xml": print_block(
+    report = {"config": cfg.to_dict(), "model": str(what), "wall_seconds": wall}
+    if xml:
+        report["xml"] = print_block(
             "MoNuSeg images with XML ground truth", {c.stem: rows[c.stem] for c in xml}, seconds
-        ),
-    }
+        )
     if mask_only:
         report["mask_only"] = print_block(
             "MoNuSeg images with derived colour masks only (the default model's unlabelled training images)",
@@ -155,16 +180,20 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as err:  # a stand-alone segmenter file carries no pseudo-mask model
             print(f"\n(ablation skipped: {err})")
         else:
-            a_xml = print_block("ablation: the pseudo masks the network was trained on, XML images",
-                                {c.stem: abl[c.stem] for c in xml}, {})  # fmt: skip
-            a_mo = print_block("ablation: pseudo masks, mask-only images",
-                               {c.stem: abl[c.stem] for c in mask_only}, {})  # fmt: skip
-            report["ablation_pseudo_masks"] = {"xml": a_xml, "mask_only": a_mo}
+            blocks = {}
+            if xml:
+                blocks["xml"] = print_block(
+                    "ablation: the pseudo masks the network was trained on, XML images",
+                    {c.stem: abl[c.stem] for c in xml}, {},
+                )  # fmt: skip
+            blocks["mask_only"] = print_block("ablation: pseudo masks, mask-only images",
+                                              {c.stem: abl[c.stem] for c in mask_only}, {})  # fmt: skip
+            report["ablation_pseudo_masks"] = blocks
             print("\nnetwork minus pseudo masks (mean):")
-            for name, net_b, ps_b in (
-                ("XML", report["xml"], a_xml),
-                ("mask-only", report["mask_only"], a_mo),
-            ):
+            for key, name in (("xml", "XML"), ("mask_only", "mask-only")):
+                if key not in blocks:
+                    continue
+                net_b, ps_b = report[key], blocks[key]
                 print(f"  {name:10s} " + " ".join(
                     f"{k} {net_b['mean'][k] - ps_b['mean'][k]:+.3f}" for k in KEYS))  # fmt: skip
     if args.json:
