@@ -393,8 +393,8 @@ def resolve_labeller(
     mpp: float | None,
     device: torch.device,
     progress: ProgressHook | None = None,
-) -> tuple[ImageLabeller, str]:
-    """How ``segment`` turns an image into instances, and a one-line description of the route.
+) -> ImageLabeller:
+    """How ``segment`` turns an image into instances.
 
     The downstream network: ``model``, else per ``segmenter.default_model``: "shipped" (the packaged
     H&E network; IHC images, which it was not trained on and where it finds few pale
@@ -418,7 +418,7 @@ def resolve_labeller(
             lab = split_instances(fg, mpp=cfg.target_mpp, cfg=cfg.instances)
             return _resize_labels(lab, native.shape[:2])
 
-        return pseudo_labels, "PSM pseudo masks fitted on the images + watershed"
+        return pseudo_labels
     if model is None and sc.default_model == "shipped":
         if _images_stain(paths, cfg, mpp) == "ihc-dab":
             cfg = cfg.with_updates(stain="ihc-dab", **{"segmenter.default_model": "fit"})
@@ -428,7 +428,7 @@ def resolve_labeller(
     def network_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:
         return segment_array(native, proc, native_mpp, net, device, cfg)
 
-    return network_labels, "downstream network"
+    return network_labels
 
 
 def _read_pair(p: Path, cfg: RunConfig, mpp: float | None) -> tuple[np.ndarray, np.ndarray, float]:
@@ -507,7 +507,7 @@ def segment_images(
     except OSError as err:
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
     device = select_device(cfg.device)
-    labeller, _route = resolve_labeller(
+    labeller = resolve_labeller(
         model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress
     )
     cache: dict[Path, np.ndarray] = {}
