@@ -37,24 +37,13 @@ from wsi_psm.evaluation import SEGMENTATION_KEYS, evaluate_segmentation
 from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
 from wsi_psm.instances import split_instances
 from wsi_psm.metrics import segmentation_scores
-from wsi_psm.segment import DEFAULT_MODEL, pseudo_masks_per_image, segment_images
-from wsi_psm.segmenter.network import read_segmenter_file
+from wsi_psm.segment import DEFAULT_MODEL, model_mpp, pseudo_masks_per_image, segment_images
 from wsi_psm.slide import Slide
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "monuseg-train"
 MONUSEG_MPP = 0.25
 KEYS = ("pixel_f1", "object_dice", "aji", "pq")
-
-
-def model_mpp(path: Path) -> float | None:
-    """The processing resolution a segmenter / model file was trained at (None if not recorded)."""
-    try:
-        _, meta = read_segmenter_file(path)
-    except Exception:  # not a segmenter file: segment reports it later
-        return None
-    mpp = meta.get("target_mpp")
-    return float(mpp) if mpp else None
 
 
 def print_block(title: str, rows: dict[str, dict[str, float]], seconds: dict[str, float]) -> dict:

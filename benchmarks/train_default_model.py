@@ -20,7 +20,7 @@ refit from that bundle's pseudo masks with ``fit_segmenter`` (seed 0, same sched
 full rerun did not fit in the session on a shared 2-core machine (benchmarks/README.md).
 
     .venv/bin/python benchmarks/train_default_model.py [--data ../shared/data/monuseg-train]
-        [--out wsi_psm/models/default.pt] [--threads 2] [--target-mpp 0.5]
+        [--out wsi_psm/models/default.pt] [--threads 2] [--target-mpp 0.5] [--set KEY=JSON ...]
 
 About 15 minutes on 2 CPU cores.
 """
@@ -28,6 +28,7 @@ About 15 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -85,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         "--target-mpp", type=float, default=None,
         help="processing resolution, µm/px (default: RunConfig().target_mpp); crop sizes stay in px",
     )  # fmt: skip
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=JSON",
+        help="a config change for experiments, e.g. segmenter.fit_steps=1800 (repeatable)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if not args.data.is_dir():
         print(f"MoNuSeg data not found: {args.data}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     cfg = RunConfig().with_updates(device="cpu", target_mpp=args.target_mpp)
+    cfg = cfg.with_updates(**{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)})
     # images only: the case list is used to tell which images have an XML, never to read one
     paths = [c.image for c in monuseg_cases(args.data) if not c.has_xml]
     print(f"training on {len(paths)} unannotated MoNuSeg images at {cfg.target_mpp} µm/px")

@@ -19,9 +19,11 @@ from wsi_psm.segment import (
     DEFAULT_MODEL,
     SegmentInputError,
     load_segmenter,
+    model_mpp,
     output_paths,
     resolve_model,
     segment_images,
+    shipped_matches,
 )
 from wsi_psm.segmenter.network import SegNet, save_segmenter
 from wsi_psm.segmenter.train import fit_segmenter, sample_from_labels
@@ -132,6 +134,32 @@ def test_model_files(tmp_path, trained_net) -> None:
         load_segmenter(junk)
     with pytest.raises(ModelError):
         load_segmenter(tmp_path / "missing.pt")
+
+
+def test_model_file_runs_at_its_training_resolution(tmp_path, trained_net, monkeypatch) -> None:
+    """A model file recording 0.25 µm/px is applied at 0.25 µm/px, whatever the config says."""
+    import wsi_psm.segment as seg
+
+    path = save_segmenter(tmp_path / "m025.pt", trained_net, target_mpp=0.25)
+    assert model_mpp(path) == 0.25 and model_mpp(trained_net) is None
+    seen = []
+    real = seg.segment_array
+    monkeypatch.setattr(
+        seg,
+        "segment_array",
+        lambda native, proc, *a: seen.append(proc.shape) or real(native, proc, *a),
+    )
+    img, _ = synthetic_tile(96)
+    src = tmp_path / "t.png"
+    write_png(src, img)
+    segment_images([src], tmp_path / "o", CFG, model=path, mpp=0.25)  # CFG processes at 0.5
+    assert seen and all(s[:2] == (96, 96) for s in seen)  # not 48 x 48
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no default model shipped in this checkout")
+def test_shipped_model_serves_only_its_resolution() -> None:
+    assert shipped_matches(CFG)
+    assert not shipped_matches(CFG.with_updates(target_mpp=0.25))  # `segment` fits a network then
 
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no default model shipped in this checkout")

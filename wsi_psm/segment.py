@@ -18,6 +18,7 @@ Model: a :class:`~wsi_psm.segmenter.network.SegNet` (or ensemble), a segmenter s
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -41,6 +42,8 @@ from .segmenter.predict import predict_maps
 from .segmenter.readout import instances_from_maps
 from .slide import Slide
 from .stitching import Candidate
+
+log = logging.getLogger(__name__)
 
 SEGMENT_STAGE = "segment"
 
@@ -371,6 +374,29 @@ def resolve_model(
     return default_model()
 
 
+def model_mpp(model: Any) -> float | None:
+    """The processing resolution (µm/px) a given model was trained at, as recorded in it; None for
+    a bare network object, no model, or an unreadable file (:func:`load_segmenter` reports that)."""
+    meta: dict[str, Any] = {}
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            _, meta = read_segmenter_file(model)
+        except Exception:
+            return None
+    elif model is not None and not isinstance(model, (SegNet, SegEnsemble)):
+        meta = (getattr(model, "component_meta", {}) or {}).get(SEGMENTER_COMPONENT) or {}
+        if not meta.get("target_mpp") and getattr(model, "config", None) is not None:
+            meta = {"target_mpp": model.config.target_mpp}
+    mpp = meta.get("target_mpp")
+    return float(mpp) if mpp else None
+
+
+def shipped_matches(cfg: RunConfig) -> bool:
+    """Whether the shipped network was trained at ``cfg.target_mpp`` (else it cannot serve it)."""
+    mpp = model_mpp(DEFAULT_MODEL) if DEFAULT_MODEL.is_file() else None
+    return mpp is not None and abs(mpp - cfg.target_mpp) < 1e-6
+
+
 ImageLabeller = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
 """(native uint8 RGB, the same at ``cfg.target_mpp``, native mpp) -> int32 labels at native pixels."""
 
@@ -398,7 +424,8 @@ def resolve_labeller(
 
     The downstream network: ``model``, else per ``segmenter.default_model``: "shipped" (the packaged
     H&E network; IHC images, which it was not trained on and where it finds few pale
-    haematoxylin-only nuclei, get a network fitted on the images themselves, label-free), "fit"
+    haematoxylin-only nuclei, and any ``target_mpp`` other than the one it was trained at, get a
+    network fitted on the images themselves, label-free), "fit"
     (always fitted on the images), or "none" (no network: an activation net and clustering fitted
     on a sample of the images, pseudo masks split by the watershed).
     """
@@ -422,6 +449,8 @@ def resolve_labeller(
     if model is None and sc.default_model == "shipped":
         if _images_stain(paths, cfg, mpp) == "ihc-dab":
             cfg = cfg.with_updates(stain="ihc-dab", **{"segmenter.default_model": "fit"})
+        elif not shipped_matches(cfg):  # as `run`: another resolution needs its own network
+            cfg = cfg.with_updates(**{"segmenter.default_model": "fit"})
     net = resolve_model(model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress)
     net = net.to(device).eval()
 
@@ -489,7 +518,8 @@ def segment_images(
 ) -> list[Path]:
     """Segment every image of ``paths`` into ``out_dir``; returns the written files (two per image).
 
-    ``mpp`` overrides the images' own resolution (MoNuSeg TIFFs carry none: pass 0.25).
+    ``mpp`` overrides the images' own resolution (MoNuSeg TIFFs carry none: pass 0.25). A given
+    ``model`` that records its training resolution is applied at it, whatever ``cfg.target_mpp``.
     ``annotator`` names and measures the cells; by default (``classes.enabled``) the label-free
     classes are fitted on the images' own cells first (:func:`fit_image_classes`), else one class
     "Nucleus". ``on_image(path, n_cells, seconds)`` is called after each image.
@@ -507,6 +537,11 @@ def segment_images(
     except OSError as err:
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
     device = select_device(cfg.device)
+    trained_mpp = model_mpp(model)
+    if trained_mpp is not None and abs(trained_mpp - cfg.target_mpp) > 1e-6:
+        # a given model works at the resolution it was trained at (as `run --model` does)
+        log.info("processing at %g µm/px, the resolution the model was trained at", trained_mpp)
+        cfg = cfg.with_updates(target_mpp=trained_mpp)
     labeller = resolve_labeller(
         model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress
     )
@@ -543,6 +578,7 @@ __all__ = [
     "fit_image_classes",
     "fit_on_images",
     "load_segmenter",
+    "model_mpp",
     "output_paths",
     "pseudo_masks_per_image",
     "resolve_labeller",
