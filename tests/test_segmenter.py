@@ -269,6 +269,25 @@ def test_fit_on_pseudo_masks_runs_refinement() -> None:
     assert isinstance(single, SegNet)
 
 
+def test_fit_on_pseudo_masks_warm_start_per_member() -> None:
+    """With ``init``, round r starts from a copy of member r: a tiny learning rate stays near it."""
+    img, labels = synthetic_tile(96)
+    cfg = RunConfig().with_updates(
+        **{"segmenter.fit_steps": 2, "segmenter.fit_batch": 2, "segmenter.fit_crop_px": 48,
+           "segmenter.lr": 1e-7, "segmenter.refine_rounds": 1}
+    )  # fmt: skip
+    start = SegEnsemble([tiny_net(1), tiny_net(2)])
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    net = fit_on_pseudo_masks([img], [labels > 0], cfg, init=start)
+    assert isinstance(net, SegEnsemble) and len(net.members) == 2
+    for got, ref in zip(net.members, start.members, strict=True):
+        w, r = got.head.weight, ref.head.weight
+        assert w.shape == r.shape and torch.allclose(w, r, atol=1e-4)
+    # the starting nets are copied, never trained in place
+    for k, v in start.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 def test_ensemble_averages_probabilities_and_round_trips() -> None:
     a, b = tiny_net(1), tiny_net(2)
     ens = SegEnsemble([a, b]).eval()

@@ -157,6 +157,11 @@ class SegmenterConfig(_Frozen):
         "instances",
         description="refinement teacher points: distance-map peaks, or centroids of the instances",
     )
+    init: Literal["scratch", "shipped"] = Field(
+        "scratch",
+        description="fits start from random weights, or from the shipped H&E network's (each "
+        "round from the matching member; same architecture required)",
+    )
     ensemble: bool = Field(
         True, description="keep and average the pseudo-mask net and the last refined net"
     )

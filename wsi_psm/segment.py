@@ -183,6 +183,11 @@ def default_model() -> Segmenter:
     return load_segmenter(DEFAULT_MODEL)
 
 
+def fit_start(cfg: RunConfig) -> Segmenter | None:
+    """The weights a label-free segmenter fit starts from (``segmenter.init``): None = random."""
+    return default_model() if cfg.segmenter.init == "shipped" else None
+
+
 def read_processing_images(
     paths: Sequence[Path], cfg: RunConfig, mpp: float | None
 ) -> list[np.ndarray]:
@@ -241,7 +246,7 @@ def fit_on_images(
     progress.start("fit: segmenter", sc.fit_steps * (sc.refine_rounds + 1))
     net = fit_on_pseudo_masks(
         images, masks, cfg, stain=bundle.stain, device=device,
-        progress=lambda stage, i, n: progress.advance("fit: segmenter", 1),
+        progress=lambda stage, i, n: progress.advance("fit: segmenter", 1), init=fit_start(cfg),
     )  # fmt: skip
     progress.done("fit: segmenter")
     set_segmenter(
@@ -320,7 +325,7 @@ def attach_segmenter(
     t = time.perf_counter()
     net = fit_on_pseudo_masks(
         images, masks, cfg, stain=bundle.stain, device=device,
-        progress=lambda _stage, i, n: progress.advance(stage, 1),
+        progress=lambda _stage, i, n: progress.advance(stage, 1), init=fit_start(cfg),
     )  # fmt: skip
     progress.done(stage)
     set_segmenter(

@@ -15,6 +15,7 @@ fit with the same seed, data and config gives the same weights on CPU.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -345,6 +346,7 @@ def fit_on_pseudo_masks(
     stain: Stain = "he",
     device: torch.device | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    init: Segmenter | None = None,
 ) -> Segmenter:
     """The label-free downstream fit, on a fixed schedule (no annotation, no checkpoint selection):
 
@@ -355,6 +357,9 @@ def fit_on_pseudo_masks(
        fresh net is trained on those;
     3. with ``ensemble`` (and at least one refinement), the result averages the first and the last
        net (:class:`SegEnsemble`), else it is the last net.
+
+    ``init``: start round r from a copy of member r of this trained net or ensemble (the last
+    member for later rounds) instead of random weights.
 
     ``images``: uint8 RGB at ``cfg.target_mpp`` (any sizes); ``masks``: their boolean pseudo masks.
     ``progress(stage, step, total)`` is called after every optimiser step.
@@ -397,9 +402,14 @@ def fit_on_pseudo_masks(
             if progress is not None:
                 progress(stage, i, n)
 
+        start = None
+        if init is not None:
+            members = list(init.members) if isinstance(init, SegEnsemble) else [init]
+            start = copy.deepcopy(members[min(rnd, len(members) - 1)]).float()
         net = fit_segmenter(
             samples, width=sc.width, depth=sc.depth, steps=sc.fit_steps, batch=sc.fit_batch,
             crop=sc.fit_crop_px, lr=sc.lr, seed=cfg.seed + rnd, device=device, progress=step,
+            init=start,
         )  # fmt: skip
         nets.append(net)
     out: Segmenter = SegEnsemble([nets[0], nets[-1]]) if sc.ensemble and len(nets) > 1 else nets[-1]
