@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as cc_label
-from skimage.morphology import h_maxima
+from skimage.morphology import h_maxima, local_maxima
 from skimage.segmentation import watershed
 
 from wsi_psm.config import RunConfig
@@ -27,13 +27,21 @@ _EIGHT = np.ones((3, 3), bool)
 def _h_maxima_by_component(q: np.ndarray, h: int) -> np.ndarray:
     """skimage's ``h_maxima`` of a non-negative int image, one 8-connected ``q > 0`` component at a
     time (each cropped with a zero border). The same maxima wherever ``q >= h`` (zero separates the
-    components, so no reconstruction path crosses it at a level that matters there), about 3x
-    faster on a tile of nuclei: skimage sorts every pixel of the image it is given."""
-    lab, _ = ndi.label(q > 0, structure=_EIGHT)
-    out = np.zeros(q.shape, bool)
+    components, so no reconstruction path crosses it at a level that matters there), several times
+    faster on a tile of nuclei: skimage sorts every pixel of the image it is given, and most
+    components (one nucleus each) have a single regional maximum, which is taken as it is (its
+    dynamic is its whole height above the zero around it)."""
+    lab, n = ndi.label(q > 0, structure=_EIGHT)
+    peaks = local_maxima(q, connectivity=2, allow_borders=True) & (lab > 0)
+    plat, n_plat = ndi.label(peaks, structure=_EIGHT)
+    owner = np.zeros(n_plat + 1, np.int64)
+    owner[plat.ravel()] = lab.ravel()  # a plateau lies in one component
+    single = np.bincount(owner[1:], minlength=n + 1) == 1
+    single[0] = False
+    out = peaks & single[lab]
     rows, cols = q.shape
     for i, box in enumerate(ndi.find_objects(lab), 1):
-        if box is None:
+        if box is None or single[i]:
             continue
         r0, r1 = max(box[0].start - 1, 0), min(box[0].stop + 1, rows)
         c0, c1 = max(box[1].start - 1, 0), min(box[1].stop + 1, cols)
