@@ -357,15 +357,23 @@ def segment(
     was not trained on) get a network fitted on themselves, label-free (about 10 minutes on 2 CPU
     cores, a minute on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
     images' own cells. segmenter.default_model in --config changes the route (shipped, fit, none).
+    A --model runs at the resolution it was trained at (over --target-mpp); the shipped network
+    only at its own 0.5 µm/px, so another --target-mpp fits a network on the images.
     """
     from wsi_psm.discovery import find_slides
-    from wsi_psm.segment import segment_images
+    from wsi_psm.segment import model_mpp, segment_images
 
     from .progress import progress_bars
 
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain)
     paths = [s.path for s in find_slides(images)]
     bundle = _load_model(model) if model else None
+    trained = model_mpp(bundle)
+    if trained is not None and abs(trained - cfg.target_mpp) > 1e-6:
+        console.print(
+            f"note: the model was trained at {trained:g} µm/px; processing at that resolution",
+            highlight=False,
+        )
     with progress_bars(not quiet) as prog:
         written = segment_images(
             paths, output, cfg, model=bundle, mpp=mpp, overwrite=overwrite, progress=prog
