@@ -156,6 +156,53 @@ def test_model_file_runs_at_its_training_resolution(tmp_path, trained_net, monke
     assert seen and all(s[:2] == (96, 96) for s in seen)  # not 48 x 48
 
 
+def _disc_maps(shape: tuple[int, int], centres: list[tuple[int, int]], r: float) -> np.ndarray:
+    """Network-like maps: foreground discs and their normalised distance."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    fg = np.zeros(shape, np.float32)
+    dist = np.zeros(shape, np.float32)
+    for cy, cx in centres:
+        d = 1 - np.hypot(yy - cy, xx - cx) / r
+        fg[d > 0] = 1
+        dist = np.maximum(dist, np.clip(d, 0, 1))
+    return np.stack([fg, dist])
+
+
+@pytest.mark.parametrize(("pieces", "zoomed_kept"), [(2, True), (4, False)])
+def test_zoom_check_keeps_the_magnified_result_only_for_the_same_nuclei(
+    monkeypatch, pieces, zoomed_kept
+) -> None:
+    """1x: one merged object. 2x: two nuclei (the same tissue, resolved: kept) or four pieces per
+    object found at 1x (the net cutting nuclei too large for it: the 1x result is kept)."""
+    import wsi_psm.segment as seg
+
+    def fake_maps(net, rgb, device, **kw):
+        h, w = rgb.shape[:2]
+        if h == 64:  # the processing-resolution image
+            return _disc_maps((h, w), [(32, 32)], 12)
+        centres = [(64, 44), (64, 84)] if pieces == 2 else [(44, 44), (44, 84), (84, 44), (84, 84)]
+        return _disc_maps((h, w), centres, 17)
+
+    monkeypatch.setattr(seg, "predict_maps", fake_maps)
+    native = np.zeros((128, 128, 3), np.uint8)  # at 0.25 µm/px: the 2x image is native itself
+    proc = np.zeros((64, 64, 3), np.uint8)
+    lab = seg.segment_array(native, proc, 0.25, None, torch.device("cpu"), CFG)
+    assert lab.shape == (128, 128)
+    assert lab.max() == (pieces if zoomed_kept else 1)
+    off = CFG.with_updates(**{"segmenter.zoom_check": False})
+    assert seg.segment_array(native, proc, 0.25, None, torch.device("cpu"), off).max() == 1
+
+
+def test_at_mpp_resamples_by_the_mpp_ratio() -> None:
+    from wsi_psm.segment import _at_mpp
+
+    img = (np.arange(40 * 60 * 3) % 251).astype(np.uint8).reshape(40, 60, 3)
+    assert _at_mpp(img, 0.25, 0.25) is img
+    up = _at_mpp(img, 0.5, 0.25)
+    assert up.shape == (80, 120, 3) and up.dtype == np.uint8
+    assert _at_mpp(img, 0.25, 0.5).shape == (20, 30, 3)
+
+
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no default model shipped in this checkout")
 def test_shipped_model_serves_only_its_resolution() -> None:
     assert shipped_matches(CFG)

@@ -104,6 +104,23 @@ def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
+# `segment`'s magnification check: the share of nuclei the 2x-magnified image may add and still
+# count as the same nuclei, resolved (1x: nuclei found once at both scales; 4x: the net cuts every
+# nucleus into net-sized pieces when magnified); halfway between the two.
+ZOOM_COUNT_RATIO = 2.5
+
+
+def _at_mpp(rgb: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
+    """``rgb`` (uint8, at ``mpp``) resampled to ``to_mpp`` (bilinear; antialiased when shrinking)."""
+    if abs(mpp - to_mpp) < 1e-6 * to_mpp:
+        return rgb
+    h, w = rgb.shape[:2]
+    shape = (max(1, round(h * mpp / to_mpp)), max(1, round(w * mpp / to_mpp)))
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False, antialias=to_mpp > mpp)
+    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
 def segment_array(
     rgb_native: np.ndarray,
     rgb_processing: np.ndarray,
@@ -112,14 +129,30 @@ def segment_array(
     device: torch.device,
     cfg: RunConfig,
 ) -> np.ndarray:
-    """Instance labels (int32) at the native image's pixels from its processing-resolution copy."""
+    """Instance labels (int32) at the native image's pixels from its processing-resolution copy.
+
+    With ``segmenter.zoom_check`` the net also sees the image magnified 2x (at half the processing
+    mpp), read out as if at the processing mpp, i.e. with every nucleus twice as large. If that
+    finds under ZOOM_COUNT_RATIO times as many nuclei, they are the same nuclei better resolved
+    (small, crowded nuclei that the net merges at 1x) and the magnified result is kept; a net that
+    cuts nuclei into pieces when they are too large for it finds about 4x as many.
+    """
     sc = cfg.segmenter
     maps = predict_maps(net, rgb_processing, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
     shape = rgb_native.shape[:2]
     if sc.native_instances:
-        return instances_from_maps(_resize_maps(maps, shape), mpp=native_mpp, cfg=cfg)
-    labels = instances_from_maps(maps, mpp=cfg.target_mpp, cfg=cfg)
-    return _resize_labels(labels, shape)
+        labels = instances_from_maps(_resize_maps(maps, shape), mpp=native_mpp, cfg=cfg)
+    else:
+        labels = _resize_labels(instances_from_maps(maps, mpp=cfg.target_mpp, cfg=cfg), shape)
+    n = int(labels.max())
+    if not sc.zoom_check or n == 0:
+        return labels
+    zoomed = _at_mpp(rgb_native, native_mpp, cfg.target_mpp / 2)
+    maps2 = predict_maps(net, zoomed, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
+    labels2 = instances_from_maps(maps2, mpp=cfg.target_mpp, cfg=cfg)
+    if int(labels2.max()) < ZOOM_COUNT_RATIO * n:
+        return _resize_labels(labels2, shape)
+    return labels
 
 
 def _write_outputs(
