@@ -147,7 +147,7 @@ def test_model_file_runs_at_its_training_resolution(tmp_path, trained_net, monke
     monkeypatch.setattr(
         seg,
         "segment_array",
-        lambda native, proc, *a: seen.append(proc.shape) or real(native, proc, *a),
+        lambda native, proc, *a, **kw: seen.append(proc.shape) or real(native, proc, *a, **kw),
     )
     img, _ = synthetic_tile(96)
     src = tmp_path / "t.png"
@@ -186,11 +186,10 @@ def test_zoom_check_keeps_the_magnified_result_only_for_the_same_nuclei(
     monkeypatch.setattr(seg, "predict_maps", fake_maps)
     native = np.zeros((128, 128, 3), np.uint8)  # at 0.25 µm/px: the 2x image is native itself
     proc = np.zeros((64, 64, 3), np.uint8)
-    lab = seg.segment_array(native, proc, 0.25, None, torch.device("cpu"), CFG)
+    lab = seg.segment_array(native, proc, 0.25, None, torch.device("cpu"), CFG, zoom_check=True)
     assert lab.shape == (128, 128)
     assert lab.max() == (pieces if zoomed_kept else 1)
-    off = CFG.with_updates(**{"segmenter.zoom_check": False})
-    assert seg.segment_array(native, proc, 0.25, None, torch.device("cpu"), off).max() == 1
+    assert seg.segment_array(native, proc, 0.25, None, torch.device("cpu"), CFG).max() == 1
 
 
 def test_at_mpp_resamples_by_the_mpp_ratio() -> None:

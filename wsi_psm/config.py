@@ -204,9 +204,9 @@ class SegmenterConfig(_Frozen):
     )
     zoom_check: bool = Field(
         True,
-        description="segment: per image, also run the net on the image magnified 2x and keep that "
-        "when it finds the same nuclei better resolved (fewer than 2.5x as many): small crowded "
-        "nuclei; 5x the network time (slides: not applied)",
+        description="segment with the shipped network: per image, also run it on the image "
+        "magnified 2x and keep that when it finds the same nuclei better resolved (fewer than 2.5x "
+        "as many): small crowded nuclei; 5x the network time (fitted networks, slides: not applied)",
     )
     native_instances: bool = Field(
         True, description="segment: separate instances at the input's resolution (maps upsampled)"
