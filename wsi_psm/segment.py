@@ -18,6 +18,7 @@ Model: a :class:`~wsi_psm.segmenter.network.SegNet` (or ensemble), a segmenter s
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -344,12 +345,10 @@ def attach_segmenter(
     sc = cfg.segmenter
     if sc.default_model == "none":
         return "none (segmenter.default_model = none)"
-    if sc.default_model == "shipped" and DEFAULT_MODEL.is_file():
+    if sc.default_model == "shipped" and bundle.stain == "he" and shipped_matches(cfg):
         net, meta = read_segmenter_file(DEFAULT_MODEL)
-        shipped_mpp = float(meta.get("target_mpp", 0.0))
-        if bundle.stain == "he" and abs(shipped_mpp - cfg.target_mpp) < 1e-6:
-            set_segmenter(bundle, net, **{k: v for k, v in meta.items() if k not in _STATE_KEYS})
-            return "shipped"
+        set_segmenter(bundle, net, **{k: v for k, v in meta.items() if k not in _STATE_KEYS})
+        return "shipped"
     progress = progress or NullProgress()
     images = list(tiles)
     masks = [
@@ -433,9 +432,14 @@ def model_mpp(model: Any) -> float | None:
     return float(mpp) if mpp else None
 
 
+@functools.cache
+def _shipped_mpp() -> float | None:
+    return model_mpp(DEFAULT_MODEL) if DEFAULT_MODEL.is_file() else None
+
+
 def shipped_matches(cfg: RunConfig) -> bool:
     """Whether the shipped network was trained at ``cfg.target_mpp`` (else it cannot serve it)."""
-    mpp = model_mpp(DEFAULT_MODEL) if DEFAULT_MODEL.is_file() else None
+    mpp = _shipped_mpp()  # read once per process: the file is part of the installation
     return mpp is not None and abs(mpp - cfg.target_mpp) < 1e-6
 
 
