@@ -21,16 +21,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from wsi_psm.config import RunConfig
-from wsi_psm.device import select_device
-from wsi_psm.fit import fit_model_on_context
-from wsi_psm.inference import make_predictor
-from wsi_psm.model import ModelBundle
-from wsi_psm.pipeline import decode_workers, prepare_slide, read_tile, run_slide
-from wsi_psm.stream import stream_batches
-
 
 def main() -> None:
+    # imported here, not at the top: spawned post-processing workers re-run this module's top
+    # level, and should import no torch (as under the `wsi-psm` CLI, whose main module is light)
+    from wsi_psm.config import RunConfig
+    from wsi_psm.device import select_device
+    from wsi_psm.fit import fit_model_on_context
+    from wsi_psm.inference import make_predictor
+    from wsi_psm.model import ModelBundle
+    from wsi_psm.pipeline import decode_workers, prepare_slide, read_tile, run_slide
+    from wsi_psm.stream import stream_batches
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("slide")
     ap.add_argument("--model", help="model bundle from `wsi-psm fit` (default: fit on the slide)")
@@ -90,7 +92,15 @@ def main() -> None:
     print(
         f"waiting for post-proc {timings['waiting_for_postprocessing'] / t_pipe:8.2%}   (network blocked by CPU read-out)"
     )
-    print(f"writing outputs       {timings['writing'] / t_pipe:8.2%}   (main thread)")
+    print(
+        f"writing outputs       {timings['writing'] / t_pipe:8.2%}   (writer thread, beside the network)"
+    )
+    n_post = res.summary["counters"]["post_workers"]
+    busy = timings["postprocessing_busy"]
+    print(
+        f"post-processing busy  {busy:8.2f} s   ({busy * 1000 / n:.0f} ms per tile, summed over workers)"
+    )
+    print(f"post-processing pool  {busy / (n_post * t_pipe):8.2%}   busy ({n_post} workers)")
     print(f"peak RSS              {rss_mb:8.0f} MB")
     if device.type == "cuda":
         import torch

@@ -325,5 +325,9 @@ def test_predictor_protocol() -> None:
     imgs = np.stack([synthetic_tile(64, s)[0] for s in range(3)])
     raws = pred.network(imgs)
     assert len(raws) == 3 and raws[0].shape == (2, 64, 64)
+    # float16 for the trip to the post-processing workers, rounded from the float32 maps
+    assert raws[0].dtype == np.float16
+    full = network_maps(pred.net, imgs, CPU, tta=False)
+    np.testing.assert_array_equal(np.stack(raws), full.astype(np.float16))
     lab = pred.labels(imgs[0], raws[0])
     assert lab.shape == (64, 64) and lab.dtype == np.int32

@@ -111,6 +111,35 @@ def test_random_cells_across_seams_no_duplicates_no_losses(tmp_path, seed, post_
     dist = np.sqrt(((found[:, None] - np.array(pts)[None]) ** 2).sum(-1))
     assert len(feats) == len(pts)
     assert np.all((dist < 2.0).sum(axis=0) == 1)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["counters"]["post_workers"] >= 1
+    assert summary["timings_s"]["postprocessing_busy"] > 0  # timed inside the workers
+
+
+class FailsOnThirdTile(DarkThreshold):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def labels(self, image, raw):
+        self.calls += 1
+        if self.calls == 3:
+            raise ValueError("read-out failed on purpose")
+        return super().labels(image, raw)
+
+
+def test_postprocessing_error_reaches_the_caller_and_nothing_is_written(tmp_path):
+    """A read-out error in the pool surfaces through the writer thread; no output folder is left."""
+    slide_path = tmp_path / "s.tif"
+    _plant(slide_path, 512, [(100.0, 100.0), (300.0, 300.0)], radius_px=7)
+    cfg = CFG.with_updates(**{"tiles.post_mode": "threads"})
+    ctx = prepare_slide(slide_path, cfg)
+    try:
+        with pytest.raises(ValueError, match="on purpose"):
+            run_slide(ctx, tmp_path / "out", FailsOnThirdTile(), cfg)
+    finally:
+        ctx.slide.close()
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["s.tif"]
 
 
 def _square(cx: float, cy: float, r: float = 6.0):

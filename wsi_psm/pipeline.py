@@ -3,8 +3,10 @@
 The network stage runs on the caller's thread (the GPU when there is one) on batches the Dask tile
 stream decodes ahead of it; the per-tile CPU work (pseudo mask or probability -> instances ->
 polygons -> measurements and classes) runs in a pool behind it (threads on a CPU run, worker
-processes beside a GPU so the GIL does not starve it), with a bounded number of tiles in flight; cells then pass the seam resolver and stream into the writers. Nothing holds a whole
-slide's cells or pixels, so memory does not grow with slide size.
+processes beside a GPU so the GIL does not starve it), with a bounded number of tiles in flight.
+One writer thread takes the finished tiles in grid order through the seam resolver into the
+writers, so the network's thread never writes. Nothing holds a whole slide's cells or pixels, so
+memory does not grow with slide size.
 """
 
 from __future__ import annotations
@@ -180,9 +182,14 @@ def _init_worker(work: TileWork) -> None:
         torch.set_num_threads(1)
 
 
-def _process_tile_in_worker(image: np.ndarray, raw: Any, tile: Tile) -> TileCandidates:
-    assert _WORKER_WORK is not None
-    return process_tile(image, raw, tile, _WORKER_WORK)
+def _timed_tile(
+    image: np.ndarray, raw: Any, tile: Tile, work: TileWork | None = None
+) -> tuple[TileCandidates, float]:
+    """process_tile and its duration (the pool's busy time); ``work`` None in a worker process."""
+    t = time.perf_counter()
+    work = work if work is not None else _WORKER_WORK
+    assert work is not None
+    return process_tile(image, raw, tile, work), time.perf_counter() - t
 
 
 def decode_workers(cfg: RunConfig, on_gpu: bool) -> int:
@@ -203,7 +210,10 @@ def _post_pool(cfg: RunConfig, work: TileWork, on_gpu: bool) -> tuple[Executor, 
         else decode_workers(cfg, on_gpu)
     )
     if processes:
-        # spawn: never fork a process that holds Dask and torch threads
+        # spawn: never fork a process that holds Dask and torch threads. (A forkserver was tried:
+        # Python <= 3.13 imports its preloaded modules with the working directory first on
+        # sys.path, so a source checkout there shadows the installed package; and the CLI's main
+        # module imports no torch, so a spawned worker starts in about 0.6 s anyway.)
         ctx = multiprocessing.get_context("spawn")
         return (
             ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(work,)),
@@ -248,7 +258,7 @@ def run_slide(
     counts: Counter[str] = Counter()
     colors: dict[str, tuple[int, int, int]] = {}
     cut_dropped = 0
-    t_net = t_wait = t_write = t_post = 0.0
+    t_net = t_wait = t_write = t_post = t_busy = 0.0
     labeller = predictor.labeller() if hasattr(predictor, "labeller") else predictor
     name = ctx.slide.name
     work = TileWork(labeller, annotator, grid, ctx.mpp, band, name)
@@ -267,11 +277,10 @@ def run_slide(
             GeoJSONWriter(tmp / geojson_name, gzip=cfg.geojson_gzip, slide_key=name) as gj,
             GeoParquetWriter(tmp / "cells.parquet", slide_key=name) as gp,
             pool,
+            ThreadPoolExecutor(1, thread_name_prefix="wsi-psm-writer") as writer,
         ):
 
             def write(cells: list[Candidate]) -> None:
-                nonlocal t_write
-                t = time.perf_counter()
                 for c in cells:
                     rec: PreparedCell = c.payload
                     gj.write(rec)
@@ -279,18 +288,23 @@ def run_slide(
                     overlay.add(c.polygon, rec.color)
                     counts[rec.class_name] += 1
                     colors[rec.class_name] = rec.color
+
+            def consume(tile: Tile, fut: Future[tuple[TileCandidates, float]]) -> None:
+                """Writer thread, one tile at a time in grid order (the resolver needs that)."""
+                nonlocal cut_dropped, t_busy, t_write
+                tc, busy = fut.result()
+                t = time.perf_counter()
+                cut_dropped += tc.cut_dropped
+                t_busy += busy
+                write(resolver.add(tile, tc.candidates))
                 t_write += time.perf_counter() - t
+                progress.advance("cells", 1)
 
-            pending: deque[tuple[Tile, Future[TileCandidates]]] = deque()
+            written: deque[Future[None]] = deque()
 
-            def drain(limit: int) -> None:
-                nonlocal cut_dropped
-                while len(pending) > limit:
-                    tile, fut = pending.popleft()
-                    tc = fut.result()
-                    cut_dropped += tc.cut_dropped
-                    write(resolver.add(tile, tc.candidates))
-                    progress.advance("cells", 1)
+            def wait_written(limit: int) -> None:
+                while len(written) > limit:
+                    written.popleft().result()  # re-raises a worker's or the writer's error
 
             progress.start("cells", len(grid))
             it = stream_batches(
@@ -310,20 +324,20 @@ def run_slide(
                 raws = predictor.network(batch.images)
                 t_net += time.perf_counter() - t
                 for tile, image, raw in zip(batch.tiles, batch.images, raws, strict=True):
-                    pending.append(
-                        (
-                            tile,
-                            pool.submit(_process_tile_in_worker, image, raw, tile)
-                            if in_processes
-                            else pool.submit(process_tile, image, raw, tile, work),
-                        )
+                    fut = (
+                        pool.submit(_timed_tile, image, raw, tile)
+                        if in_processes
+                        else pool.submit(_timed_tile, image, raw, tile, work)
                     )
-                # time the network loop waits for the read-out workers (GPU starved by the CPU
-                # side); the writing done meanwhile is counted apart, as "writing"
-                t, w = time.perf_counter(), t_write
-                drain(limit=2 * n_post + cfg.tiles.batch_size)
-                t_post += time.perf_counter() - t - (t_write - w)
-            drain(limit=0)
+                    written.append(writer.submit(consume, tile, fut))
+                # time the network loop waits for the CPU side (read-out workers, then the writer):
+                # the GPU starved by post-processing
+                t = time.perf_counter()
+                wait_written(limit=2 * n_post + cfg.tiles.batch_size)
+                t_post += time.perf_counter() - t
+            t = time.perf_counter()
+            wait_written(limit=0)
+            t_post += time.perf_counter() - t
             write(resolver.finish())
             progress.done("cells")
         overlay.save(tmp / "overlay.png")
@@ -333,7 +347,8 @@ def run_slide(
                 "network": t_net,
                 "waiting_for_decode": t_wait,
                 "waiting_for_postprocessing": t_post,
-                "writing": t_write,
+                "writing": t_write,  # the writer thread's busy time (beside the network)
+                "postprocessing_busy": t_busy,  # summed over the pool's workers
             }
         )
         area = ctx.tissue.area_mm2(ctx.mpp)
@@ -349,6 +364,7 @@ def run_slide(
             "tiles": len(grid),
             "cells_dropped_cut": cut_dropped,
             "seam_duplicates_removed": resolver.duplicates_removed,
+            "post_workers": n_post,
         }
         if summary_extras is not None:
             summary["indices"] = summary_extras(dict(counts))

@@ -17,8 +17,11 @@ SCALE = 127.5
 OFFSET = 1.0
 
 
-def to_network_input(rgb: np.ndarray) -> torch.Tensor:
+def to_network_input(rgb: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
     """uint8 RGB ``(H, W, 3)`` or ``(B, H, W, 3)`` -> float32 tensor ``(B, 3, H, W)`` in ``[-1, 1]``.
+
+    With ``device``, the uint8 pixels move there first and are converted there: a quarter of the
+    bytes over the bus, and no CPU threads busy beside a GPU (same values as on the CPU).
 
     Only uint8 is accepted: a float array is ambiguous (0-1 or 0-255?), and that ambiguity is the
     bug this function exists to prevent. A single image gains a batch axis of length 1.
@@ -32,8 +35,10 @@ def to_network_input(rgb: np.ndarray) -> torch.Tensor:
         raise ValueError(
             f"to_network_input expects (H, W, 3) or (B, H, W, 3) RGB, got shape {a.shape}"
         )
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
-    return t.to(torch.float32).div_(SCALE).sub_(OFFSET).contiguous()
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device is not None:
+        t = t.to(device, non_blocking=True)
+    return t.permute(0, 3, 1, 2).to(torch.float32).div_(SCALE).sub_(OFFSET).contiguous()
 
 
 def from_network_input(x: torch.Tensor) -> np.ndarray:

@@ -79,7 +79,7 @@ def _tissue(rgb: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def _to_device(rgb_batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    return to_network_input(rgb_batch).to(device)
+    return to_network_input(rgb_batch, device)
 
 
 def compute_psm(

@@ -156,19 +156,19 @@ def _step_loss(
         pair = np.concatenate(
             [_colour_jitter(c, rng, j), _colour_jitter(np.rot90(c, 2, axes=(1, 2)), rng, j)]
         )
-        f = net(to_network_input(pair).to(device))[:, 0]
+        f = net(to_network_input(pair, device))[:, 0]
         fa, fb = f[:n], f[n:]
         return (fa - fb).abs().mean() + F.relu(1.0 - fa.std())
     if task == "rotation":
         c = _colour_jitter(_dihedral(_random_crops(tiles, n, s, rng), rng, rotate=False), rng, j)
-        x = to_network_input(c).to(device)
+        x = to_network_input(c, device)
         k = torch.from_numpy(rng.integers(4, size=n))
         xr = torch.stack([torch.rot90(x[i], int(k[i]), dims=(1, 2)) for i in range(n)])
         return F.cross_entropy(net(xr), k.to(device))
     if task == "contrastive":
         a, b = _contrastive_pairs(tiles, n, s, rng)
         a, b = _colour_jitter(a, rng, j), _colour_jitter(b, rng, j)
-        z = net(to_network_input(np.concatenate([a, b])).to(device))
+        z = net(to_network_input(np.concatenate([a, b]), device))
         return _nt_xent(z[:n], z[n:])
     if task == "stain-regression":
         c = _dihedral(_random_crops(tiles, n, s, rng), rng)
@@ -176,7 +176,7 @@ def _step_loss(
             np.array([stain_channels(t, "he")["haematoxylin"].mean() for t in c], np.float32)
         )
         x = _grayscale(_colour_jitter(c, rng, j), rng, 0.5)
-        pred = net(to_network_input(x).to(device))[:, 0]
+        pred = net(to_network_input(x, device))[:, 0]
         t = target.to(device)
         return F.mse_loss(pred, (t - t.mean()) / t.std().clamp_min(1e-3))
     raise ValueError(f"unknown self-supervised task {task!r}")

@@ -36,17 +36,25 @@ def _undo_dihedral(y: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def network_maps(
-    net: Segmenter, images: np.ndarray, device: torch.device, *, tta: bool = True, amp: bool = False
+    net: Segmenter,
+    images: np.ndarray,
+    device: torch.device,
+    *,
+    tta: bool = True,
+    amp: bool = False,
+    half: bool = False,
 ) -> np.ndarray:
-    """Probabilities (B, 2, H, W) float32 of a (B, H, W, 3) uint8 batch; H and W any size (padded)."""
-    x = to_network_input(images)
+    """Probabilities (B, 2, H, W) of a (B, H, W, 3) uint8 batch; H and W any size (padded).
+
+    float32, or float16 with ``half`` (rounded on the device: half the bytes back to the host).
+    """
+    x = to_network_input(images, device)
     h, w = x.shape[-2:]
     m = net.multiple
     ph, pw = (-h) % m, (-w) % m
     if ph or pw:
         mode = "reflect" if ph < h and pw < w else "replicate"
         x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
-    x = x.to(device)
     ks = range(8) if tta and x.shape[-1] == x.shape[-2] else ((0, 4) if tta else (0,))
     acc = None
     autocast = (
@@ -62,8 +70,8 @@ def network_maps(
         y = _undo_dihedral(torch.sigmoid(y.float()), k)
         acc = y if acc is None else acc + y
     assert acc is not None
-    acc = acc / len(ks)
-    return acc[:, :, :h, :w].cpu().numpy()
+    acc = acc[:, :, :h, :w] / len(ks)
+    return (acc.half() if half else acc).cpu().numpy()
 
 
 def _windows(n: int, win: int, core: int) -> Iterator[tuple[int, int, int]]:
@@ -130,8 +138,10 @@ class SegmenterPredictor:
 
     def network(self, images: np.ndarray) -> list[np.ndarray]:
         sc = self.cfg.segmenter
-        maps = network_maps(self.net, np.asarray(images), self.device, tta=sc.tta, amp=sc.amp)
-        return [m.astype(np.float16) for m in maps]
+        maps = network_maps(
+            self.net, np.asarray(images), self.device, tta=sc.tta, amp=sc.amp, half=True
+        )
+        return list(maps)
 
     def labels(self, image: np.ndarray, raw: np.ndarray) -> np.ndarray:
         return instances_from_maps(raw, mpp=self.cfg.target_mpp, cfg=self.cfg)
