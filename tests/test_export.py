@@ -27,6 +27,7 @@ from wsi_psm.export import (
     GeoJSONWriter,
     GeoParquetWriter,
     OutputFolder,
+    OverlayRenderer,
     class_counts_summary,
     config_json_schema,
     load_schema,
@@ -317,6 +318,23 @@ def test_overlay_is_capped_and_draws_class_colours(tmp_path):
     # (polygon, colour) pairs work too, and tiny cells still leave a mark
     out = render_overlay(thumb, [(box(40, 40, 41, 41), (0, 0, 255))], 4.0, tmp_path / "o2.png")
     assert tuple(np.asarray(Image.open(out))[4, 4]) == (0, 0, 255)
+
+
+def test_overlay_from_worker_outlines_matches_drawing_polygons():
+    """The pipeline's workers send ready-made outlines (prepare_cell with overlay_scale); drawing
+    them must give the very image that drawing the polygons gives, dots for tiny cells included."""
+    thumb = np.full((300, 400, 3), 230, np.uint8)
+    cells = [*synthetic_cells(8), CellRecord(box(50, 50, 52, 52), "tumour", COLORS["tumour"])]
+    a, b = OverlayRenderer(thumb, 4.0), OverlayRenderer(thumb, 4.0)
+    for c in cells:
+        a.add(c.polygon, c.color)
+        rec = prepare_cell(c, "s", overlay_scale=b.scale)
+        assert rec.outline is not None
+        b.add_outline(rec.outline, rec.color)
+    assert a.count == b.count == len(cells)
+    assert np.array_equal(np.asarray(a.to_image()), np.asarray(b.to_image()))
+    assert np.asarray(a.to_image()).std() > 0  # something was drawn
+    assert prepare_cell(cells[0], "s").outline is None  # no scale, no outline
 
 
 # ---------------------------------------------------------------------------- OutputFolder

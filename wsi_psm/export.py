@@ -74,6 +74,8 @@ class PreparedCell:
     feature: str  # the GeoJSON Feature, compact JSON
     slide_key: str
     decimals: int
+    # the cell as OverlayRenderer draws it (``overlay_outline``), when the scale was known
+    outline: Outline | None = None
 
 
 def _round_sig(value: float, digits: int = 6) -> float:
@@ -116,10 +118,13 @@ def _check_colour(seen: dict[str, tuple[int, int, int]], name: str, color: Seque
     seen[name] = col  # type: ignore[assignment]
 
 
-def prepare_cell(cell: CellRecord, slide_key: str, decimals: int = 2) -> PreparedCell:
+def prepare_cell(
+    cell: CellRecord, slide_key: str, decimals: int = 2, overlay_scale: float | None = None
+) -> PreparedCell:
     """Encode one cell for :class:`GeoJSONWriter` and :class:`GeoParquetWriter` (which accept
-    the result as is when their ``slide_key`` and ``decimals`` match). The pipeline calls it in its
-    post-processing workers, so the single writing thread only appends finished text."""
+    the result as is when their ``slide_key`` and ``decimals`` match), and with ``overlay_scale``
+    (an :class:`OverlayRenderer`'s ``scale``) its outline for the overlay. The pipeline calls it in
+    its post-processing workers, so the single writing thread only appends finished work."""
     poly = cell.polygon
     if not isinstance(poly, Polygon) or poly.is_empty:
         raise ValueError(f"a cell must be a non-empty shapely Polygon, got {poly.geom_type}")
@@ -141,7 +146,10 @@ def prepare_cell(cell: CellRecord, slide_key: str, decimals: int = 2) -> Prepare
         },
     }
     text = json.dumps(feature, separators=(",", ":"), allow_nan=False)
-    return PreparedCell(cid, rings, meas, cell.class_name, color, text, slide_key, decimals)
+    outline = None if overlay_scale is None else overlay_outline(poly, overlay_scale)
+    return PreparedCell(
+        cid, rings, meas, cell.class_name, color, text, slide_key, decimals, outline
+    )
 
 
 def _prepared(cell: CellRecord | PreparedCell, slide_key: str, decimals: int) -> PreparedCell:
@@ -556,6 +564,23 @@ def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> P
 # overlay.png
 
 
+# a cell on the overlay: its bounding box and the (n, 2) points to draw (one point: a dot), in
+# thumbnail px; one array, not n tuples, so it crosses from a worker process cheaply
+Outline = tuple[tuple[float, float, float, float], np.ndarray]
+
+
+def overlay_outline(polygon: Polygon, scale: float) -> Outline:
+    """A cell's exterior in thumbnail px (``scale`` level-0 px each); cells under about a pixel
+    become their mean point, so dense slides still show their classes."""
+    xy = shapely.get_coordinates(polygon.exterior) / scale
+    x0, y0 = xy.min(axis=0)
+    x1, y1 = xy.max(axis=0)
+    box = (float(x0), float(y0), float(x1), float(y1))
+    if x1 - x0 < 1.5 and y1 - y0 < 1.5:
+        return box, xy.mean(axis=0, keepdims=True)
+    return box, xy
+
+
 class OverlayRenderer:
     """Draw cells onto a slide thumbnail one at a time (nothing but the image is kept).
 
@@ -586,17 +611,19 @@ class OverlayRenderer:
         self._draw = ImageDraw.Draw(self._layer)
 
     def add(self, polygon: Polygon, color: Sequence[int]) -> None:
-        xy = shapely.get_coordinates(polygon.exterior) / self.scale
-        rgb = tuple(int(v) for v in color[:3])
-        x0, y0 = xy.min(axis=0)
-        x1, y1 = xy.max(axis=0)
+        self.add_outline(overlay_outline(polygon, self.scale), color)
+
+    def add_outline(self, outline: Outline, color: Sequence[int]) -> None:
+        """Draw a cell from :func:`overlay_outline` (computed elsewhere, e.g. in a worker)."""
+        (x0, y0, x1, y1), pts = outline
         if x1 < 0 or y1 < 0 or x0 >= self.image.width or y0 >= self.image.height:
             return
-        if x1 - x0 < 1.5 and y1 - y0 < 1.5:
-            self._draw.point((float(xy[:, 0].mean()), float(xy[:, 1].mean())), fill=(*rgb, 255))
+        rgb = tuple(int(v) for v in color[:3])
+        flat = pts.ravel().tolist()  # x, y, x, y, ...
+        if len(pts) == 1:
+            self._draw.point(flat, fill=(*rgb, 255))
         else:
-            pts = [tuple(p) for p in xy.tolist()]
-            self._draw.polygon(pts, fill=(*rgb, self.fill_alpha), outline=(*rgb, 255))
+            self._draw.polygon(flat, fill=(*rgb, self.fill_alpha), outline=(*rgb, 255))
         self.count += 1
 
     def add_cell(self, cell: CellRecord) -> None:

@@ -151,6 +151,7 @@ class TileWork:
     mpp_l0: float
     band: float
     slide_key: str  # for the cell ids (export.cell_id)
+    overlay_scale: float | None = None  # level-0 px per overlay px: outlines drawn ready-made
 
 
 def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> TileCandidates:
@@ -161,7 +162,9 @@ def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> Til
         work.annotator.annotate(image, tc.labels, tc.candidates, work.mpp_l0)
         # encode the cells here, in the worker: the one writing thread then only appends text
         for c in tc.candidates:
-            c.payload = prepare_cell(CellRecord(c.polygon, *c.payload), work.slide_key)
+            c.payload = prepare_cell(
+                CellRecord(c.polygon, *c.payload), work.slide_key, overlay_scale=work.overlay_scale
+            )
     tc.labels = None  # free the array; only the polygons travel on
     return tc
 
@@ -261,18 +264,18 @@ def run_slide(
     t_net = t_wait = t_write = t_post = t_busy = 0.0
     labeller = predictor.labeller() if hasattr(predictor, "labeller") else predictor
     name = ctx.slide.name
-    work = TileWork(labeller, annotator, grid, ctx.mpp, band, name)
+    t_start = time.perf_counter()
+    # the overlay gets its own, finer thumbnail (nuclei visible) capped at OVERLAY_MAX_SIDE px
+    side_um = max(ctx.slide.width, ctx.slide.height) * ctx.mpp
+    ov_mpp = max(ctx.mpp, OVERLAY_MIN_MPP, side_um / OVERLAY_MAX_SIDE)
+    ov_img, ov_scale = ctx.slide.thumbnail(ov_mpp)
+    overlay = OverlayRenderer(ov_img, ov_scale, max_side=OVERLAY_MAX_SIDE)
+    work = TileWork(labeller, annotator, grid, ctx.mpp, band, name, overlay.scale)
     on_gpu = str(getattr(predictor, "device", "cpu")).startswith("cuda")
     pool, n_post, in_processes = _post_pool(cfg, work, on_gpu)
-    t_start = time.perf_counter()
     geojson_name = "cells.geojson.gz" if cfg.geojson_gzip else "cells.geojson"
 
     with OutputFolder(out_dir, overwrite) as tmp:
-        # the overlay gets its own, finer thumbnail (nuclei visible) capped at OVERLAY_MAX_SIDE px
-        side_um = max(ctx.slide.width, ctx.slide.height) * ctx.mpp
-        ov_mpp = max(ctx.mpp, OVERLAY_MIN_MPP, side_um / OVERLAY_MAX_SIDE)
-        ov_img, ov_scale = ctx.slide.thumbnail(ov_mpp)
-        overlay = OverlayRenderer(ov_img, ov_scale, max_side=OVERLAY_MAX_SIDE)
         with (
             GeoJSONWriter(tmp / geojson_name, gzip=cfg.geojson_gzip, slide_key=name) as gj,
             GeoParquetWriter(tmp / "cells.parquet", slide_key=name) as gp,
@@ -285,7 +288,10 @@ def run_slide(
                     rec: PreparedCell = c.payload
                     gj.write(rec)
                     gp.write(rec)
-                    overlay.add(c.polygon, rec.color)
+                    if rec.outline is not None:
+                        overlay.add_outline(rec.outline, rec.color)
+                    else:
+                        overlay.add(c.polygon, rec.color)
                     counts[rec.class_name] += 1
                     colors[rec.class_name] = rec.color
 
