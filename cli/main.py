@@ -83,7 +83,7 @@ ModelOpt = Annotated[
     Path | None,
     typer.Option(
         "--model",
-        help="A model from `wsi-psm fit`; without it each slide fits its own.",
+        help="A model from `wsi-psm fit` (without it: the default route described above).",
         exists=True,
         dir_okay=False,
     ),
@@ -313,7 +313,8 @@ def batch(
     """Process many slides on a Dask distributed cluster, one slide per task.
 
     Each worker opens, processes, writes and closes its own slide; finished slides are skipped on a
-    rerun with --skip-existing, so an interrupted batch can be resumed.
+    rerun with --skip-existing, so an interrupted batch can be resumed. Without --model each slide
+    goes the way `wsi-psm run` takes it (a model fitted on the slide itself).
     """
     from wsi_psm.discovery import find_slides
     from wsi_psm.distributed import run_batch
