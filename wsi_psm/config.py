@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 
 class _Frozen(BaseModel):
@@ -150,6 +150,12 @@ class SegmenterConfig(_Frozen):
     fit_batch: int = Field(8, ge=1)
     fit_crop_px: int = Field(128, ge=32, description="crop side used while training")
     lr: float = Field(2e-3, gt=0)
+    fit_scale: tuple[PositiveFloat, PositiveFloat] = Field(
+        (0.8, 1.25),
+        description="range (low, high) of the random scale applied to training crops "
+        "(log-uniform; the crop window read grows as 1 / low). Wider ranges were measured: "
+        "[0.5, 2] and [0.6, 1.6] lost dev AJI (benchmarks/README.md)",
+    )
     refine_rounds: int = Field(
         1, ge=0, description="point/Voronoi refinement rounds after training on the pseudo masks"
     )
@@ -211,6 +217,12 @@ class SegmenterConfig(_Frozen):
     native_instances: bool = Field(
         True, description="segment: separate instances at the input's resolution (maps upsampled)"
     )
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> SegmenterConfig:
+        if self.fit_scale[0] > self.fit_scale[1]:
+            raise ValueError(f"segmenter.fit_scale must be (low, high), got {self.fit_scale}")
+        return self
 
 
 class RunConfig(_Frozen):

@@ -6,8 +6,9 @@ A per-pixel weight lets uncertain pixels (where a previous round hesitated) be i
 
 Augmentation is strong, because one fit must serve other organs, stains and scanners: stain-space
 colour jitter (haematoxylin / eosin amounts scaled and shifted), brightness, contrast, saturation,
-blur and noise on the uint8 crop, then one random affine per crop (any rotation, a flip, scale
-0.8-1.25) applied to image and targets together with ``grid_sample``.
+blur and noise on the uint8 crop, then one random affine per crop (any rotation, a flip, a scale
+in ``segmenter.fit_scale``, 0.8-1.25 by default) applied to image and targets together with
+``grid_sample``.
 
 Seeded: crops and jitter come from a numpy Generator and the weights from a forked torch RNG, so a
 fit with the same seed, data and config gives the same weights on CPU.
@@ -198,6 +199,7 @@ def fit_segmenter(
     crop: int = 128,
     lr: float = 2e-3,
     colour: float = 1.0,
+    scale: tuple[float, float] = (0.8, 1.25),
     seed: int = 0,
     device: torch.device | None = None,
     init: SegNet | None = None,
@@ -216,7 +218,7 @@ def fit_segmenter(
     sched = one_cycle(opt, lr, steps)
     t0 = time.perf_counter()
     for step in range(steps):
-        x, y = sample_batch(samples, rng, batch, crop, colour=colour)
+        x, y = sample_batch(samples, rng, batch, crop, colour=colour, scale=scale)
         x, y = x.to(device), y.to(device)
         loss = segmentation_loss(net(x), y)
         opt.zero_grad(set_to_none=True)
@@ -408,8 +410,8 @@ def fit_on_pseudo_masks(
             start = copy.deepcopy(members[min(rnd, len(members) - 1)]).float()
         net = fit_segmenter(
             samples, width=sc.width, depth=sc.depth, steps=sc.fit_steps, batch=sc.fit_batch,
-            crop=sc.fit_crop_px, lr=sc.lr, seed=cfg.seed + rnd, device=device, progress=step,
-            init=start,
+            crop=sc.fit_crop_px, lr=sc.lr, scale=tuple(sc.fit_scale), seed=cfg.seed + rnd,
+            device=device, progress=step, init=start,
         )  # fmt: skip
         nets.append(net)
     out: Segmenter = SegEnsemble([nets[0], nets[-1]]) if sc.ensemble and len(nets) > 1 else nets[-1]
