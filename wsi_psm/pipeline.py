@@ -264,18 +264,19 @@ def run_slide(
     t_net = t_wait = t_write = t_post = t_busy = 0.0
     labeller = predictor.labeller() if hasattr(predictor, "labeller") else predictor
     name = ctx.slide.name
-    t_start = time.perf_counter()
-    # the overlay gets its own, finer thumbnail (nuclei visible) capped at OVERLAY_MAX_SIDE px
-    side_um = max(ctx.slide.width, ctx.slide.height) * ctx.mpp
-    ov_mpp = max(ctx.mpp, OVERLAY_MIN_MPP, side_um / OVERLAY_MAX_SIDE)
-    ov_img, ov_scale = ctx.slide.thumbnail(ov_mpp)
-    overlay = OverlayRenderer(ov_img, ov_scale, max_side=OVERLAY_MAX_SIDE)
-    work = TileWork(labeller, annotator, grid, ctx.mpp, band, name, overlay.scale)
     on_gpu = str(getattr(predictor, "device", "cpu")).startswith("cuda")
-    pool, n_post, in_processes = _post_pool(cfg, work, on_gpu)
     geojson_name = "cells.geojson.gz" if cfg.geojson_gzip else "cells.geojson"
+    t_start = time.perf_counter()
 
-    with OutputFolder(out_dir, overwrite) as tmp:
+    with OutputFolder(out_dir, overwrite) as tmp:  # an existing output refuses before any work
+        # the overlay gets its own, finer thumbnail (nuclei visible) capped at OVERLAY_MAX_SIDE px;
+        # its scale goes to the workers, which prepare each cell's outline for it
+        side_um = max(ctx.slide.width, ctx.slide.height) * ctx.mpp
+        ov_mpp = max(ctx.mpp, OVERLAY_MIN_MPP, side_um / OVERLAY_MAX_SIDE)
+        ov_img, ov_scale = ctx.slide.thumbnail(ov_mpp)
+        overlay = OverlayRenderer(ov_img, ov_scale, max_side=OVERLAY_MAX_SIDE)
+        work = TileWork(labeller, annotator, grid, ctx.mpp, band, name, overlay.scale)
+        pool, n_post, in_processes = _post_pool(cfg, work, on_gpu)
         with (
             GeoJSONWriter(tmp / geojson_name, gzip=cfg.geojson_gzip, slide_key=name) as gj,
             GeoParquetWriter(tmp / "cells.parquet", slide_key=name) as gp,
