@@ -194,3 +194,27 @@ def test_seam_resolver_keeps_an_orphan_seen_by_one_tile_only():
     interior = Candidate(1, _square(200, 60), 200, 60, True)
     out = res.add(t0, [a]) + res.add(t1, [interior]) + res.finish()
     assert sorted(c.cx for c in out) == [129, 200]
+
+
+def test_interior_cells_are_final_without_their_polygon():
+    """Workers drop the polygon of cells no other tile can report (pipeline.process_tile): the
+    resolver must pass those through untouched and keep comparing the seam cells."""
+    from wsi_psm.stitching import Candidate, SeamResolver, interior
+    from wsi_psm.tiling import make_grid
+
+    cfg = RunConfig().with_updates(**{"tiles.core_um": 64.0, "tiles.margin_um": 12.0})
+    grid = make_grid(256, 128, 0.5, cfg)  # two tiles side by side, seam at x = 128
+    t0, t1 = grid.tiles
+    band = 4.0
+    # slide-boundary edges have no neighbour: a cell at y = 2 is still interior
+    inner = Candidate(0, None, 60, 2, True)
+    near_seam = Candidate(0, _square(124, 60), 124, 60, True)  # within 2 * band of the seam
+    not_owned = Candidate(0, _square(60, 60), 60, 60, False)
+    assert interior(inner, t0, grid, band)
+    assert not interior(near_seam, t0, grid, band)
+    assert not interior(not_owned, t0, grid, band)
+    twin = Candidate(1, _square(124.2, 60), 124.2, 60, False)  # tile 1's view of the seam cell
+    res = SeamResolver(grid, band)
+    out = res.add(t0, [inner, near_seam]) + res.add(t1, [twin]) + res.finish()
+    assert out[0] is inner
+    assert [c.tile for c in out[1:]] == [0] and res.duplicates_removed == 1

@@ -41,7 +41,7 @@ from .export import (
 from .polygons import polygon_measurements
 from .progress import NullProgress, ProgressHook
 from .slide import Slide
-from .stitching import Candidate, SeamResolver, TileCandidates, tile_candidates
+from .stitching import Candidate, SeamResolver, TileCandidates, interior, tile_candidates
 from .stream import stream_batches
 from .tiling import Tile, TileGrid, check_slide_size, make_grid
 from .tissue import TissueMask, check_brightfield, detect_tissue
@@ -165,6 +165,10 @@ def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> Til
             c.payload = prepare_cell(
                 CellRecord(c.polygon, *c.payload), work.slide_key, overlay_scale=work.overlay_scale
             )
+            # an interior cell is final and fully encoded: its polygon need not be pickled back to
+            # the parent (which must stay light: it feeds the network), only seam cells' are compared
+            if c.payload.outline is not None and interior(c, tile, work.grid, work.band):
+                c.polygon = None
     tc.labels = None  # free the array; only the polygons travel on
     return tc
 

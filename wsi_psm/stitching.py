@@ -30,7 +30,8 @@ DUPLICATE_OVERLAP = 0.3
 @dataclass
 class Candidate:
     tile: int  # tile index
-    polygon: Polygon  # level-0 px
+    # level-0 px; None once a worker has encoded an interior cell (nothing left needs it)
+    polygon: Polygon | None
     cx: float
     cy: float
     own: bool  # centroid inside this tile's own core
@@ -82,6 +83,18 @@ def tile_candidates(labels: np.ndarray, tile: Tile, grid: TileGrid, band: float)
     return TileCandidates(cands, cut_dropped, kept)
 
 
+def interior(c: Candidate, tile: Tile, grid: TileGrid, band: float) -> bool:
+    """Final at once: owned by ``tile`` and more than ``2 * band`` from every core edge it shares
+    with a neighbour (an edge on the slide boundary has none), so no other tile can report it."""
+    x0, y0, x1, y1 = tile.core
+    b = 2 * band
+    left = x0 <= 0 or c.cx >= x0 + b
+    top = y0 <= 0 or c.cy >= y0 + b
+    right = x1 >= grid.slide_width or c.cx < x1 - b
+    bottom = y1 >= grid.slide_height or c.cy < y1 - b
+    return c.own and left and top and right and bottom
+
+
 class SeamResolver:
     """Turns per-tile candidates, fed in grid order, into final cells with no duplicates at seams."""
 
@@ -105,17 +118,6 @@ class SeamResolver:
                     last = max(last, i)
         return last
 
-    def _interior(self, c: Candidate, tile: Tile) -> bool:
-        x0, y0, x1, y1 = tile.core
-        b = 2 * self.band
-        g = self.grid
-        # an edge on the slide boundary has no neighbour: no seam there
-        left = x0 <= 0 or c.cx >= x0 + b
-        top = y0 <= 0 or c.cy >= y0 + b
-        right = x1 >= g.slide_width or c.cx < x1 - b
-        bottom = y1 >= g.slide_height or c.cy < y1 - b
-        return c.own and left and top and right and bottom
-
     def add(self, tile: Tile, cands: Iterable[Candidate]) -> list[Candidate]:
         """Report one tile (tiles must come in grid order); returns the cells now final."""
         if tile.index != self._done + 1:
@@ -125,7 +127,7 @@ class SeamResolver:
         out = []
         wait = self._wait_for(tile)
         for c in cands:
-            if self._interior(c, tile):
+            if interior(c, tile, self.grid, self.band):
                 out.append(c)
             else:
                 self._pending.append((wait, c))
