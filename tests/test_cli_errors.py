@@ -131,3 +131,14 @@ def test_info_on_a_copy_with_spaces_in_the_name(tmp_path, capsys, cmu_svs):
     shutil.copy(cmu_svs, target)
     code, out, _ = _run(["info", str(target)], capsys)
     assert code == 0 and "2220 x 2967" in out
+
+
+def test_greyscale_slide_is_refused(tmp_path, capsys):
+    """A grey scan has no stain colour: refused up front, not taken for IHC."""
+    rng = np.random.default_rng(0)
+    grey = np.full((1200, 1200), 235, np.uint8)
+    for y, x in rng.integers(50, 1150, (300, 2)):
+        grey[y - 6 : y + 6, x - 6 : x + 6] = 90  # dark nucleus-sized blobs on a pale ground
+    slide = _write_tiff(tmp_path / "grey.tif", np.repeat(grey[..., None], 3, axis=2), mpp=0.5)
+    code, _, err = _run(["run", str(slide), "-o", str(tmp_path / "out"), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "greyscale")

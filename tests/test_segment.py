@@ -271,3 +271,24 @@ def test_no_network_route_fits_on_the_images(tmp_path) -> None:
     cfg = CFG.with_updates(**{"psm.fit_steps": 30, "segmenter.default_model": "none"})
     segment_images([src], tmp_path / "out", cfg, mpp=0.5)
     assert tifffile.imread(output_paths(src, tmp_path / "out")[1]).max() > 100
+
+
+def test_inputs_are_checked_before_any_work(tmp_path, trained_net) -> None:
+    """A greyscale or unreadable image among good ones stops `segment` before anything is written
+    (not after a fit or half the images)."""
+    from wsi_psm.errors import SlideOpenError, UnsupportedSlideError
+
+    img, _ = synthetic_tile(64)
+    write_png(tmp_path / "a.png", img)
+    Image.fromarray(img).convert("L").save(tmp_path / "z_grey.png")
+    (tmp_path / "z_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "o"
+    with pytest.raises(UnsupportedSlideError, match="greyscale"):
+        segment_images([tmp_path / "a.png", tmp_path / "z_grey.png"], out, CFG, model=trained_net,
+                       mpp=0.5)  # fmt: skip
+    with pytest.raises(SlideOpenError, match=r"z_broken\.png"):
+        segment_images([tmp_path / "a.png", tmp_path / "z_broken.png"], out, CFG,
+                       model=trained_net, mpp=0.5)  # fmt: skip
+    assert not out.exists() or list(out.iterdir()) == []
+    segment_images([tmp_path / "a.png"], out, CFG, model=trained_net, mpp=0.5)  # the good one runs
+    assert (out / "a.geojson").exists()

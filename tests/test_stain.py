@@ -127,3 +127,23 @@ def test_bcdata_detected_as_dab(bcdata_dir) -> None:
 
 def test_detect_stain_blank_is_he() -> None:
     assert detect_stain(np.full((32, 32, 3), 250, np.uint8)) == "he"
+
+
+def test_colour_check_passes_real_stains_and_refuses_grey(monuseg_dir, bcdata_dir) -> None:
+    """Every MoNuSeg H&E and BCData Ki-67 image has stain colour; the same images in grey do not
+    (they would otherwise be taken for IHC and get a network fitted on nonsense)."""
+    from PIL import Image
+
+    from wsi_psm.errors import UnsupportedSlideError
+    from wsi_psm.tissue import check_colour
+
+    paths = sorted((monuseg_dir / "images").glob("*.tif"))[:6]
+    paths += sorted((bcdata_dir / "images" / "test").glob("*.png"))[:6]
+    assert len(paths) == 12
+    for p in paths:
+        rgb = np.asarray(Image.open(p).convert("RGB"))[::2, ::2]
+        check_colour(rgb, p.name)
+        grey = np.repeat(rgb.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+        with pytest.raises(UnsupportedSlideError, match="greyscale"):
+            check_colour(grey, p.name)
+    check_colour(np.full((64, 64, 3), 250, np.uint8), "blank")  # nothing stained: not judged here

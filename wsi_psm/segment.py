@@ -43,6 +43,7 @@ from .segmenter.predict import predict_maps
 from .segmenter.readout import instances_from_maps
 from .slide import Slide
 from .stitching import Candidate
+from .tissue import check_brightfield, check_colour
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,21 @@ def _at_mpp(rgb: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False, antialias=to_mpp > mpp)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+INPUT_CHECK_SIDE = 512  # px: the small copy each input is checked on before any work
+
+
+def check_inputs(paths: Sequence[Path], mpp: float | None) -> None:
+    """Open every image and look at a small copy of it before any work, so an unreadable file, a
+    missing mpp, or a fluorescence or greyscale image stops the run at once with one line, not
+    after a network has been fitted or half the images written."""
+    for p in paths:
+        with Slide.open(p, mpp=mpp) as slide:
+            side_um = max(slide.width, slide.height) * slide.mpp
+            thumb, _ = slide.thumbnail(max(slide.mpp, side_um / INPUT_CHECK_SIDE))
+        check_brightfield(thumb, p.name)
+        check_colour(thumb, p.name)
 
 
 def segment_array(
@@ -580,6 +596,7 @@ def segment_images(
     paths = [Path(p) for p in paths]
     out = Path(out_dir)
     _check_outputs(paths, out, overwrite)
+    check_inputs(paths, mpp)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -622,6 +639,7 @@ __all__ = [
     "SegmentInputError",
     "attach_segmenter",
     "bundle_segmenter",
+    "check_inputs",
     "default_model",
     "fit_image_classes",
     "fit_on_images",
