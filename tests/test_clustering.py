@@ -168,3 +168,51 @@ def test_reads_version_1_state() -> None:
     v1.update(version=1, **{k: stage[k] for k in ("mean", "std", "centroids", "nucleus")})
     old = PseudoMaskModel.from_state(v1)
     np.testing.assert_array_equal(old.predict(tiles[0], psms[0]), model.predict(tiles[0], psms[0]))
+
+
+def _hdab_tile() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """A synthetic H-DAB field at 0.5 um/px: a large membranous/cytoplasmic DAB region (70 x 70 um)
+    holding blue nuclei, and outside it small brown (Ki-67-like) and blue nuclei on pale stroma."""
+    from skimage.draw import disk
+
+    from wsi_psm.stain import default_stain_matrix
+
+    size = 320
+    h = np.full((size, size), 0.04, np.float32)
+    d = np.zeros((size, size), np.float32)
+    region = np.zeros((size, size), bool)
+    region[20:160, 20:160] = True
+    d[region] = 0.45
+    inner, brown, blue = (np.zeros((size, size), bool) for _ in range(3))
+    for y in range(40, 160, 30):
+        for x in range(40, 160, 30):
+            inner[disk((y, x), 6, shape=h.shape)] = True
+    for i, (y, x) in enumerate([(200 + 40 * (j // 3), 200 + 40 * (j % 3)) for j in range(9)]):
+        (brown if i % 2 else blue)[disk((y, x), 6, shape=h.shape)] = True
+    h[inner | blue] = 0.55
+    d[inner] = 0.0  # nuclei inside the stained region are haematoxylin-only (membranous stain)
+    d[brown], h[brown] = 0.6, 0.15
+    m = default_stain_matrix("ihc-dab")
+    od = h[..., None] * m[0] + d[..., None] * m[1]
+    rng = np.random.default_rng(0)
+    rgb = np.clip(255 * 10 ** (-od) + rng.normal(0, 2, od.shape), 0, 255).astype(np.uint8)
+    return rgb, {"region": region & ~inner, "inner": inner, "brown": brown, "blue": blue}
+
+
+def test_hdab_large_dab_region_is_released_to_the_haematoxylin_stage() -> None:
+    """Membranous / cytoplasmic DAB is not a stained nucleus: without the release the whole region
+    is 'nucleus' (and its blue nuclei are lost in it); with it, the nuclei inside are found and
+    the small brown (Ki-67-like) nuclei outside stay in the mask."""
+    rgb, parts = _hdab_tile()
+    cfg = ClusterConfig(features="h", k=2, min_hole_um2=16.0)
+    kept = PseudoMaskModel.fit([rgb], None, cfg, mpp=0.5, seed=0, stain="ihc-dab").predict(
+        rgb, None
+    )
+    assert kept[parts["region"]].mean() < 0.1
+    assert kept[parts["inner"]].mean() > 0.9
+    assert kept[parts["brown"]].mean() > 0.9 and kept[parts["blue"]].mean() > 0.9
+    old = cfg.model_copy(update={"max_stage_region_um2": 1e9})
+    merged = PseudoMaskModel.fit([rgb], None, old, mpp=0.5, seed=0, stain="ihc-dab").predict(
+        rgb, None
+    )
+    assert merged[parts["region"]].mean() > 0.9  # the region swallows everything inside it

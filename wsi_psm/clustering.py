@@ -22,6 +22,10 @@ faint blue, which one cluster cannot hold (measured on BCData: a single 2-means 
 stage 1 on log DAB (+ PSM) finds brown nuclei; stage 2 on log haematoxylin (+ PSM), fitted on the
 pixels stage 1 left, finds blue ones; the mask is their union (BCData, 26 images at 0.5 um/px:
 99% of positive and 81% of negative annotated cells fall inside the mask, 31% foreground).
+A DAB region larger than ``max_stage_region_um2`` (holes filled) is not a clump of stained nuclei but
+membranous or cytoplasmic staining (HER2-, cytokeratin-like): stage 1 releases it, so stage 2 is fitted
+on and finds the blue nuclei inside it (on BCData no region is that large: the largest clump of
+positive nuclei is 1,741 um^2).
 
 Measured on MoNuSeg (benchmarks/pseudo_masks.py): k=2 on ``psm+h`` or ``h`` gives the best masks, and
 the clustering must be fitted per slide: one cohort model does not transfer across stainings.
@@ -133,6 +137,16 @@ def _small_components(mask: np.ndarray, max_px: float) -> np.ndarray:
     return small[lab]
 
 
+def _large_regions(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Pixels of ``mask`` in 4-connected regions (holes filled) of at least ``min_px`` pixels."""
+    lab, n = ndi.label(ndi.binary_fill_holes(mask))
+    if n == 0:
+        return np.zeros_like(mask)
+    large = np.bincount(lab.ravel()) >= min_px
+    large[0] = False
+    return mask & large[lab]
+
+
 class _Stage:
     """One k-means over some feature columns: z-scoring, weights, centroids, nucleus cluster."""
 
@@ -155,6 +169,12 @@ class _Stage:
     def clusters(self, f: np.ndarray) -> np.ndarray:
         z = (f - self.mean) / self.std * self.weights
         return np.argmin(((z[..., None, :] - self.centroids) ** 2).sum(axis=-1), axis=-1)
+
+    def nucleus_map(self, f: np.ndarray, cfg: ClusterConfig, mpp: float) -> np.ndarray:
+        """What an earlier stage of several claims on an (H, W, cols) tile: its nucleus cluster,
+        less regions too large to be stained nuclei (those go on to the next stage)."""
+        nuc = self.clusters(f) == self.nucleus
+        return nuc & ~_large_regions(nuc, cfg.max_stage_region_um2 / (mpp * mpp))
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -224,7 +244,10 @@ class PseudoMaskModel:
         all_cols = list(dict.fromkeys(c for cols in stage_cols for c in cols))
         per_tile = max(1, cfg.sample_pixels // len(rgb_tiles))
         smooth_px = cfg.smooth_um / mpp
-        samples = []
+        # per tile: its features (kept whole only when a later stage needs an earlier one's regions)
+        # and the stained pixels sampled from it
+        feats, picks = [], []
+        keep_whole = len(stage_cols) > 1
         for i, rgb in enumerate(rgb_tiles):
             f = _features(
                 rgb, None if psms is None else psms[i], all_cols, stain, matrix, smooth_px
@@ -234,19 +257,30 @@ class PseudoMaskModel:
             idx = np.flatnonzero(rgb_to_od(rgb).sum(axis=-1).ravel() > TISSUE_OD)
             if len(idx):
                 pick = rng.choice(idx, min(per_tile, len(idx)), replace=False)
-                samples.append(f.reshape(-1, f.shape[-1])[pick])
-        if not samples:
+                feats.append(f if keep_whole else f.reshape(-1, f.shape[-1])[pick][None])
+                picks.append(pick if keep_whole else np.arange(len(pick)))
+        if not picks:
             raise ValueError("no stained pixels in the fit tiles")
-        x_all = np.concatenate(samples)
+        x_all = np.concatenate(
+            [f.reshape(-1, f.shape[-1])[p] for f, p in zip(feats, picks, strict=True)]
+        )
         stages: list[_Stage] = []
         left = np.ones(len(x_all), bool)  # each stage is fitted on the pixels earlier stages left
-        for cols in stage_cols:
-            x = x_all[left][:, [all_cols.index(c) for c in cols]]
+        for s, cols in enumerate(stage_cols):
+            sel = [all_cols.index(c) for c in cols]
+            x = x_all[left][:, sel]
             if len(x) < cfg.k:
                 raise ValueError("too few stained pixels left to fit the clustering")
             st = _Stage.fit(cols, x, cfg, seed)
             stages.append(st)
-            left[np.flatnonzero(left)[st.clusters(x) == st.nucleus]] = False
+            if s < len(stage_cols) - 1:  # taken: the stage's nuclei, less its released regions
+                taken = np.concatenate(
+                    [
+                        st.nucleus_map(f[..., sel], cfg, mpp).ravel()[p]
+                        for f, p in zip(feats, picks, strict=True)
+                    ]
+                )
+                left &= ~taken
         return cls(cfg=cfg, mpp=mpp, stain=stain, stain_matrix=matrix, stages=stages)
 
     def predict_clusters(self, rgb: np.ndarray, psm: np.ndarray | None) -> np.ndarray:
@@ -257,10 +291,13 @@ class PseudoMaskModel:
         out = np.full(f.shape[:2], -1, np.int64)
         k = self.cfg.k
         for s, st in enumerate(self.stages):
-            lab = st.clusters(f[..., [all_cols.index(c) for c in st.cols]]) + s * k
+            fs = f[..., [all_cols.index(c) for c in st.cols]]
+            lab = st.clusters(fs) + s * k
             free = out < 0
-            last = s == len(self.stages) - 1
-            take = free & ((lab == st.nucleus + s * k) | last)
+            if s == len(self.stages) - 1:
+                take = free
+            else:
+                take = free & st.nucleus_map(fs, self.cfg, self.mpp)
             out[take] = lab[take]
         return out
 

@@ -91,6 +91,13 @@ class ClusterConfig(_Frozen):
     min_object_um2: float = Field(
         0.0, ge=0, description="mask specks smaller than this are removed"
     )
+    max_stage_region_um2: float = Field(
+        3000.0,
+        gt=0,
+        description="H-DAB: a DAB-stage region larger than this (ten of the largest nuclei) is "
+        "membranous or cytoplasmic staining, not stained nuclei: its pixels go to the "
+        "haematoxylin stage, which finds the nuclei inside it",
+    )
 
 
 class InstanceConfig(_Frozen):
