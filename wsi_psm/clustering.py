@@ -244,26 +244,23 @@ class PseudoMaskModel:
         all_cols = list(dict.fromkeys(c for cols in stage_cols for c in cols))
         per_tile = max(1, cfg.sample_pixels // len(rgb_tiles))
         smooth_px = cfg.smooth_um / mpp
-        # per tile: its features (kept whole only when a later stage needs an earlier one's regions)
-        # and the stained pixels sampled from it
-        feats, picks = [], []
-        keep_whole = len(stage_cols) > 1
+
+        def tile_features(i: int) -> np.ndarray:
+            psm = None if psms is None else psms[i]
+            return _features(rgb_tiles[i], psm, all_cols, stain, matrix, smooth_px)
+
+        samples, picks = [], []  # per tile: the stained pixels sampled from it, and their features
         for i, rgb in enumerate(rgb_tiles):
-            f = _features(
-                rgb, None if psms is None else psms[i], all_cols, stain, matrix, smooth_px
-            )
+            f = tile_features(i)
             # Fit on stained pixels only: glass would otherwise claim a cluster and move the nucleus
             # boundary with the amount of glass in the sample.
             idx = np.flatnonzero(rgb_to_od(rgb).sum(axis=-1).ravel() > TISSUE_OD)
-            if len(idx):
-                pick = rng.choice(idx, min(per_tile, len(idx)), replace=False)
-                feats.append(f if keep_whole else f.reshape(-1, f.shape[-1])[pick][None])
-                picks.append(pick if keep_whole else np.arange(len(pick)))
-        if not picks:
+            pick = rng.choice(idx, min(per_tile, len(idx)), replace=False) if len(idx) else idx
+            picks.append(pick)
+            samples.append(f.reshape(-1, f.shape[-1])[pick])
+        x_all = np.concatenate(samples)
+        if not len(x_all):
             raise ValueError("no stained pixels in the fit tiles")
-        x_all = np.concatenate(
-            [f.reshape(-1, f.shape[-1])[p] for f, p in zip(feats, picks, strict=True)]
-        )
         stages: list[_Stage] = []
         left = np.ones(len(x_all), bool)  # each stage is fitted on the pixels earlier stages left
         for s, cols in enumerate(stage_cols):
@@ -273,14 +270,14 @@ class PseudoMaskModel:
                 raise ValueError("too few stained pixels left to fit the clustering")
             st = _Stage.fit(cols, x, cfg, seed)
             stages.append(st)
-            if s < len(stage_cols) - 1:  # taken: the stage's nuclei, less its released regions
-                taken = np.concatenate(
-                    [
-                        st.nucleus_map(f[..., sel], cfg, mpp).ravel()[p]
-                        for f, p in zip(feats, picks, strict=True)
-                    ]
-                )
-                left &= ~taken
+            if s < len(stage_cols) - 1:
+                # taken: the stage's nuclei less its released regions, which need whole tiles
+                # (features recomputed rather than all kept: bounded memory on 64 fit tiles)
+                taken = [
+                    st.nucleus_map(tile_features(i)[..., sel], cfg, mpp).ravel()[p]
+                    for i, p in enumerate(picks)
+                ]
+                left &= ~np.concatenate(taken)
         return cls(cfg=cfg, mpp=mpp, stain=stain, stain_matrix=matrix, stages=stages)
 
     def predict_clusters(self, rgb: np.ndarray, psm: np.ndarray | None) -> np.ndarray:
