@@ -15,6 +15,7 @@ from skimage import filters, morphology
 
 from .config import TissueConfig
 from .errors import NoTissueError, UnsupportedSlideError
+from .stain import TISSUE_OD, rgb_to_od
 
 # OD floor and ceiling for the tissue threshold (max over RGB of -log10(I/255)).
 # 0.05 ~ intensity 228 (glass is brighter); 0.10 ~ intensity 203 in the darkest channel: pale eosin
@@ -65,9 +66,9 @@ def check_brightfield(thumb: np.ndarray, name: str) -> None:
         )
 
 
-# Median chroma ((max - min) / sum of the three optical densities) of the stained pixels: 0 for a
-# greyscale image; 0.09-0.18 on the 26 BCData Ki-67 images, 0.16-0.52 on the 30 MoNuSeg H&E images,
-# 0.23 on CMU-1. A third of the lowest stained value keeps JPEG noise on a grey image below it.
+# Median chroma ((max - min) / sum of the three optical densities) of the stained pixels: 0.000 for a
+# greyscale image (PNG or JPEG); 0.09-0.18 on the 26 BCData Ki-67 images, 0.16-0.52 on the 30
+# MoNuSeg H&E images, 0.23 on CMU-1. The threshold is a third of the lowest stained value.
 MIN_STAIN_CHROMA = 0.03
 
 
@@ -75,9 +76,9 @@ def check_colour(rgb: np.ndarray, name: str) -> None:
     """Refuse greyscale (or otherwise colourless) images: stain separation, the H&E / H-DAB
     decision, the cell classes and the networks all read the stains' colours, so a grey image
     would be processed as a confident but meaningless "IHC" slide."""
-    od = -np.log10((rgb[..., :3].reshape(-1, 3).astype(np.float32) + 1.0) / 256.0)
+    od = rgb_to_od(rgb[..., :3]).reshape(-1, 3)
     total = od.sum(axis=1)
-    stained = total > 0.15
+    stained = total > TISSUE_OD
     if stained.sum() < 100:  # (almost) blank: the tissue check speaks for it
         return
     o = od[stained]
