@@ -170,10 +170,10 @@ class _Stage:
         z = (f - self.mean) / self.std * self.weights
         return np.argmin(((z[..., None, :] - self.centroids) ** 2).sum(axis=-1), axis=-1)
 
-    def nucleus_map(self, f: np.ndarray, cfg: ClusterConfig, mpp: float) -> np.ndarray:
-        """What an earlier stage of several claims on an (H, W, cols) tile: its nucleus cluster,
-        less regions too large to be stained nuclei (those go on to the next stage)."""
-        nuc = self.clusters(f) == self.nucleus
+    def claimed(self, clusters: np.ndarray, cfg: ClusterConfig, mpp: float) -> np.ndarray:
+        """What an earlier stage of several claims on a tile, from its (H, W) cluster indices: its
+        nucleus cluster, less regions too large to be stained nuclei (they go on to the next stage)."""
+        nuc = clusters == self.nucleus
         return nuc & ~_large_regions(nuc, cfg.max_stage_region_um2 / (mpp * mpp))
 
     def to_state(self) -> dict[str, Any]:
@@ -245,13 +245,13 @@ class PseudoMaskModel:
         per_tile = max(1, cfg.sample_pixels // len(rgb_tiles))
         smooth_px = cfg.smooth_um / mpp
 
-        def tile_features(i: int) -> np.ndarray:
+        def tile_features(i: int, cols: list[str]) -> np.ndarray:
             psm = None if psms is None else psms[i]
-            return _features(rgb_tiles[i], psm, all_cols, stain, matrix, smooth_px)
+            return _features(rgb_tiles[i], psm, cols, stain, matrix, smooth_px)
 
         samples, picks = [], []  # per tile: the stained pixels sampled from it, and their features
         for i, rgb in enumerate(rgb_tiles):
-            f = tile_features(i)
+            f = tile_features(i, all_cols)
             # Fit on stained pixels only: glass would otherwise claim a cluster and move the nucleus
             # boundary with the amount of glass in the sample.
             idx = np.flatnonzero(rgb_to_od(rgb).sum(axis=-1).ravel() > TISSUE_OD)
@@ -274,7 +274,7 @@ class PseudoMaskModel:
                 # taken: the stage's nuclei less its released regions, which need whole tiles
                 # (features recomputed rather than all kept: bounded memory on 64 fit tiles)
                 taken = [
-                    st.nucleus_map(tile_features(i)[..., sel], cfg, mpp).ravel()[p]
+                    st.claimed(st.clusters(tile_features(i, cols)), cfg, mpp).ravel()[p]
                     for i, p in enumerate(picks)
                 ]
                 left &= ~np.concatenate(taken)
@@ -288,14 +288,13 @@ class PseudoMaskModel:
         out = np.full(f.shape[:2], -1, np.int64)
         k = self.cfg.k
         for s, st in enumerate(self.stages):
-            fs = f[..., [all_cols.index(c) for c in st.cols]]
-            lab = st.clusters(fs) + s * k
+            lab = st.clusters(f[..., [all_cols.index(c) for c in st.cols]])
             free = out < 0
             if s == len(self.stages) - 1:
                 take = free
             else:
-                take = free & st.nucleus_map(fs, self.cfg, self.mpp)
-            out[take] = lab[take]
+                take = free & st.claimed(lab, self.cfg, self.mpp)
+            out[take] = lab[take] + s * k
         return out
 
     def nucleus_clusters(self) -> list[int]:
