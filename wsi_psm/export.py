@@ -67,7 +67,8 @@ class PreparedCell:
     measurements and its GeoJSON Feature text, so the encoding can run in worker processes."""
 
     id: str
-    rings: list[np.ndarray]  # closed rings, exterior first, rounded
+    wkb: bytes  # the polygon with its rounded coordinates, as GeoParquet stores it
+    bounds: tuple[float, float, float, float]  # of the rounded polygon
     measurements: dict[str, float]
     class_name: str
     color: tuple[int, int, int]
@@ -147,8 +148,13 @@ def prepare_cell(
     }
     text = json.dumps(feature, separators=(",", ":"), allow_nan=False)
     outline = None if overlay_scale is None else overlay_outline(poly, overlay_scale)
+    # the Parquet geometry is encoded here too: the writing thread (which feeds the network) only
+    # gathers bytes, and a cell travels back from a worker as bytes, not as arrays
+    wkb = shapely.to_wkb(Polygon(rings[0], rings[1:]))
+    lo, hi = rings[0].min(axis=0), rings[0].max(axis=0)
+    bounds = (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
     return PreparedCell(
-        cid, rings, meas, cell.class_name, color, text, slide_key, decimals, outline
+        cid, wkb, bounds, meas, cell.class_name, color, text, slide_key, decimals, outline
     )
 
 
@@ -370,15 +376,8 @@ class GeoParquetWriter:
             )
         if not self._rows:
             return
-        rings = [ring for r in self._rows for ring in r.rings]
-        ring_ends = np.cumsum([len(ring) for ring in rings])
-        poly_ends = np.cumsum([len(r.rings) for r in self._rows])
-        geoms = shapely.from_ragged_array(
-            shapely.GeometryType.POLYGON,
-            np.vstack(rings),
-            (np.concatenate([[0], ring_ends]), np.concatenate([[0], poly_ends])),
-        )
-        b = shapely.total_bounds(geoms)
+        bounds = np.array([r.bounds for r in self._rows])
+        b = (*bounds[:, :2].min(axis=0), *bounds[:, 2:].max(axis=0))
         self._bbox = [
             min(self._bbox[0], float(b[0])),
             min(self._bbox[1], float(b[1])),
@@ -391,7 +390,7 @@ class GeoParquetWriter:
         }
         for n in self._names:
             cols[n] = pa.array([r.measurements.get(n) for r in self._rows], pa.float64())
-        cols["geometry"] = pa.array(shapely.to_wkb(geoms), pa.binary())
+        cols["geometry"] = pa.array([r.wkb for r in self._rows], pa.binary())
         self._writer.write_table(pa.table(cols, schema=self._writer.schema))
         self._rows.clear()
         self._classes.clear()
