@@ -44,7 +44,7 @@ from .slide import Slide
 from .stitching import Candidate, SeamResolver, TileCandidates, interior, tile_candidates
 from .stream import stream_batches
 from .tiling import Tile, TileGrid, check_slide_size, make_grid
-from .tissue import TissueMask, check_brightfield, check_colour, detect_tissue
+from .tissue import TissueMask, check_input_image, detect_tissue
 
 NUCLEUS = ("Nucleus", (0, 160, 255))
 OVERLAY_MAX_SIDE = 2048
@@ -111,8 +111,7 @@ def prepare_slide(
         slide_mpp = slide.mpp
         check_slide_size(slide.width, slide.height, slide_mpp, cfg, slide.name)
         thumb, tscale = slide.thumbnail(max(cfg.tissue.thumb_mpp, slide_mpp))
-        check_brightfield(thumb, slide.name)
-        check_colour(thumb, slide.name)
+        check_input_image(thumb, slide.name)
         tissue = detect_tissue(thumb, tscale, slide_mpp, cfg.tissue, slide.name)
         grid = make_grid(slide.width, slide.height, slide_mpp, cfg, tissue, name=slide.name)
     except BaseException:

@@ -43,7 +43,7 @@ from .segmenter.predict import predict_maps
 from .segmenter.readout import instances_from_maps
 from .slide import Slide
 from .stitching import Candidate
-from .tissue import check_brightfield, check_colour
+from .tissue import check_input_image
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,7 @@ def check_inputs(paths: Sequence[Path], mpp: float | None) -> None:
         with Slide.open(p, mpp=mpp) as slide:
             side_um = max(slide.width, slide.height) * slide.mpp
             thumb, _ = slide.thumbnail(max(slide.mpp, side_um / INPUT_CHECK_SIDE))
-        check_brightfield(thumb, p.name)
-        check_colour(thumb, p.name)
+        check_input_image(thumb, p.name)
 
 
 def segment_array(

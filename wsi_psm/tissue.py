@@ -90,6 +90,12 @@ def check_colour(rgb: np.ndarray, name: str) -> None:
         )
 
 
+def check_input_image(thumb: np.ndarray, name: str) -> None:
+    """The checks every input passes on a small copy before any work: brightfield, and coloured."""
+    check_brightfield(thumb, name)
+    check_colour(thumb, name)
+
+
 def detect_tissue(
     thumb: np.ndarray, scale: float, mpp: float, cfg: TissueConfig, name: str = "slide"
 ) -> TissueMask:
