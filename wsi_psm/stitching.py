@@ -53,6 +53,7 @@ def tile_candidates(labels: np.ndarray, tile: Tile, grid: TileGrid, band: float)
     candidates; those among them whose centroid lies in this tile's core are counted as ``cut_dropped``
     (an object that wide is larger than the margin, hence larger than any nucleus).
     """
+    labels = _inside_slide(labels, tile, grid)
     n = int(labels.max()) if labels.size else 0
     if n == 0:
         return TileCandidates([], 0)
@@ -81,6 +82,20 @@ def tile_candidates(labels: np.ndarray, tile: Tile, grid: TileGrid, band: float)
         for lab, poly in polys
     ]
     return TileCandidates(cands, cut_dropped, kept)
+
+
+def _inside_slide(labels: np.ndarray, tile: Tile, grid: TileGrid) -> np.ndarray:
+    """``labels`` without the pixels whose centre lies outside the slide: a read box that passes
+    the slide's edge is padded white there, and a nucleus at the edge would otherwise spill into it
+    (by the network's blur), giving a polygon partly outside the slide."""
+    h, w = labels.shape
+    xs = tile.x + (np.arange(w) + 0.5) * tile.scale_x
+    ys = tile.y + (np.arange(h) + 0.5) * tile.scale_y
+    out_x = (xs < 0) | (xs >= grid.slide_width)
+    out_y = (ys < 0) | (ys >= grid.slide_height)
+    if not (out_x.any() or out_y.any()):
+        return labels
+    return np.where(out_y[:, None] | out_x[None, :], 0, labels)
 
 
 def interior(c: Candidate, tile: Tile, grid: TileGrid, band: float) -> bool:
