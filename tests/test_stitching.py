@@ -218,3 +218,31 @@ def test_interior_cells_are_final_without_their_polygon():
     out = res.add(t0, [inner, near_seam]) + res.add(t1, [twin]) + res.finish()
     assert out[0] is inner
     assert [c.tile for c in out[1:]] == [0] and res.duplicates_removed == 1
+
+
+class SpillingThreshold(DarkThreshold):
+    """Dark pixels grown by 3 px: like a network whose blur reaches past the slide's edge into the
+    white padding of a read box that passes it."""
+
+    def labels(self, image, raw):
+        from scipy import ndimage as ndi
+
+        dark = ndi.binary_dilation(image.mean(axis=-1) < 120, iterations=3)
+        return split_instances(dark, mpp=MPP)
+
+
+def test_cells_at_the_slide_edge_stay_inside_the_slide(tmp_path):
+    size = 300  # not a multiple of the 128-px core: the last tiles' read boxes pass the edge
+    path = tmp_path / "edge.tif"
+    _plant(path, size, [(296.0, 150.0), (150.0, 297.0), (297.0, 297.0), (150.0, 150.0)], 6)
+    ctx = prepare_slide(path, CFG)
+    try:
+        res = run_slide(ctx, tmp_path / "out", SpillingThreshold(), CFG)
+    finally:
+        ctx.slide.close()
+    assert res.cells == 4
+    fc = json.loads((tmp_path / "out" / "cells.geojson").read_text())
+    xy = np.concatenate([np.asarray(f["geometry"]["coordinates"][0]) for f in fc["features"]])
+    assert xy.min() >= 0 and xy.max() <= size
+    # the edge cells keep the part inside the slide, grown by the stand-in's 3 px
+    assert xy[:, 0].max() == size and xy[:, 1].max() == size
