@@ -217,9 +217,11 @@ class SegmenterConfig(_Frozen):
     )
     zoom_check: bool = Field(
         True,
-        description="segment with the shipped network: per image, also run it on the image "
-        "magnified 2x and keep that when it finds the same nuclei better resolved (fewer than 2.5x "
-        "as many): small crowded nuclei; 5x the network time (fitted networks, slides: not applied)",
+        description="with the shipped network: also run it on the tissue magnified 2x and keep that "
+        "when it finds the same nuclei better resolved (fewer than 2.5x as many): small crowded "
+        "nuclei. segment decides per image (5x the network time); run per slide from 8 sampled "
+        "tiles, and a magnified slide is processed at half the mpp (4x the pixels). Fitted "
+        "networks: not applied",
     )
     native_instances: bool = Field(
         True, description="segment: separate instances at the input's resolution (maps upsampled)"

@@ -59,14 +59,26 @@ def fit_bundle(
             for r in predictor.network(np.stack(images[i : i + cfg.tiles.batch_size]))
         ]
         labels = [predictor.labels(img, raw) for img, raw in zip(images, raws, strict=True)]
-        clf = CellClassifier.fit(
-            images, labels, mpp=cfg.target_mpp, stain=bundle.stain, cfg=cfg.classes, seed=cfg.seed,
-            matrix=bundle.pseudo.stain_matrix,
-        )  # fmt: skip
+        clf = fit_cell_classes(bundle, images, labels, cfg.target_mpp, cfg)
         bundle.component_meta[CLASSES_COMPONENT] = clf.to_state()
         bundle.provenance["classes"] = clf.describe()
         bundle.provenance["classes_fit_seconds"] = round(time.perf_counter() - t, 2)
     return bundle
+
+
+def fit_cell_classes(
+    bundle: ModelBundle,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    mpp: float,
+    cfg: RunConfig,
+) -> CellClassifier:
+    """The label-free cell classes of the cells (instance labels) of ``images`` at ``mpp``, with
+    the bundle's stain and stain vectors."""
+    return CellClassifier.fit(
+        images, labels, mpp=mpp, stain=bundle.stain, cfg=cfg.classes, seed=cfg.seed,
+        matrix=bundle.pseudo.stain_matrix,
+    )  # fmt: skip
 
 
 def fit_model_on_context(

@@ -122,15 +122,20 @@ def prepare_slide(
     )
 
 
-def sample_tiles(ctx: SlideContext, n: int, seed: int, cfg: RunConfig) -> list[np.ndarray]:
-    """``n`` tiles read at the processing resolution, drawn without replacement (seeded) from the
-    tissue tiles, preferring tiles that are mostly tissue."""
+def sample_grid_tiles(ctx: SlideContext, n: int, seed: int) -> list[Tile]:
+    """``n`` of the slide's tiles, drawn without replacement (seeded) from the tissue tiles,
+    preferring tiles that are mostly tissue; in grid order."""
     tiles = list(ctx.grid)
     frac = np.array([ctx.tissue.fraction_in_box(*t.core) for t in tiles])
     rng = np.random.default_rng(seed)
     full = [t for t, f in zip(tiles, frac, strict=True) if f >= 0.5] or tiles
     pick = rng.choice(len(full), size=min(n, len(full)), replace=False)
-    return [read_tile(ctx.slide, full[i], cfg.target_mpp) for i in sorted(pick)]
+    return [full[i] for i in sorted(pick)]
+
+
+def sample_tiles(ctx: SlideContext, n: int, seed: int, cfg: RunConfig) -> list[np.ndarray]:
+    """:func:`sample_grid_tiles`, read at the processing resolution."""
+    return [read_tile(ctx.slide, t, cfg.target_mpp) for t in sample_grid_tiles(ctx, n, seed)]
 
 
 def read_tile(slide: Slide, tile: Tile, target_mpp: float) -> np.ndarray:
@@ -250,10 +255,13 @@ def run_slide(
     progress: ProgressHook | None = None,
     extra_timings: dict[str, float] | None = None,
     summary_extras: Callable[[dict[str, int]], dict[str, Any]] | None = None,
+    requested_cfg: RunConfig | None = None,
 ) -> SlideRun:
     """Find every cell of a prepared slide and write the outputs into ``out_dir`` (atomically).
 
     ``summary_extras(counts)`` may add indices (e.g. the Ki-67 index) to summary.json.
+    ``requested_cfg``: the configuration summary.json records when ``cfg`` was derived from it
+    (a magnified run), so that rerunning with the recorded one repeats the run.
     """
     progress = progress or NullProgress()
     annotator = annotator or ShapeOnly()
@@ -371,6 +379,8 @@ def run_slide(
             {n: counts.get(n, 0) for n in [*order, *[n for n in counts if n not in order]]}
         )
         summary = build_summary(ctx, cfg, counts, colors, area, timings, model_info)
+        if requested_cfg is not None:
+            summary["config"] = requested_cfg.to_dict()
         summary["counters"] = {
             "tiles": len(grid),
             "cells_dropped_cut": cut_dropped,
@@ -424,8 +434,9 @@ def process_slide(
     """A slide file to a finished output folder: prepare, fit on the slide unless ``model`` is given
     (a ``ModelBundle``), then find every cell. The output folder is checked before any work."""
     from .device import select_device
-    from .fit import fit_model_on_context
+    from .fit import fit_cell_classes, fit_model_on_context
     from .inference import make_predictor
+    from .magnification import check_slide_magnification, magnified_run
 
     progress = progress or NullProgress()
     out_dir = Path(out_dir)
@@ -441,6 +452,7 @@ def process_slide(
     ctx = prepare_slide(path, cfg, mpp=mpp, backend=backend)
     try:
         extra: dict[str, float] = {}
+        fitted_here = model is None
         if model is None:
             t = time.perf_counter()
             model = fit_model_on_context(ctx, cfg, device=device, progress=progress)
@@ -450,9 +462,27 @@ def process_slide(
             model_info = {"source": "model file"}
         model_info["provenance"] = model.provenance
         predictor, annotator, extras = make_predictor(model, device=device, cfg=cfg)
+        run_ctx, run_cfg = ctx, cfg
+        # the magnification check was measured on the shipped network only
+        if cfg.segmenter.zoom_check and model.provenance.get("segmenter") == "shipped":
+            t = time.perf_counter()
+            mag = check_slide_magnification(ctx, predictor, cfg)
+            model_info["magnification"] = mag.summary()
+            if mag.magnified:
+                # the predictor keeps ``cfg``: its read-out stays at the processing mpp
+                run_ctx, run_cfg = magnified_run(ctx, cfg)
+                if fitted_here and not isinstance(annotator, ShapeOnly):
+                    # classes of the cells this run finds (a model file keeps its own classes)
+                    clf = fit_cell_classes(
+                        model, mag.zoomed_images, mag.zoomed_labels, run_cfg.target_mpp, cfg
+                    )
+                    annotator, extras = clf, clf.indices
+                    model_info["magnification"]["classes"] = clf.describe()
+            extra["magnification_check"] = time.perf_counter() - t
         return run_slide(
-            ctx, out_dir, predictor, cfg, annotator=annotator, overwrite=overwrite,
+            run_ctx, out_dir, predictor, run_cfg, annotator=annotator, overwrite=overwrite,
             model_info=model_info, progress=progress, extra_timings=extra, summary_extras=extras,
+            requested_cfg=cfg,
         )  # fmt: skip
     finally:
         ctx.slide.close()

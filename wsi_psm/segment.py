@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from .config import RunConfig
 from .errors import ModelError, OutputExistsError, OutputWriteError, WsiPsmError
 from .export import CellRecord, GeoJSONWriter
+from .magnification import zoom_resolves
 from .pipeline import CellAnnotator, ShapeOnly
 from .polygons import labels_to_polygons
 from .progress import NullProgress, ProgressHook
@@ -106,12 +107,6 @@ def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
-# `segment`'s magnification check: the share of nuclei the 2x-magnified image may add and still
-# count as the same nuclei, resolved (1x: nuclei found once at both scales; 4x: the net cuts every
-# nucleus into net-sized pieces when magnified); halfway between the two.
-ZOOM_COUNT_RATIO = 2.5
-
-
 def _at_mpp(rgb: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
     """``rgb`` (uint8, at ``mpp``) resampled to ``to_mpp`` (bilinear; antialiased when shrinking)."""
     if abs(mpp - to_mpp) < 1e-6 * to_mpp:
@@ -150,12 +145,9 @@ def segment_array(
     """Instance labels (int32) at the native image's pixels from its processing-resolution copy.
 
     With ``zoom_check`` the net also sees the image magnified 2x (at half the processing
-    mpp), read out as if at the processing mpp, i.e. with every nucleus twice as large. If that
-    finds under ZOOM_COUNT_RATIO times as many nuclei, they are the same nuclei better resolved
-    (small, crowded nuclei that the net merges at 1x) and the magnified result is kept; a net that
-    cuts nuclei into pieces when they are too large for it finds about 4x as many. Measured on the
-    shipped H&E network only (``segment`` applies it there): an IHC network fitted on BCData finds
-    nucleus fragments at 2x (under 2.5x as many, on less foreground) and would lose.
+    mpp), read out as if at the processing mpp, and that result is kept when
+    :func:`~wsi_psm.magnification.zoom_resolves` says it holds the same nuclei, resolved (see
+    :mod:`wsi_psm.magnification`; measured on the shipped H&E network only).
     """
     sc = cfg.segmenter
     maps = predict_maps(net, rgb_processing, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
@@ -170,7 +162,7 @@ def segment_array(
     zoomed = _at_mpp(rgb_native, native_mpp, cfg.target_mpp / 2)
     maps2 = predict_maps(net, zoomed, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
     labels2 = instances_from_maps(maps2, mpp=cfg.target_mpp, cfg=cfg)
-    if int(labels2.max()) < ZOOM_COUNT_RATIO * n:
+    if zoom_resolves(n, int(labels2.max())):
         return _resize_labels(labels2, shape)
     return labels
 
