@@ -9,9 +9,9 @@ without labels: under ``ZOOM_COUNT_RATIO`` times as many at 2x means the same nu
 
 Measured with the shipped H&E network only (networks fitted on BCData's IHC find nucleus
 fragments at 2x, under 2.5x as many on less foreground), so only that network gets the check.
-``segment`` decides per image; ``run`` decides per slide from a sample of its tissue tiles, and a
-magnified slide is then processed at half the processing mpp (4x the pixels) with the read-out of
-the processing mpp.
+``segment`` decides per image; ``run`` decides per slide by a vote of sampled tissue tiles (each
+about the size of a MoNuSeg image, judged as ``segment`` judges one), and a magnified slide is then
+processed at half the processing mpp (4x the pixels) with the read-out of the processing mpp.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from .tiling import make_grid
 ZOOM_COUNT_RATIO = 2.5
 # tissue tiles a slide's check looks at (each at 1x and at 2x: 5x a tile's network time)
 ZOOM_SAMPLE_TILES = 8
+# a sampled tile with fewer nuclei than this at 1x has no say (its count ratio is noise)
+ZOOM_MIN_NUCLEI = 20
 
 
 def zoom_resolves(n_plain: int, n_zoomed: int) -> bool:
@@ -39,24 +41,36 @@ def zoom_resolves(n_plain: int, n_zoomed: int) -> bool:
 
 @dataclass
 class SlideMagnification:
-    """A slide's check: nuclei found on the sampled tiles at 1x and 2x, and the verdict. The 2x
+    """A slide's check: nuclei found on each sampled tile at 1x and 2x, and the verdict. The 2x
     tiles and their instance labels are kept for fitting the cell classes of a magnified run."""
 
-    tiles: int
-    nuclei_plain: int
-    nuclei_zoomed: int
-    magnified: bool
+    counts: list[tuple[int, int]]  # (nuclei at 1x, nuclei at 2x) per sampled tile
     zoomed_images: list[np.ndarray] = field(default_factory=list, repr=False)
     zoomed_labels: list[np.ndarray] = field(default_factory=list, repr=False)
 
+    @property
+    def votes(self) -> tuple[int, int]:
+        """(tiles whose nuclei are resolved at 2x, tiles with a say)."""
+        voting = [(a, b) for a, b in self.counts if a >= ZOOM_MIN_NUCLEI]
+        return sum(zoom_resolves(a, b) for a, b in voting), len(voting)
+
+    @property
+    def magnified(self) -> bool:
+        """Magnify when more than half of the tiles with a say are resolved at 2x: the scale that
+        is right for most of the tissue (a slide of crowded and ordinary tissue in equal parts
+        stays at 1x; each scale costs the other kind of tissue about as much)."""
+        resolved, voting = self.votes
+        return 2 * resolved > voting
+
     def summary(self) -> dict[str, Any]:
-        ratio = self.nuclei_zoomed / self.nuclei_plain if self.nuclei_plain else None
+        resolved, voting = self.votes
         return {
-            "sample_tiles": self.tiles,
-            "nuclei_1x": self.nuclei_plain,
-            "nuclei_2x": self.nuclei_zoomed,
-            "ratio": None if ratio is None else round(ratio, 3),
+            "sample_tiles": len(self.counts),
+            "nuclei_1x": [a for a, _ in self.counts],
+            "nuclei_2x": [b for _, b in self.counts],
             "threshold": ZOOM_COUNT_RATIO,
+            "tiles_resolved": resolved,
+            "tiles_voting": voting,
             "magnified": self.magnified,
         }
 
@@ -65,22 +79,19 @@ def check_slide_magnification(
     ctx: SlideContext, predictor: TilePredictor, cfg: RunConfig
 ) -> SlideMagnification:
     """Run ``predictor`` (its read-out at ``cfg.target_mpp``) on ``ZOOM_SAMPLE_TILES`` tissue tiles
-    read at ``cfg.target_mpp`` and at half of it, and compare the nuclei found, pooled."""
-    n_plain = n_zoomed = 0
-    images, labels = [], []
-    tiles = sample_grid_tiles(ctx, ZOOM_SAMPLE_TILES, cfg.seed)
-    for t in tiles:
+    read at ``cfg.target_mpp`` and at half of it, and let each tile vote (:func:`zoom_resolves`)."""
+    check = SlideMagnification([])
+    for t in sample_grid_tiles(ctx, ZOOM_SAMPLE_TILES, cfg.seed):
         plain = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp)
-        n_plain += int(predictor.labels(plain, predictor.network(plain[None])[0]).max())
+        n_plain = int(predictor.labels(plain, predictor.network(plain[None])[0]).max())
         zoomed = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp / 2)
         lab = predictor.labels(zoomed, predictor.network(zoomed[None])[0])
-        n_zoomed += int(lab.max())
-        images.append(zoomed)
-        labels.append(lab)
-    magnified = zoom_resolves(n_plain, n_zoomed)
-    if not magnified:
-        images, labels = [], []
-    return SlideMagnification(len(tiles), n_plain, n_zoomed, magnified, images, labels)
+        check.counts.append((n_plain, int(lab.max())))
+        check.zoomed_images.append(zoomed)
+        check.zoomed_labels.append(lab)
+    if not check.magnified:
+        check.zoomed_images, check.zoomed_labels = [], []
+    return check
 
 
 def magnified_run(ctx: SlideContext, cfg: RunConfig) -> tuple[SlideContext, RunConfig]:
