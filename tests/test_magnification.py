@@ -1,5 +1,5 @@
 """The slide magnification check on real H&E tiled into a slide: crowded small nuclei are processed
-magnified and come out better; ordinary ones (CMU-1, test_acceptance) are left at 1x."""
+magnified and come out better, tile by tile; ordinary ones (CMU-1, test_acceptance) stay at 1x."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ from rasterio.features import rasterize
 from wsi_psm.config import RunConfig
 from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
 from wsi_psm.inference import NetworkPredictor
-from wsi_psm.magnification import ZOOM_COUNT_RATIO, check_slide_magnification, magnified_run
+from wsi_psm.magnification import (
+    ZOOM_COUNT_RATIO,
+    ScaleChoosingPredictor,
+    check_slide_magnification,
+    magnified_run,
+)
 from wsi_psm.metrics import segmentation_scores
 from wsi_psm.pipeline import prepare_slide, run_slide
 from wsi_psm.segment import DEFAULT_MODEL, default_model
@@ -61,13 +66,14 @@ def test_crowded_small_nuclei_are_processed_magnified(monuseg_dir, tmp_path) -> 
         predictor = NetworkPredictor(default_model(), torch.device("cpu"), cfg)
         mag = check_slide_magnification(ctx, predictor, cfg)
         # every sampled tile: the same nuclei, resolved (far fewer than the ~4x of nuclei cut)
-        assert mag.magnified and mag.votes[0] == mag.votes[1] == len(mag.counts) > 0
+        assert mag.per_tile and mag.resolved == mag.voting == len(mag.counts) > 0
         assert all(b < ZOOM_COUNT_RATIO * a for a, b in mag.counts)
-        assert len(mag.zoomed_images) == len(mag.zoomed_labels) == len(mag.counts)
+        assert len(mag.zoomed_images) == len(mag.chosen_labels) == len(mag.counts)
         plain = run_slide(ctx, tmp_path / "plain", predictor, cfg)
         zctx, zcfg = magnified_run(ctx, cfg)
         assert zcfg.target_mpp == cfg.target_mpp / 2 and len(zctx.grid) == len(ctx.grid)
-        zoomed = run_slide(zctx, tmp_path / "zoomed", predictor, zcfg)
+        both = ScaleChoosingPredictor(predictor, cfg)
+        zoomed = run_slide(zctx, tmp_path / "zoomed", both, zcfg)
     finally:
         ctx.slide.close()
     # crowded nuclei merged at 1x are parted at 2x: more cells, and closer to the annotation
@@ -76,3 +82,36 @@ def test_crowded_small_nuclei_are_processed_magnified(monuseg_dir, tmp_path) -> 
     cells = gpd.read_parquet(tmp_path / "zoomed" / "cells.parquet")
     x0, y0, x1, y1 = cells.total_bounds
     assert x0 >= 0 and y0 >= 0 and x1 <= 2000 and y1 <= 2000  # level-0 px of the slide
+
+
+def test_each_tile_keeps_the_scale_the_rule_picks() -> None:
+    """The labeller of a run at both scales: a tile where 2x finds twice the nuclei (crowded pairs
+    parted) keeps the 2x labels; one where 2x finds four times as many (every nucleus cut in
+    quarters) keeps its 1x labels, brought to the tile's (2x) pixels."""
+    from skimage.draw import disk
+
+    from wsi_psm.segmenter.train import distance_target
+
+    plain = np.zeros((128, 128), np.int32)  # 1x: 25 nuclei of ~50 µm² at 0.5 µm/px
+    for k in range(25):
+        plain[disk((12 + 25 * (k // 5), 12 + 25 * (k % 5)), 8, shape=plain.shape)] = k + 1
+    at2x = np.kron(plain, np.ones((2, 2), np.int32))
+
+    def cut(labels: np.ndarray, parts: int) -> np.ndarray:
+        """Every nucleus cut through its centre into 2 (left / right) or 4 (quarters) pieces."""
+        out = np.zeros_like(labels)
+        for k in range(1, int(labels.max()) + 1):
+            rr, cc = np.nonzero(labels == k)
+            piece = (cc >= cc.mean()).astype(int) + (2 * (rr >= rr.mean()) if parts == 4 else 0)
+            out[rr, cc] = parts * (k - 1) + piece + 1
+        return out
+
+    def maps(lab: np.ndarray) -> np.ndarray:
+        return np.stack([(lab > 0).astype(np.float32), distance_target(lab)])
+
+    labeller = ScaleChoosingPredictor(None, RunConfig()).labeller()
+    image = np.zeros((256, 256, 3), np.uint8)
+    pairs = labeller.labels(image, (maps(plain), maps(cut(at2x, 2))))  # 2x as many: resolved
+    assert pairs.shape == (256, 256) and pairs.max() == 50
+    quarters = labeller.labels(image, (maps(plain), maps(cut(at2x, 4))))  # 4x: cut, keep 1x
+    assert quarters.shape == (256, 256) and quarters.max() == 25

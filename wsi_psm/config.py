@@ -219,9 +219,10 @@ class SegmenterConfig(_Frozen):
         True,
         description="with the shipped network: also run it on the tissue magnified 2x and keep that "
         "when it finds the same nuclei better resolved (fewer than 2.5x as many): small crowded "
-        "nuclei. segment decides per image (5x the network time); run per slide, by a vote of 8 "
-        "sampled tiles, and a magnified slide is processed at half the mpp (4x the pixels). "
-        "Fitted networks: not applied",
+        "nuclei. segment decides per image (5x the network time); run judges 8 sampled tiles and, "
+        "when most are resolved at 2x, runs every tile at both scales and decides per tile (5x "
+        "the network time, 4x the read-out pixels); otherwise 1x alone. Fitted networks: not "
+        "applied",
     )
     native_instances: bool = Field(
         True, description="segment: separate instances at the input's resolution (maps upsampled)"

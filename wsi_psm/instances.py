@@ -78,6 +78,14 @@ def fill_label_holes(labels: np.ndarray) -> np.ndarray:
     return np.where(labels == 0, fill[bg], labels)
 
 
+def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resampling of labels onto a (H, W) grid covering the same area."""
+    h, w = labels.shape
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
 def relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.ndarray:
     """Drop labels outside [min_px, max_px] and renumber the rest 1..n, keeping their order."""
     area = np.bincount(labels.ravel())

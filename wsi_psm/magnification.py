@@ -9,9 +9,11 @@ without labels: under ``ZOOM_COUNT_RATIO`` times as many at 2x means the same nu
 
 Measured with the shipped H&E network only (networks fitted on BCData's IHC find nucleus
 fragments at 2x, under 2.5x as many on less foreground), so only that network gets the check.
-``segment`` decides per image; ``run`` decides per slide by a vote of sampled tissue tiles (each
-about the size of a MoNuSeg image, judged as ``segment`` judges one), and a magnified slide is then
-processed at half the processing mpp (4x the pixels) with the read-out of the processing mpp.
+``segment`` decides per image. ``run`` first judges a sample of tissue tiles (each about the size
+of a MoNuSeg image, judged as ``segment`` judges one); unless more than half are resolved at 2x,
+as on most slides, the slide is run at 1x alone. Otherwise every tile is read at half the
+processing mpp and run at both scales, and each tile keeps the read-out the rule picks for it (5x
+the network time, 4x the read-out pixels), so the ordinary tissue of a crowded slide keeps 1x.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from .config import RunConfig
+from .instances import resize_labels
 from .pipeline import SlideContext, TilePredictor, sample_grid_tiles
+from .segmenter.readout import instances_from_maps
 from .tiling import make_grid
 
 # the share of nuclei the 2x-magnified image may add and still count as the same nuclei, resolved
@@ -41,64 +45,122 @@ def zoom_resolves(n_plain: int, n_zoomed: int) -> bool:
 
 @dataclass
 class SlideMagnification:
-    """A slide's check: nuclei found on each sampled tile at 1x and 2x, and the verdict. The 2x
-    tiles and their instance labels are kept for fitting the cell classes of a magnified run."""
+    """A slide's check: nuclei found on each sampled tile at 1x and 2x, and the 2x tiles with the
+    labels the per-tile rule keeps for them (for fitting the classes of a run at both scales)."""
 
     counts: list[tuple[int, int]]  # (nuclei at 1x, nuclei at 2x) per sampled tile
     zoomed_images: list[np.ndarray] = field(default_factory=list, repr=False)
-    zoomed_labels: list[np.ndarray] = field(default_factory=list, repr=False)
+    chosen_labels: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
-    def votes(self) -> tuple[int, int]:
-        """(tiles whose nuclei are resolved at 2x, tiles with a say)."""
-        voting = [(a, b) for a, b in self.counts if a >= ZOOM_MIN_NUCLEI]
-        return sum(zoom_resolves(a, b) for a, b in voting), len(voting)
+    def resolved(self) -> int:
+        """Sampled tiles whose nuclei the 2x read-out resolves."""
+        return sum(tile_resolves(a, b) for a, b in self.counts)
 
     @property
-    def magnified(self) -> bool:
-        """Magnify when more than half of the tiles with a say are resolved at 2x: the scale that
-        is right for most of the tissue (a slide of crowded and ordinary tissue in equal parts
-        stays at 1x; each scale costs the other kind of tissue about as much)."""
-        resolved, voting = self.votes
-        return 2 * resolved > voting
+    def voting(self) -> int:
+        """Sampled tiles with enough nuclei to judge."""
+        return sum(a >= ZOOM_MIN_NUCLEI for a, _ in self.counts)
+
+    @property
+    def per_tile(self) -> bool:
+        """Whether the run goes to both scales (and chooses per tile): more than half of the
+        judged tiles are resolved at 2x. Otherwise (most slides) it runs at 1x alone: single tiles
+        near the threshold flip with the codec (CMU-1 as SVS: 0 of 8, as DICOM: 2 of 8), and a
+        slide mostly of ordinary tissue should not pay 5x for them."""
+        return 2 * self.resolved > self.voting
 
     def summary(self) -> dict[str, Any]:
-        resolved, voting = self.votes
         return {
             "sample_tiles": len(self.counts),
             "nuclei_1x": [a for a, _ in self.counts],
             "nuclei_2x": [b for _, b in self.counts],
             "threshold": ZOOM_COUNT_RATIO,
-            "tiles_resolved": resolved,
-            "tiles_voting": voting,
-            "magnified": self.magnified,
+            "tiles_resolved": self.resolved,
+            "tiles_judged": self.voting,
+            "scale": "per tile" if self.per_tile else "1x",
         }
+
+
+def tile_resolves(n_plain: int, n_zoomed: int) -> bool:
+    """:func:`zoom_resolves` for a slide tile, which needs ``ZOOM_MIN_NUCLEI`` nuclei to judge."""
+    return n_plain >= ZOOM_MIN_NUCLEI and zoom_resolves(n_plain, n_zoomed)
+
+
+class ScaleChoosingLabeller:
+    """The CPU half of :class:`ScaleChoosingPredictor` (picklable, torch-free): both read-outs of a
+    tile at the processing mpp, and the one the rule keeps, at the tile's (2x) pixels."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg  # the processing configuration: the read-out's mpp
+
+    def labels(self, image: np.ndarray, raw: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        plain = instances_from_maps(raw[0], mpp=self.cfg.target_mpp, cfg=self.cfg)
+        zoomed = instances_from_maps(raw[1], mpp=self.cfg.target_mpp, cfg=self.cfg)
+        if tile_resolves(int(plain.max()), int(zoomed.max())):
+            return zoomed
+        return resize_labels(plain, image.shape[:2])
+
+
+class ScaleChoosingPredictor:
+    """The downstream network at both scales on tiles read at half the processing mpp: as read
+    (2x) and shrunk back to the processing mpp (1x). Its labeller keeps, per tile, what
+    ``segment`` keeps per image, so a slide of crowded and ordinary tissue gets each at its scale."""
+
+    def __init__(self, base: TilePredictor, cfg: RunConfig) -> None:
+        self.base = base
+        self.cfg = cfg
+        self.device = getattr(base, "device", "cpu")
+
+    def network(self, images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        zoomed = self.base.network(images)
+        plain = self.base.network(shrink_half(np.asarray(images)))
+        return list(zip(plain, zoomed, strict=True))
+
+    def labeller(self) -> ScaleChoosingLabeller:
+        return ScaleChoosingLabeller(self.cfg)
+
+    def labels(self, image: np.ndarray, raw: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return self.labeller().labels(image, raw)
+
+
+def shrink_half(images: np.ndarray) -> np.ndarray:
+    """A (B, H, W, 3) uint8 batch at half its size (antialiased bilinear, as the slide reader
+    resamples), i.e. at twice its mpp."""
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    size = (max(1, round(images.shape[1] / 2)), max(1, round(images.shape[2] / 2)))
+    out = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def check_slide_magnification(
     ctx: SlideContext, predictor: TilePredictor, cfg: RunConfig
 ) -> SlideMagnification:
     """Run ``predictor`` (its read-out at ``cfg.target_mpp``) on ``ZOOM_SAMPLE_TILES`` tissue tiles
-    read at ``cfg.target_mpp`` and at half of it, and let each tile vote (:func:`zoom_resolves`)."""
+    read at ``cfg.target_mpp`` and at half of it, and judge each (:func:`tile_resolves`)."""
     check = SlideMagnification([])
     for t in sample_grid_tiles(ctx, ZOOM_SAMPLE_TILES, cfg.seed):
         plain = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp)
-        n_plain = int(predictor.labels(plain, predictor.network(plain[None])[0]).max())
+        lab1 = predictor.labels(plain, predictor.network(plain[None])[0])
         zoomed = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp / 2)
-        lab = predictor.labels(zoomed, predictor.network(zoomed[None])[0])
-        check.counts.append((n_plain, int(lab.max())))
+        lab2 = predictor.labels(zoomed, predictor.network(zoomed[None])[0])
+        check.counts.append((int(lab1.max()), int(lab2.max())))
         check.zoomed_images.append(zoomed)
-        check.zoomed_labels.append(lab)
-    if not check.magnified:
-        check.zoomed_images, check.zoomed_labels = [], []
+        resolved = tile_resolves(*check.counts[-1])
+        check.chosen_labels.append(lab2 if resolved else resize_labels(lab1, zoomed.shape[:2]))
+    if not check.per_tile:
+        check.zoomed_images, check.chosen_labels = [], []
     return check
 
 
 def magnified_run(ctx: SlideContext, cfg: RunConfig) -> tuple[SlideContext, RunConfig]:
-    """The slide's context and run configuration for a magnified run: tiles of the same size in µm
-    read at half the processing mpp, a quarter as many per network batch (each has 4x the pixels:
-    the network's memory stays what it was). The predictor keeps its own configuration, so its
-    read-out stays at the processing mpp."""
+    """The slide's context and run configuration for a run at both scales: tiles of the same size
+    in µm read at half the processing mpp, a quarter as many per network batch (each has 4x the
+    pixels: the network's memory stays what it was). The predictor keeps the processing
+    configuration, so its read-outs stay at the processing mpp."""
     batch = max(1, cfg.tiles.batch_size // 4)
     run_cfg = cfg.with_updates(target_mpp=cfg.target_mpp / 2, **{"tiles.batch_size": batch})
     grid = make_grid(

@@ -436,7 +436,11 @@ def process_slide(
     from .device import select_device
     from .fit import fit_cell_classes, fit_model_on_context
     from .inference import make_predictor
-    from .magnification import check_slide_magnification, magnified_run
+    from .magnification import (
+        ScaleChoosingPredictor,
+        check_slide_magnification,
+        magnified_run,
+    )
 
     progress = progress or NullProgress()
     out_dir = Path(out_dir)
@@ -468,13 +472,14 @@ def process_slide(
             t = time.perf_counter()
             mag = check_slide_magnification(ctx, predictor, cfg)
             model_info["magnification"] = mag.summary()
-            if mag.magnified:
-                # the predictor keeps ``cfg``: its read-out stays at the processing mpp
+            if mag.per_tile:
+                # tiles read at half the mpp; the predictor keeps ``cfg``: read-outs at its mpp
                 run_ctx, run_cfg = magnified_run(ctx, cfg)
+                predictor = ScaleChoosingPredictor(predictor, cfg)
                 if fitted_here and not isinstance(annotator, ShapeOnly):
                     # classes of the cells this run finds (a model file keeps its own classes)
                     clf = fit_cell_classes(
-                        model, mag.zoomed_images, mag.zoomed_labels, run_cfg.target_mpp, cfg
+                        model, mag.zoomed_images, mag.chosen_labels, run_cfg.target_mpp, cfg
                     )
                     annotator, extras = clf, clf.indices
                     model_info["magnification"]["classes"] = clf.describe()

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from .config import RunConfig
 from .errors import ModelError, OutputExistsError, OutputWriteError, WsiPsmError
 from .export import CellRecord, GeoJSONWriter
+from .instances import resize_labels
 from .magnification import zoom_resolves
 from .pipeline import CellAnnotator, ShapeOnly
 from .polygons import labels_to_polygons
@@ -99,14 +100,6 @@ def _resize_maps(maps: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=shape, mode="bilinear", align_corners=False)[0].numpy()
 
 
-def _resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resampling of labels onto a (H, W) grid covering the same area."""
-    h, w = labels.shape
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
-    return labels[rows[:, None], cols[None, :]]
-
-
 def _at_mpp(rgb: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
     """``rgb`` (uint8, at ``mpp``) resampled to ``to_mpp`` (bilinear; antialiased when shrinking)."""
     if abs(mpp - to_mpp) < 1e-6 * to_mpp:
@@ -155,7 +148,7 @@ def segment_array(
     if sc.native_instances:
         labels = instances_from_maps(_resize_maps(maps, shape), mpp=native_mpp, cfg=cfg)
     else:
-        labels = _resize_labels(instances_from_maps(maps, mpp=cfg.target_mpp, cfg=cfg), shape)
+        labels = resize_labels(instances_from_maps(maps, mpp=cfg.target_mpp, cfg=cfg), shape)
     n = int(labels.max())
     if not zoom_check or n == 0:
         return labels
@@ -163,7 +156,7 @@ def segment_array(
     maps2 = predict_maps(net, zoomed, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
     labels2 = instances_from_maps(maps2, mpp=cfg.target_mpp, cfg=cfg)
     if zoom_resolves(n, int(labels2.max())):
-        return _resize_labels(labels2, shape)
+        return resize_labels(labels2, shape)
     return labels
 
 
@@ -496,7 +489,7 @@ def resolve_labeller(
         def pseudo_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:
             fg = bundle.pseudo_masks(proc[None], device)[0]
             lab = split_instances(fg, mpp=cfg.target_mpp, cfg=cfg.instances)
-            return _resize_labels(lab, native.shape[:2])
+            return resize_labels(lab, native.shape[:2])
 
         return pseudo_labels
     if model is None and sc.default_model == "shipped":
@@ -553,7 +546,7 @@ def fit_image_classes(
         if cache is not None and cached_px + lab.size <= CACHE_PIXELS:
             cache[p], cached_px = lab, cached_px + lab.size
         images.append(proc)
-        labels.append(_resize_labels(lab, proc.shape[:2]))
+        labels.append(resize_labels(lab, proc.shape[:2]))
     return CellClassifier.fit(
         images, labels, mpp=cfg.target_mpp, stain=cfg.stain, cfg=cfg.classes, seed=cfg.seed
     )
