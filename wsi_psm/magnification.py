@@ -13,7 +13,7 @@ fragments at 2x, under 2.5x as many on less foreground), so only that network ge
 of a MoNuSeg image, judged as ``segment`` judges one); unless more than half are resolved at 2x,
 as on most slides, the slide is run at 1x alone. Otherwise every tile is read at half the
 processing mpp and run at both scales, and each tile keeps the read-out the rule picks for it (5x
-the network time, 4x the read-out pixels), so the ordinary tissue of a crowded slide keeps 1x.
+the network time, 5x the read-out pixels), so the ordinary tissue of a crowded slide keeps 1x.
 """
 
 from __future__ import annotations
