@@ -26,6 +26,7 @@ import numpy as np
 from .config import RunConfig
 from .instances import resize_labels
 from .pipeline import SlideContext, TilePredictor, sample_grid_tiles
+from .progress import NullProgress, ProgressHook
 from .segmenter.readout import instances_from_maps
 from .tiling import make_grid
 
@@ -36,6 +37,7 @@ ZOOM_COUNT_RATIO = 2.5
 ZOOM_SAMPLE_TILES = 8
 # a sampled tile with fewer nuclei than this at 1x has no say (its count ratio is noise)
 ZOOM_MIN_NUCLEI = 20
+PROGRESS_STAGE = "magnification check"
 
 
 def zoom_resolves(n_plain: int, n_zoomed: int) -> bool:
@@ -137,12 +139,18 @@ def shrink_half(images: np.ndarray) -> np.ndarray:
 
 
 def check_slide_magnification(
-    ctx: SlideContext, predictor: TilePredictor, cfg: RunConfig
+    ctx: SlideContext,
+    predictor: TilePredictor,
+    cfg: RunConfig,
+    progress: ProgressHook | None = None,
 ) -> SlideMagnification:
     """Run ``predictor`` (its read-out at ``cfg.target_mpp``) on ``ZOOM_SAMPLE_TILES`` tissue tiles
     read at ``cfg.target_mpp`` and at half of it, and judge each (:func:`tile_resolves`)."""
+    progress = progress or NullProgress()
     check = SlideMagnification([])
-    for t in sample_grid_tiles(ctx, ZOOM_SAMPLE_TILES, cfg.seed):
+    tiles = sample_grid_tiles(ctx, ZOOM_SAMPLE_TILES, cfg.seed)
+    progress.start(PROGRESS_STAGE, len(tiles))
+    for t in tiles:
         plain = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp)
         lab1 = predictor.labels(plain, predictor.network(plain[None])[0])
         zoomed = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp / 2)
@@ -151,6 +159,8 @@ def check_slide_magnification(
         check.zoomed_images.append(zoomed)
         resolved = tile_resolves(*check.counts[-1])
         check.chosen_labels.append(lab2 if resolved else resize_labels(lab1, zoomed.shape[:2]))
+        progress.advance(PROGRESS_STAGE, 1)
+    progress.done(PROGRESS_STAGE)
     if not check.per_tile:
         check.zoomed_images, check.chosen_labels = [], []
     return check

@@ -470,7 +470,7 @@ def process_slide(
         # the magnification check was measured on the shipped network only
         if cfg.segmenter.zoom_check and model.provenance.get("segmenter") == "shipped":
             t = time.perf_counter()
-            mag = check_slide_magnification(ctx, predictor, cfg)
+            mag = check_slide_magnification(ctx, predictor, cfg, progress)
             model_info["magnification"] = mag.summary()
             if mag.per_tile:
                 # tiles read at half the mpp; the predictor keeps ``cfg``: read-outs at its mpp
