@@ -91,3 +91,19 @@ def test_ihc_bundle_gets_a_network_fitted_on_its_tiles(tmp_path) -> None:
     torch.testing.assert_close(
         torch.sigmoid(net(x)), torch.sigmoid(bundle_segmenter(bundle)(x)), atol=1e-5, rtol=0
     )
+
+
+def test_a_model_file_keeps_its_training_and_read_out_but_the_run_chooses_how_to_apply_it() -> None:
+    from wsi_psm.pipeline import model_run_config
+
+    model = RunConfig().with_updates(
+        target_mpp=0.25, **{"segmenter.fg_threshold": 0.6, "segmenter.tta": False}
+    )
+    run = RunConfig().with_updates(
+        **{"segmenter.fg_threshold": 0.3, "segmenter.tta": True, "segmenter.zoom_check": False,
+           "tiles.batch_size": 3}
+    )  # fmt: skip
+    cfg = model_run_config(run, model)
+    assert cfg.target_mpp == 0.25 and cfg.segmenter.fg_threshold == 0.6  # the model's
+    assert cfg.segmenter.tta and not cfg.segmenter.zoom_check  # the run's
+    assert cfg.tiles.batch_size == 3

@@ -496,11 +496,18 @@ def process_slide(
 # What a fitted model decides (it was trained at that resolution, with those stages); the run config
 # keeps the rest (tiling, device, outputs, seed, instance sizes).
 MODEL_FIELDS = ("target_mpp", "stain", "psm", "cluster", "segmenter", "classes")
+# ... except how the network is applied, which is the run's choice: test-time augmentation, mixed
+# precision and the magnification check (e.g. `--set segmenter.tta=true` with `--model`)
+RUN_SEGMENTER_FIELDS = ("tta", "amp", "zoom_check")
 
 
 def model_run_config(cfg: RunConfig, model_cfg: RunConfig) -> RunConfig:
     """The run configuration with the model's own fields taking precedence."""
-    mine = model_cfg.to_dict()
-    return RunConfig.model_validate(
-        {**cfg.to_dict(), **{k: mine[k] for k in MODEL_FIELDS if k in mine}}
-    )
+    mine, run = model_cfg.to_dict(), cfg.to_dict()
+    merged = {**run, **{k: mine[k] for k in MODEL_FIELDS if k in mine}}
+    if "segmenter" in mine:
+        merged["segmenter"] = {
+            **mine["segmenter"],
+            **{k: run["segmenter"][k] for k in RUN_SEGMENTER_FIELDS},
+        }
+    return RunConfig.model_validate(merged)
