@@ -116,7 +116,7 @@ class ScaleChoosingPredictor:
 
     def network(self, images: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         zoomed = self.base.network(images)
-        plain = self.base.network(shrink_half(np.asarray(images)))
+        plain = self.base.network(shrink_half(np.asarray(images), self.device))
         return list(zip(plain, zoomed, strict=True))
 
     def labeller(self) -> ScaleChoosingLabeller:
@@ -126,16 +126,17 @@ class ScaleChoosingPredictor:
         return self.labeller().labels(image, raw)
 
 
-def shrink_half(images: np.ndarray) -> np.ndarray:
+def shrink_half(images: np.ndarray, device: Any = "cpu") -> np.ndarray:
     """A (B, H, W, 3) uint8 batch at half its size (antialiased bilinear, as the slide reader
-    resamples), i.e. at twice its mpp."""
+    resamples), i.e. at twice its mpp; computed on ``device`` (beside a GPU, not on the CPU that
+    feeds it)."""
     import torch
     import torch.nn.functional as F
 
-    t = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    t = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float()
     size = (max(1, round(images.shape[1] / 2)), max(1, round(images.shape[2] / 2)))
     out = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def check_slide_magnification(
