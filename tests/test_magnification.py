@@ -66,7 +66,7 @@ def test_crowded_small_nuclei_are_processed_magnified(monuseg_dir, tmp_path) -> 
         predictor = NetworkPredictor(default_model(), torch.device("cpu"), cfg)
         mag = check_slide_magnification(ctx, predictor, cfg)
         # every sampled tile: the same nuclei, resolved (far fewer than the ~4x of nuclei cut)
-        assert mag.per_tile and mag.resolved == mag.voting == len(mag.counts) > 0
+        assert mag.per_tile and mag.resolved == mag.judged == len(mag.counts) > 0
         assert all(b < ZOOM_COUNT_RATIO * a for a, b in mag.counts)
         assert len(mag.zoomed_images) == len(mag.chosen_labels) == len(mag.counts)
         plain = run_slide(ctx, tmp_path / "plain", predictor, cfg)

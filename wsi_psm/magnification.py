@@ -60,7 +60,7 @@ class SlideMagnification:
         return sum(tile_resolves(a, b) for a, b in self.counts)
 
     @property
-    def voting(self) -> int:
+    def judged(self) -> int:
         """Sampled tiles with enough nuclei to judge."""
         return sum(a >= ZOOM_MIN_NUCLEI for a, _ in self.counts)
 
@@ -70,7 +70,7 @@ class SlideMagnification:
         judged tiles are resolved at 2x. Otherwise (most slides) it runs at 1x alone: single tiles
         near the threshold flip with the codec (CMU-1 as SVS: 0 of 8, as DICOM: 2 of 8), and a
         slide mostly of ordinary tissue should not pay 5x for them."""
-        return 2 * self.resolved > self.voting
+        return 2 * self.resolved > self.judged
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -79,7 +79,7 @@ class SlideMagnification:
             "nuclei_2x": [b for _, b in self.counts],
             "threshold": ZOOM_COUNT_RATIO,
             "tiles_resolved": self.resolved,
-            "tiles_judged": self.voting,
+            "tiles_judged": self.judged,
             "scale": "per tile" if self.per_tile else "1x",
         }
 

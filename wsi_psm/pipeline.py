@@ -261,7 +261,7 @@ def run_slide(
 
     ``summary_extras(counts)`` may add indices (e.g. the Ki-67 index) to summary.json.
     ``requested_cfg``: the configuration summary.json records when ``cfg`` was derived from it
-    (a magnified run), so that rerunning with the recorded one repeats the run.
+    (a run at both scales), so that rerunning with the recorded one repeats the run.
     """
     progress = progress or NullProgress()
     annotator = annotator or ShapeOnly()
