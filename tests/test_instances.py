@@ -146,3 +146,52 @@ def test_watershed_beats_connected_components_on_monuseg(monuseg_dir: Path) -> N
     assert cc.max() < lab.max()
     assert aji(lab, gt) > aji(cc, gt) + 0.02
     assert panoptic_quality(lab, gt)["pq"] > panoptic_quality(cc, gt)["pq"]
+
+
+def _lattice_pixels(mask: np.ndarray) -> int:
+    from wsi_psm.instances import _convex_hull, _lattice_count
+
+    return _lattice_count(_convex_hull(sorted(map(tuple, np.argwhere(mask).tolist()))))
+
+
+def test_hull_pixel_count_is_exact_on_convex_shapes() -> None:
+    """Pick's theorem on the hull of pixel centres counts a digital convex shape's own pixels,
+    whatever its size (so the solidity threshold does not drift with the resolution)."""
+    for r in (3, 6, 11):
+        d = np.zeros((30, 30), bool)
+        d[disk((15, 15), r)] = True
+        assert _lattice_pixels(d) == d.sum()
+    sq = np.zeros((9, 9), bool)
+    sq[2:7, 1:8] = True
+    assert _lattice_pixels(sq) == 35
+    line = np.zeros((9, 9), bool)
+    line[[0, 2, 4, 6], [0, 1, 2, 3]] = True  # collinear: points of a segment
+    assert _lattice_pixels(line) == 4
+    notch = sq.copy()
+    notch[2:5, 4] = False  # a slit: the hull keeps its pixels
+    assert _lattice_pixels(notch) == 35
+
+
+def test_convex_pieces_merge_and_touching_nuclei_do_not() -> None:
+    from wsi_psm.instances import merge_convex_pieces
+
+    lab = np.zeros((80, 160), np.int32)
+    # an elongated nucleus cut across its long axis into three pieces
+    rr, cc = ellipse(40, 30, 9, 24)
+    lab[rr, cc] = np.where(cc < 22, 1, np.where(cc < 38, 2, 3))
+    # two round nuclei pressed together (one straight contact of 10 px)
+    a = np.zeros(lab.shape, bool)
+    a[disk((40, 100), 10)] = True
+    b = np.zeros(lab.shape, bool)
+    b[disk((40, 116), 10)] = True
+    lab[a] = 4
+    lab[b & ~a] = 5
+    out = merge_convex_pieces(lab, 0.96, 5000)
+    _check_labels(out)
+    assert out.max() == 3
+    assert len(np.unique(out[rr, cc])) == 1  # the three pieces are one nucleus again
+    assert out[40, 100] != out[40, 116]  # the notched pair stays two
+    assert np.array_equal(out > 0, lab > 0)  # no pixel gained or lost
+    # the same nucleus over the size limit, or with the merge off, stays cut
+    assert merge_convex_pieces(lab, 0.96, 400).max() == 5
+    assert np.array_equal(merge_convex_pieces(lab, 0.0, 5000), lab)

@@ -209,6 +209,13 @@ class SegmenterConfig(_Frozen):
         description="take off every nucleus pixel whose centre lies within this many µm of the "
         "nucleus's edge (the pseudo masks' halo); none at pixels of 2x this or more",
     )
+    merge_solidity: float = Field(
+        0.96,
+        ge=0,
+        le=1,
+        description="merge touching nuclei whose union is at least this convex (pixels / pixels "
+        "of its convex hull; 0: off): one nucleus cut in pieces by a spurious marker",
+    )
     default_model: Literal["shipped", "fit", "none"] = Field(
         "shipped",
         description="without --model: 'shipped' = the packaged H&E network (IHC, which it was not "

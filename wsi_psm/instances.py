@@ -12,6 +12,8 @@ and the result depends only on the inputs (no randomness).
 
 from __future__ import annotations
 
+from math import gcd
+
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix
@@ -96,6 +98,143 @@ def relabel_by_area(labels: np.ndarray, min_px: float, max_px: float) -> np.ndar
     return lut[labels]
 
 
+def _contacts(
+    labels: np.ndarray, values: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every 4-neighbour pixel pair of two different labels: (lower label, higher label, the lower
+    of the two pixels' ``values``; zeros without ``values``), one entry per pixel pair."""
+    values = np.zeros(labels.shape, np.float32) if values is None else values
+    a_parts, b_parts, v_parts = [], [], []
+    for a, b, ra, rb in (
+        (labels[:, :-1], labels[:, 1:], values[:, :-1], values[:, 1:]),
+        (labels[:-1], labels[1:], values[:-1], values[1:]),
+    ):
+        m = (a != b) & (a > 0) & (b > 0)
+        a_parts.append(a[m])
+        b_parts.append(b[m])
+        v_parts.append(np.minimum(ra[m], rb[m]))
+    a, b, v = (np.concatenate(x) for x in (a_parts, b_parts, v_parts))
+    return np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64), v
+
+
+def _convex_hull(pts: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Vertices of the convex hull of sorted, distinct integer points, in order (Andrew's monotone
+    chain in plain Python: the point sets are a few dozen, where a qhull call costs more)."""
+    if len(pts) < 3:
+        return list(pts)
+
+    def chain(seq: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for p in seq:
+            while (
+                len(out) >= 2
+                and (
+                    (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                    - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])
+                )
+                <= 0
+            ):
+                out.pop()
+            out.append(p)
+        return out
+
+    return chain(pts)[:-1] + chain(pts[::-1])[:-1]
+
+
+def _lattice_count(hull: list[tuple[int, int]]) -> int:
+    """Integer points inside or on a convex polygon with integer vertices (in order): Pick's
+    theorem, area + boundary points / 2 + 1, i.e. the pixels of the hull of the pixel centres."""
+    if len(hull) == 1:
+        return 1
+    twice_area = boundary = 0
+    for (r0, c0), (r1, c1) in zip(hull, hull[1:] + hull[:1], strict=True):
+        twice_area += r0 * c1 - r1 * c0
+        boundary += gcd(abs(r1 - r0), abs(c1 - c0))
+    if len(hull) < 3:  # a segment, all of whose points lie on its boundary (counted twice)
+        return boundary // 2 + 1
+    return (abs(twice_area) + boundary) // 2 + 1
+
+
+def _label_hulls(labels: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """Per label, the sorted vertices of the convex hull of its pixel centres (from the first and
+    last pixel of each of its rows)."""
+    rows, cols = np.nonzero(labels)
+    ids = labels[rows, cols]
+    order = np.lexsort((cols, rows, ids))
+    rows, cols, ids = rows[order], cols[order], ids[order]
+    new = np.r_[True, (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])]
+    first = np.flatnonzero(new)
+    last = np.r_[first[1:] - 1, len(ids) - 1]
+    out: dict[int, list[tuple[int, int]]] = {}
+    for i, r, c0, c1 in zip(
+        ids[first].tolist(),
+        rows[first].tolist(),
+        cols[first].tolist(),
+        cols[last].tolist(),
+        strict=True,
+    ):
+        out.setdefault(i, []).extend(((r, c0), (r, c1)))
+    return {i: sorted(_convex_hull(sorted(set(p)))) for i, p in out.items()}
+
+
+def merge_convex_pieces(
+    labels: np.ndarray,
+    min_solidity: float,
+    max_px: float,
+    *,
+    min_contact: float = 0.5,
+    rounds: int = 4,
+) -> np.ndarray:
+    """Merge touching labels whose union is convex: area over the pixels of its convex hull at
+    least ``min_solidity``, and at most ``max_px`` pixels. A nucleus is convex, so two pieces that
+    make a convex whole are one nucleus cut in two by a spurious marker (an elongated nucleus cut
+    across its ridge, a pale one in fragments); two round nuclei side by side leave notches where
+    they meet. Only pairs in contact along at least ``min_contact`` x the square root of the smaller
+    one's area are judged (a cut runs across a piece; a chance contact is short).
+
+    Greedy, most convex pair first, each label merged once per round, up to ``rounds`` rounds;
+    merged labels take the lower id and the result is renumbered 1..n in the same order."""
+    if min_solidity <= 0 or labels.max() < 2:
+        return labels
+    hulls = _label_hulls(labels)
+    judged: dict[tuple[int, int], float] = {}  # solidity of pairs whose labels have not changed
+    for _ in range(rounds):
+        lo, hi, _v = _contacts(labels)
+        if len(lo) == 0:
+            break
+        n = int(labels.max()) + 1
+        key, contact = np.unique(lo * n + hi, return_counts=True)
+        a_ids, b_ids = key // n, key % n
+        area = np.bincount(labels.ravel(), minlength=n)
+        size = area[a_ids] + area[b_ids]
+        ok = (size <= max_px) & (
+            contact >= min_contact * np.sqrt(np.minimum(area[a_ids], area[b_ids]))
+        )
+        cands = []
+        for a, b, sz in zip(a_ids[ok].tolist(), b_ids[ok].tolist(), size[ok].tolist(), strict=True):
+            sol = judged.get((a, b))
+            if sol is None:
+                sol = judged[(a, b)] = sz / _lattice_count(
+                    _convex_hull(sorted(set(hulls[a] + hulls[b])))
+                )
+            if sol >= min_solidity:
+                cands.append((sol, a, b))
+        if not cands:
+            break
+        cands.sort(reverse=True)
+        lut = np.arange(n)
+        merged: set[int] = set()
+        for _s, a, b in cands:
+            if a in merged or b in merged:
+                continue
+            merged |= {a, b}
+            lut[b] = a  # a < b
+            hulls[a] = sorted(_convex_hull(sorted(set(hulls[a] + hulls.pop(b)))))
+        judged = {k: v for k, v in judged.items() if k[0] not in merged and k[1] not in merged}
+        labels = lut[labels]
+    return relabel_by_area(labels, 1, np.inf)  # ids left empty go
+
+
 def _merge_shallow(
     labels: np.ndarray, relief: np.ndarray, peak: np.ndarray, min_depth: float
 ) -> np.ndarray:
@@ -104,19 +243,9 @@ def _merge_shallow(
     ``peak[i]`` is the relief at the seed of label i+1. The saddle of two regions is the highest
     relief along their shared boundary (the lower of the two pixels of each 4-neighbour pair).
     """
-    a_parts, b_parts, v_parts = [], [], []
-    for a, b, ra, rb in (
-        (labels[:, :-1], labels[:, 1:], relief[:, :-1], relief[:, 1:]),
-        (labels[:-1], labels[1:], relief[:-1], relief[1:]),
-    ):
-        m = (a != b) & (a > 0) & (b > 0)
-        a_parts.append(a[m])
-        b_parts.append(b[m])
-        v_parts.append(np.minimum(ra[m], rb[m]))
-    a, b, v = (np.concatenate(x) for x in (a_parts, b_parts, v_parts))
-    if len(a) == 0:
+    lo, hi, v = _contacts(labels, relief)
+    if len(lo) == 0:
         return labels
-    lo, hi = np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64)
     n = len(peak) + 1
     key = lo * n + hi
     order = np.lexsort((-v, key))  # per pair, highest boundary value first

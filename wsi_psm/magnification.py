@@ -27,7 +27,7 @@ from .config import RunConfig
 from .instances import resize_labels
 from .pipeline import SlideContext, TilePredictor, sample_grid_tiles
 from .progress import NullProgress, ProgressHook
-from .segmenter.readout import instances_from_maps
+from .segmenter.readout import finished_from_maps, separated_from_maps
 from .tiling import make_grid
 
 # the share of nuclei the 2x-magnified image may add and still count as the same nuclei, resolved
@@ -97,11 +97,16 @@ class ScaleChoosingLabeller:
         self.cfg = cfg  # the processing configuration: the read-out's mpp
 
     def labels(self, image: np.ndarray, raw: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        plain = instances_from_maps(raw[0], mpp=self.cfg.target_mpp, cfg=self.cfg)
-        zoomed = instances_from_maps(raw[1], mpp=self.cfg.target_mpp, cfg=self.cfg)
+        plain, zoomed = (separated_from_maps(m, mpp=self.cfg.target_mpp, cfg=self.cfg) for m in raw)
+        return self.chosen(plain, zoomed, image.shape[:2])
+
+    def chosen(self, plain: np.ndarray, zoomed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """The tile's instances at its 2x ``shape``, from both scales' nuclei as separated (counted
+        by the rule) and not yet finished (:func:`~wsi_psm.segmenter.readout.finished_from_maps`)."""
+        mpp = self.cfg.target_mpp
         if tile_resolves(int(plain.max()), int(zoomed.max())):
-            return zoomed
-        return resize_labels(plain, image.shape[:2])
+            return finished_from_maps(zoomed, mpp=mpp, cfg=self.cfg)
+        return resize_labels(finished_from_maps(plain, mpp=mpp, cfg=self.cfg), shape)
 
 
 class ScaleChoosingPredictor:
@@ -145,21 +150,20 @@ def check_slide_magnification(
     cfg: RunConfig,
     progress: ProgressHook | None = None,
 ) -> SlideMagnification:
-    """Run ``predictor`` (its read-out at ``cfg.target_mpp``) on ``ZOOM_SAMPLE_TILES`` tissue tiles
-    read at ``cfg.target_mpp`` and at half of it, and judge each (:func:`tile_resolves`)."""
+    """Run ``predictor``'s network on ``ZOOM_SAMPLE_TILES`` tissue tiles read at ``cfg.target_mpp``
+    and at half of it, read both out at ``cfg.target_mpp`` and judge each (:func:`tile_resolves`)."""
     progress = progress or NullProgress()
     check = SlideMagnification([])
     tiles = sample_grid_tiles(ctx, ZOOM_SAMPLE_TILES, cfg.seed)
     progress.start(PROGRESS_STAGE, len(tiles))
     for t in tiles:
         plain = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp)
-        lab1 = predictor.labels(plain, predictor.network(plain[None])[0])
         zoomed = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp / 2)
-        lab2 = predictor.labels(zoomed, predictor.network(zoomed[None])[0])
-        check.counts.append((int(lab1.max()), int(lab2.max())))
         check.zoomed_images.append(zoomed)
-        resolved = tile_resolves(*check.counts[-1])
-        check.chosen_labels.append(lab2 if resolved else resize_labels(lab1, zoomed.shape[:2]))
+        maps = (predictor.network(plain[None])[0], predictor.network(zoomed[None])[0])
+        lab1, lab2 = (separated_from_maps(m, mpp=cfg.target_mpp, cfg=cfg) for m in maps)
+        check.counts.append((int(lab1.max()), int(lab2.max())))
+        check.chosen_labels.append(ScaleChoosingLabeller(cfg).chosen(lab1, lab2, zoomed.shape[:2]))
         progress.advance(PROGRESS_STAGE, 1)
     progress.done(PROGRESS_STAGE)
     if not check.per_tile:

@@ -42,7 +42,7 @@ from .polygons import labels_to_polygons
 from .progress import NullProgress, ProgressHook
 from .segmenter.network import SegEnsemble, Segmenter, SegNet, read_segmenter_file
 from .segmenter.predict import predict_maps
-from .segmenter.readout import instances_from_maps
+from .segmenter.readout import finished_from_maps, separated_from_maps
 from .slide import Slide
 from .stitching import Candidate
 from .tissue import check_input_image
@@ -146,18 +146,18 @@ def segment_array(
     maps = predict_maps(net, rgb_processing, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
     shape = rgb_native.shape[:2]
     if sc.native_instances:
-        labels = instances_from_maps(_resize_maps(maps, shape), mpp=native_mpp, cfg=cfg)
+        mpp1, maps = native_mpp, _resize_maps(maps, shape)
     else:
-        labels = resize_labels(instances_from_maps(maps, mpp=cfg.target_mpp, cfg=cfg), shape)
-    n = int(labels.max())
-    if not zoom_check or n == 0:
-        return labels
-    zoomed = _at_mpp(rgb_native, native_mpp, cfg.target_mpp / 2)
-    maps2 = predict_maps(net, zoomed, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
-    labels2 = instances_from_maps(maps2, mpp=cfg.target_mpp, cfg=cfg)
-    if zoom_resolves(n, int(labels2.max())):
-        return resize_labels(labels2, shape)
-    return labels
+        mpp1 = cfg.target_mpp
+    plain = separated_from_maps(maps, mpp=mpp1, cfg=cfg)
+    n = int(plain.max())
+    if zoom_check and n > 0:
+        zoomed = _at_mpp(rgb_native, native_mpp, cfg.target_mpp / 2)
+        maps2 = predict_maps(net, zoomed, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
+        labels2 = separated_from_maps(maps2, mpp=cfg.target_mpp, cfg=cfg)  # read as if 1x
+        if zoom_resolves(n, int(labels2.max())):
+            return resize_labels(finished_from_maps(labels2, mpp=cfg.target_mpp, cfg=cfg), shape)
+    return resize_labels(finished_from_maps(plain, mpp=mpp1, cfg=cfg), shape)
 
 
 def _write_outputs(

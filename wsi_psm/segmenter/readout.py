@@ -18,7 +18,12 @@ from skimage.morphology import h_maxima, local_maxima
 from skimage.segmentation import watershed
 
 from wsi_psm.config import RunConfig
-from wsi_psm.instances import fill_label_holes, fill_small_holes, relabel_by_area
+from wsi_psm.instances import (
+    fill_label_holes,
+    fill_small_holes,
+    merge_convex_pieces,
+    relabel_by_area,
+)
 
 _FOUR = ndi.generate_binary_structure(2, 1)
 _EIGHT = np.ones((3, 3), bool)
@@ -114,6 +119,7 @@ def maps_to_instances(
     marker_h: float = 0.0,
     smooth_um: float = 0.25,
     shrink_um: float = 0.0,
+    merge_solidity: float = 0.0,
     min_area_um2: float = 8.0,
     max_area_um2: float = 300.0,
 ) -> np.ndarray:
@@ -125,7 +131,9 @@ def maps_to_instances(
     of its own, so a core that holds two peaks is split, and a core without one keeps one marker.
     Each foreground component without a marker keeps one label of its own. ``shrink_um > 0``
     then takes off every pixel whose centre lies within that many µm of its instance's edge (with
-    the background or a neighbour; none where a pixel is at least twice as wide). Labels are one
+    the background or a neighbour; none where a pixel is at least twice as wide). With
+    ``merge_solidity > 0``, touching instances whose union is that convex are merged first
+    (:func:`~wsi_psm.instances.merge_convex_pieces`). Labels are one
     4-connected piece each, hole-free, area-filtered (µm²), numbered 1..n in raster order.
     """
     px = mpp * mpp
@@ -149,18 +157,52 @@ def maps_to_instances(
     pieces = cc_label(labels, background=0, connectivity=1)
     kept = relabel_by_area(pieces, min_area_um2 / px, np.inf)
     out = relabel_by_area(fill_label_holes(kept), 0, max_area_um2 / px)
-    # the sizes are judged before the shrink: it trims the halo, not the nucleus found
-    return _shrink(out, shrink_um, mpp) if shrink_um > 0 else out
+    return finish_instances(
+        out, mpp=mpp, merge_solidity=merge_solidity, shrink_um=shrink_um, max_area_um2=max_area_um2
+    )
+
+
+def finish_instances(
+    labels: np.ndarray, *, mpp: float, merge_solidity: float, shrink_um: float, max_area_um2: float
+) -> np.ndarray:
+    """The last steps of :func:`maps_to_instances`, apart so that a caller can count the nuclei
+    separated before them (the magnification rule was set on those counts): pieces whose union is
+    convex merged, then the halo shrunk off (sizes were judged before: the shrink trims the halo,
+    not the nucleus found)."""
+    if merge_solidity > 0:
+        merged = merge_convex_pieces(labels, merge_solidity, max_area_um2 / (mpp * mpp))
+        if merged.max() < labels.max():  # two pieces may enclose a gap: it joins them
+            labels = fill_label_holes(merged)
+    return _shrink(labels, shrink_um, mpp) if shrink_um > 0 else labels
+
+
+def _readout_args(cfg: RunConfig) -> dict[str, float]:
+    sc, ic = cfg.segmenter, cfg.instances
+    return {
+        "fg_threshold": sc.fg_threshold, "marker_threshold": sc.marker_threshold,
+        "marker_h": sc.marker_h, "min_area_um2": ic.min_area_um2, "max_area_um2": ic.max_area_um2,
+    }  # fmt: skip
+
+
+def separated_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
+    """:func:`maps_to_instances` on a (2, H, W) map pair at ``mpp`` with the run's thresholds and
+    sizes, before :func:`finished_from_maps`'s last steps: what the magnification rule counts."""
+    fg, dist = np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32)
+    return maps_to_instances(fg, dist, mpp=mpp, **_readout_args(cfg))
+
+
+def finished_from_maps(labels: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
+    """:func:`finish_instances` with the run's settings, on :func:`separated_from_maps`'s labels."""
+    sc = cfg.segmenter
+    return finish_instances(
+        labels, mpp=mpp, merge_solidity=sc.merge_solidity, shrink_um=sc.shrink_um,
+        max_area_um2=cfg.instances.max_area_um2,
+    )  # fmt: skip
 
 
 def instances_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
     """:func:`maps_to_instances` on a (2, H, W) map pair at ``mpp``, with the run's thresholds and sizes."""
-    sc, ic = cfg.segmenter, cfg.instances
-    return maps_to_instances(
-        np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32), mpp=mpp,
-        fg_threshold=sc.fg_threshold, marker_threshold=sc.marker_threshold, marker_h=sc.marker_h,
-        shrink_um=sc.shrink_um, min_area_um2=ic.min_area_um2, max_area_um2=ic.max_area_um2,
-    )  # fmt: skip
+    return finished_from_maps(separated_from_maps(maps, mpp=mpp, cfg=cfg), mpp=mpp, cfg=cfg)
 
 
 class MapsLabeller:

@@ -39,7 +39,7 @@ Progress = Callable[[int, int, float], None]
 
 # The read-out that gives the refinement's teacher points: fixed (not the inference defaults, which
 # were tuned later on the finished net), so the shipped model stays what this fit makes.
-TEACHER_READOUT = {"fg_threshold": 0.5, "marker_h": 0.0, "shrink_um": 0.0}
+TEACHER_READOUT = {"fg_threshold": 0.5, "marker_h": 0.0, "shrink_um": 0.0, "merge_solidity": 0.0}
 
 
 @dataclass
