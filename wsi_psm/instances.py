@@ -155,26 +155,21 @@ def _lattice_count(hull: list[tuple[int, int]]) -> int:
     return (abs(twice_area) + boundary) // 2 + 1
 
 
-def _label_hulls(labels: np.ndarray) -> dict[int, list[tuple[int, int]]]:
-    """Per label, the sorted vertices of the convex hull of its pixel centres (from the first and
-    last pixel of each of its rows)."""
-    rows, cols = np.nonzero(labels)
-    ids = labels[rows, cols]
-    order = np.lexsort((cols, rows, ids))
-    rows, cols, ids = rows[order], cols[order], ids[order]
-    new = np.r_[True, (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])]
-    first = np.flatnonzero(new)
-    last = np.r_[first[1:] - 1, len(ids) - 1]
-    out: dict[int, list[tuple[int, int]]] = {}
+def _label_hulls(labels: np.ndarray, ids: np.ndarray) -> dict[int, list[tuple[int, int]]]:
+    """For each label in ``ids``, the sorted vertices of the convex hull of its pixel centres (from
+    the first and last pixel of each of its rows)."""
+    rows, cols = np.nonzero(np.isin(labels, ids))
+    lab = labels[rows, cols]
+    order = np.lexsort((cols, rows, lab))
+    rows, cols, lab = rows[order], cols[order], lab[order]
+    first = np.flatnonzero(np.r_[True, (lab[1:] != lab[:-1]) | (rows[1:] != rows[:-1])])
+    last = np.r_[first[1:] - 1, len(lab) - 1]
+    points: dict[int, list[tuple[int, int]]] = {}
     for i, r, c0, c1 in zip(
-        ids[first].tolist(),
-        rows[first].tolist(),
-        cols[first].tolist(),
-        cols[last].tolist(),
-        strict=True,
+        *(a.tolist() for a in (lab[first], rows[first], cols[first], cols[last])), strict=True
     ):
-        out.setdefault(i, []).extend(((r, c0), (r, c1)))
-    return {i: sorted(_convex_hull(sorted(set(p)))) for i, p in out.items()}
+        points.setdefault(i, []).extend(((r, c0), (r, c1)))
+    return {i: sorted(_convex_hull(sorted(set(p)))) for i, p in points.items()}
 
 
 def merge_convex_pieces(
@@ -196,7 +191,7 @@ def merge_convex_pieces(
     merged labels take the lower id and the result is renumbered 1..n in the same order."""
     if min_solidity <= 0 or labels.max() < 2:
         return labels
-    hulls = _label_hulls(labels)
+    hulls: dict[int, list[tuple[int, int]]] = {}  # only of labels in a pair judged
     judged: dict[tuple[int, int], float] = {}  # solidity of pairs whose labels have not changed
     for _ in range(rounds):
         lo, hi, _v = _contacts(labels)
@@ -210,8 +205,12 @@ def merge_convex_pieces(
         ok = (size <= max_px) & (
             contact >= min_contact * np.sqrt(np.minimum(area[a_ids], area[b_ids]))
         )
+        a_ids, b_ids, size = a_ids[ok], b_ids[ok], size[ok]
+        missing = np.setdiff1d(np.r_[a_ids, b_ids], np.fromiter(hulls, np.int64, len(hulls)))
+        if len(missing):
+            hulls.update(_label_hulls(labels, missing))
         cands = []
-        for a, b, sz in zip(a_ids[ok].tolist(), b_ids[ok].tolist(), size[ok].tolist(), strict=True):
+        for a, b, sz in zip(a_ids.tolist(), b_ids.tolist(), size.tolist(), strict=True):
             sol = judged.get((a, b))
             if sol is None:
                 sol = judged[(a, b)] = sz / _lattice_count(
