@@ -17,7 +17,7 @@ import torch
 from wsi_psm.config import RunConfig
 from wsi_psm.preprocess import to_network_input
 from wsi_psm.segmenter.network import Segmenter
-from wsi_psm.segmenter.readout import instances_from_maps
+from wsi_psm.segmenter.readout import MapsLabeller
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -144,4 +144,4 @@ class SegmenterPredictor:
         return list(maps)
 
     def labels(self, image: np.ndarray, raw: np.ndarray) -> np.ndarray:
-        return instances_from_maps(raw, mpp=self.cfg.target_mpp, cfg=self.cfg)
+        return MapsLabeller(self.cfg).labels(image, raw)
