@@ -225,7 +225,7 @@ class SegmenterConfig(_Frozen):
     zoom_check: bool = Field(
         True,
         description="with the shipped network: also run it on the tissue magnified 2x and keep that "
-        "when it finds the same nuclei better resolved (fewer than 2.5x as many): small crowded "
+        "when it finds the same nuclei better resolved (as many to 2.5x as many): small crowded "
         "nuclei. segment decides per image (5x the network time); run judges 8 sampled tiles and, "
         "when most are resolved at 2x, runs every tile at both scales and decides per tile (5x "
         "the network time, 5x the read-out pixels); otherwise 1x alone. Fitted networks: not "

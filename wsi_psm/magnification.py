@@ -41,8 +41,10 @@ PROGRESS_STAGE = "magnification check"
 
 
 def zoom_resolves(n_plain: int, n_zoomed: int) -> bool:
-    """The check's rule: the 2x read-out finds the same nuclei, resolved, not pieces of them."""
-    return n_plain > 0 and n_zoomed < ZOOM_COUNT_RATIO * n_plain
+    """The check's rule: the 2x read-out finds the same nuclei, resolved, not pieces of them.
+    Resolving touching nuclei only adds nuclei: a 2x read-out finding fewer than 1x (none on a
+    blurred tile, say) has lost some and is not kept (the 30 MoNuSeg images: 1.5x to 4.6x)."""
+    return 0 < n_plain <= n_zoomed < ZOOM_COUNT_RATIO * n_plain
 
 
 @dataclass
