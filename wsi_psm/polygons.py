@@ -8,12 +8,18 @@ the pixels of its label. GDAL's polygonize (via ``rasterio.features.shapes``) tr
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import rasterio.features
 import shapely
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 from shapely.geometry import Polygon
+
+# rasterio only traces label pixels here; an identity transform (a tile at the origin at scale 1,
+# e.g. a 20x slide processed at 0.5 um/px) is intended, not a missing georeference
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio")
 
 # The measurement names every writer and summary uses; QuPath's style, units in the name.
 AREA = "Area µm^2"
