@@ -221,7 +221,7 @@ def merge_convex_pieces(
         if not cands:
             break
         cands.sort(reverse=True)
-        lut = np.arange(n)
+        lut = np.arange(n, dtype=labels.dtype)  # ids fit: they are labels
         merged: set[int] = set()
         for _s, a, b in cands:
             if a in merged or b in merged:
