@@ -156,8 +156,8 @@ def _lattice_count(hull: list[tuple[int, int]]) -> int:
 
 
 def _label_hulls(labels: np.ndarray, ids: np.ndarray) -> dict[int, list[tuple[int, int]]]:
-    """For each label in ``ids``, the sorted vertices of the convex hull of its pixel centres (from
-    the first and last pixel of each of its rows)."""
+    """For each label in ``ids``, the vertices of the convex hull of its pixel centres (from the
+    first and last pixel of each of its rows)."""
     rows, cols = np.nonzero(np.isin(labels, ids))
     lab = labels[rows, cols]
     order = np.lexsort((cols, rows, lab))
@@ -169,7 +169,7 @@ def _label_hulls(labels: np.ndarray, ids: np.ndarray) -> dict[int, list[tuple[in
         *(a.tolist() for a in (lab[first], rows[first], cols[first], cols[last])), strict=True
     ):
         points.setdefault(i, []).extend(((r, c0), (r, c1)))
-    return {i: sorted(_convex_hull(sorted(set(p)))) for i, p in points.items()}
+    return {i: _convex_hull(sorted(set(p))) for i, p in points.items()}
 
 
 def merge_convex_pieces(
@@ -228,7 +228,7 @@ def merge_convex_pieces(
                 continue
             merged |= {a, b}
             lut[b] = a  # a < b
-            hulls[a] = sorted(_convex_hull(sorted(set(hulls[a] + hulls.pop(b)))))
+            hulls[a] = _convex_hull(sorted(set(hulls[a] + hulls.pop(b))))
         judged = {k: v for k, v in judged.items() if k[0] not in merged and k[1] not in merged}
         labels = lut[labels]
     return relabel_by_area(labels, 1, np.inf)  # ids left empty go

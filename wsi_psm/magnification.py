@@ -27,7 +27,7 @@ from .config import RunConfig
 from .instances import resize_labels
 from .pipeline import SlideContext, TilePredictor, sample_grid_tiles
 from .progress import NullProgress, ProgressHook
-from .segmenter.readout import finished_from_maps, separated_from_maps
+from .segmenter.readout import finished_instances, separated_from_maps
 from .tiling import make_grid
 
 # the share of nuclei the 2x-magnified image may add and still count as the same nuclei, resolved
@@ -104,11 +104,11 @@ class ScaleChoosingLabeller:
 
     def chosen(self, plain: np.ndarray, zoomed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """The tile's instances at its 2x ``shape``, from both scales' nuclei as separated (counted
-        by the rule) and not yet finished (:func:`~wsi_psm.segmenter.readout.finished_from_maps`)."""
+        by the rule) and not yet finished (:func:`~wsi_psm.segmenter.readout.finished_instances`)."""
         mpp = self.cfg.target_mpp
         if tile_resolves(int(plain.max()), int(zoomed.max())):
-            return finished_from_maps(zoomed, mpp=mpp, cfg=self.cfg)
-        return resize_labels(finished_from_maps(plain, mpp=mpp, cfg=self.cfg), shape)
+            return finished_instances(zoomed, mpp=mpp, cfg=self.cfg)
+        return resize_labels(finished_instances(plain, mpp=mpp, cfg=self.cfg), shape)
 
 
 class ScaleChoosingPredictor:
@@ -157,6 +157,7 @@ def check_slide_magnification(
     progress = progress or NullProgress()
     check = SlideMagnification([])
     tiles = sample_grid_tiles(ctx, ZOOM_SAMPLE_TILES, cfg.seed)
+    rule = ScaleChoosingLabeller(cfg)
     progress.start(PROGRESS_STAGE, len(tiles))
     for t in tiles:
         plain = ctx.slide.read_at_mpp(t.x, t.y, t.w, t.h, cfg.target_mpp)
@@ -165,7 +166,7 @@ def check_slide_magnification(
         maps = (predictor.network(plain[None])[0], predictor.network(zoomed[None])[0])
         lab1, lab2 = (separated_from_maps(m, mpp=cfg.target_mpp, cfg=cfg) for m in maps)
         check.counts.append((int(lab1.max()), int(lab2.max())))
-        check.chosen_labels.append(ScaleChoosingLabeller(cfg).chosen(lab1, lab2, zoomed.shape[:2]))
+        check.chosen_labels.append(rule.chosen(lab1, lab2, zoomed.shape[:2]))
         progress.advance(PROGRESS_STAGE, 1)
     progress.done(PROGRESS_STAGE)
     if not check.per_tile:

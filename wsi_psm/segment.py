@@ -42,7 +42,7 @@ from .polygons import labels_to_polygons
 from .progress import NullProgress, ProgressHook
 from .segmenter.network import SegEnsemble, Segmenter, SegNet, read_segmenter_file
 from .segmenter.predict import predict_maps
-from .segmenter.readout import finished_from_maps, separated_from_maps
+from .segmenter.readout import finished_instances, separated_from_maps
 from .slide import Slide
 from .stitching import Candidate
 from .tissue import check_input_image
@@ -156,8 +156,8 @@ def segment_array(
         maps2 = predict_maps(net, zoomed, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
         labels2 = separated_from_maps(maps2, mpp=cfg.target_mpp, cfg=cfg)  # read as if 1x
         if zoom_resolves(n, int(labels2.max())):
-            return resize_labels(finished_from_maps(labels2, mpp=cfg.target_mpp, cfg=cfg), shape)
-    return resize_labels(finished_from_maps(plain, mpp=mpp1, cfg=cfg), shape)
+            return resize_labels(finished_instances(labels2, mpp=cfg.target_mpp, cfg=cfg), shape)
+    return resize_labels(finished_instances(plain, mpp=mpp1, cfg=cfg), shape)
 
 
 def _write_outputs(

@@ -176,22 +176,18 @@ def finish_instances(
     return _shrink(labels, shrink_um, mpp) if shrink_um > 0 else labels
 
 
-def _readout_args(cfg: RunConfig) -> dict[str, float]:
-    sc, ic = cfg.segmenter, cfg.instances
-    return {
-        "fg_threshold": sc.fg_threshold, "marker_threshold": sc.marker_threshold,
-        "marker_h": sc.marker_h, "min_area_um2": ic.min_area_um2, "max_area_um2": ic.max_area_um2,
-    }  # fmt: skip
-
-
 def separated_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
     """:func:`maps_to_instances` on a (2, H, W) map pair at ``mpp`` with the run's thresholds and
-    sizes, before :func:`finished_from_maps`'s last steps: what the magnification rule counts."""
-    fg, dist = np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32)
-    return maps_to_instances(fg, dist, mpp=mpp, **_readout_args(cfg))
+    sizes, before :func:`finished_instances`'s last steps: what the magnification rule counts."""
+    sc, ic = cfg.segmenter, cfg.instances
+    return maps_to_instances(
+        np.asarray(maps[0], np.float32), np.asarray(maps[1], np.float32), mpp=mpp,
+        fg_threshold=sc.fg_threshold, marker_threshold=sc.marker_threshold, marker_h=sc.marker_h,
+        min_area_um2=ic.min_area_um2, max_area_um2=ic.max_area_um2,
+    )  # fmt: skip
 
 
-def finished_from_maps(labels: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
+def finished_instances(labels: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
     """:func:`finish_instances` with the run's settings, on :func:`separated_from_maps`'s labels."""
     sc = cfg.segmenter
     return finish_instances(
@@ -202,7 +198,7 @@ def finished_from_maps(labels: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.
 
 def instances_from_maps(maps: np.ndarray, *, mpp: float, cfg: RunConfig) -> np.ndarray:
     """:func:`maps_to_instances` on a (2, H, W) map pair at ``mpp``, with the run's thresholds and sizes."""
-    return finished_from_maps(separated_from_maps(maps, mpp=mpp, cfg=cfg), mpp=mpp, cfg=cfg)
+    return finished_instances(separated_from_maps(maps, mpp=mpp, cfg=cfg), mpp=mpp, cfg=cfg)
 
 
 class MapsLabeller:
