@@ -28,9 +28,11 @@ from wsi_psm.export import (
     GeoParquetWriter,
     OutputFolder,
     OverlayRenderer,
+    PreparedCell,
     class_counts_summary,
     config_json_schema,
     load_schema,
+    pack_cells,
     prepare_cell,
     render_overlay,
     software_versions,
@@ -212,6 +214,52 @@ def test_cells_prepared_in_workers_write_the_same_bytes(tmp_path, cells):
     with GeoJSONWriter(tmp_path / "other.geojson", slide_key="b.svs") as w:
         with pytest.raises(ValueError, match="slide key"):
             w.write(prepared[0])
+
+
+def test_blocks_write_the_same_files_as_their_cells(tmp_path, cells):
+    """The pipeline's workers pack a tile's final cells into one block (pack_cells); blocks mixed
+    with single cells must give the very bytes of writing every cell one by one, across row groups,
+    and the overlay the very image."""
+    few = [*cells[:150], CellRecord(box(50, 50, 50.5, 50.5), "tumour", COLORS["tumour"])]
+    thumb = np.full((H // 8, W // 8, 3), 235, np.uint8)
+    prepared = [prepare_cell(c, "a.svs", overlay_scale=8.0) for c in few]
+    # blocks of uneven sizes, with single cells between them (as seam cells are)
+    items = [pack_cells(prepared[:40]), *prepared[40:45], pack_cells(prepared[45:46])]
+    items += [pack_cells(prepared[46:120]), *prepared[120:], pack_cells(prepared[-1:])]
+    for name, how in (("single", prepared + prepared[-1:]), ("blocks", items)):
+        (tmp_path / name).mkdir()
+        ov = OverlayRenderer(thumb, 8.0)
+        with (
+            GeoJSONWriter(tmp_path / name / "cells.geojson", slide_key="a.svs") as gj,
+            GeoParquetWriter(
+                tmp_path / name / "cells.parquet", slide_key="a.svs", row_group_size=64
+            ) as gp,
+        ):
+            for item in how:
+                if isinstance(item, PreparedCell):
+                    gj.write(item), gp.write(item), ov.add_outline(item.outline, item.color)
+                else:
+                    assert gj.write_block(item) == gp.write_block(item) == len(item)
+                    ov.add_block(item)
+        ov.save(tmp_path / name / "overlay.png")
+    for f in ("cells.geojson", "cells.parquet", "overlay.png"):
+        assert (tmp_path / "single" / f).read_bytes() == (tmp_path / "blocks" / f).read_bytes()
+    data = json.loads((tmp_path / "blocks" / "cells.geojson").read_text())
+    assert len(data["features"]) == len(few) + 1
+    table = pq.read_table(tmp_path / "blocks" / "cells.parquet")
+    assert table.num_rows == len(few) + 1
+    assert table.column("Area µm^2").null_count == 2  # the tiny cell had no measurements
+    assert pq.ParquetFile(tmp_path / "blocks" / "cells.parquet").metadata.num_row_groups == 3
+    block = pack_cells(prepared[:40])
+    assert sum(n for _, n in block.classes.values()) == 40
+    # a block encoded for another slide carries the wrong ids: refused
+    with GeoJSONWriter(tmp_path / "other.geojson", slide_key="b.svs") as w:
+        with pytest.raises(ValueError, match="slide key"):
+            w.write_block(block)
+    # a measurement the Parquet file has no column for is refused, not lost
+    with GeoParquetWriter(tmp_path / "m.parquet", measurement_names=["Area µm^2"]) as w:
+        with pytest.raises(ValueError, match="not columns"):
+            w.write_block(pack_cells([prepare_cell(few[0], "")]))
 
 
 def test_integral_coordinates_are_written_as_integers(tmp_path):

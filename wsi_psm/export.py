@@ -158,15 +158,98 @@ def prepare_cell(
     )
 
 
-def _prepared(cell: CellRecord | PreparedCell, slide_key: str, decimals: int) -> PreparedCell:
-    if isinstance(cell, PreparedCell):
-        if cell.slide_key == slide_key and cell.decimals == decimals:
-            return cell
+def _check_encoding(item: PreparedCell | CellBlock, slide_key: str, decimals: int) -> None:
+    # ids and rounding are fixed when a cell is encoded: one made for another slide would be wrong
+    if item.slide_key != slide_key or item.decimals != decimals:
         raise ValueError(
-            f"cell prepared for slide key {cell.slide_key!r} / {cell.decimals} decimals, "
+            f"cell prepared for slide key {item.slide_key!r} / {item.decimals} decimals, "
             f"written with {slide_key!r} / {decimals}"
         )
+
+
+def _prepared(cell: CellRecord | PreparedCell, slide_key: str, decimals: int) -> PreparedCell:
+    if isinstance(cell, PreparedCell):
+        _check_encoding(cell, slide_key, decimals)
+        return cell
     return prepare_cell(cell, slide_key, decimals)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedOutlines:
+    """Overlay outlines (``overlay_outline``) of many cells in four arrays."""
+
+    boxes: np.ndarray  # (n, 4) bounding boxes, thumbnail px
+    points: np.ndarray  # (m, 2) every cell's points, concatenated
+    offsets: np.ndarray  # (n + 1,) where each cell's points start in ``points``
+    colours: np.ndarray  # (n, 3) uint8
+
+
+@dataclass(frozen=True, slots=True)
+class CellBlock:
+    """Prepared cells packed together (:func:`pack_cells`), e.g. one tile's final cells in a
+    worker process: they cross to the writing process as a few buffers instead of one object per
+    cell, and each writer appends them in one step (``write_block`` / ``add_block``). Writing a
+    block gives the same files as writing its cells one by one, in order."""
+
+    slide_key: str
+    decimals: int
+    features: str  # the GeoJSON Features, joined as GeoJSONWriter joins them
+    table: pa.Table  # id, class, the measurements seen (first-seen order, float64), geometry (WKB)
+    bbox: tuple[float, float, float, float]
+    classes: dict[
+        str, tuple[tuple[int, int, int], int]
+    ]  # name -> (colour, cells), first seen first
+    outlines: PackedOutlines | None  # when every cell had one
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def measurement_names(self) -> list[str]:
+        return self.table.column_names[2:-1]
+
+
+def pack_cells(cells: Sequence[PreparedCell]) -> CellBlock:
+    """Pack prepared cells (one slide key, one rounding) into a :class:`CellBlock`."""
+    if not cells:
+        raise ValueError("pack_cells needs at least one cell")
+    key, decimals = cells[0].slide_key, cells[0].decimals
+    colours: dict[str, tuple[int, int, int]] = {}
+    counts: dict[str, int] = {}
+    for c in cells:
+        _check_encoding(c, key, decimals)
+        _check_colour(colours, c.class_name, c.color)
+        counts[c.class_name] = counts.get(c.class_name, 0) + 1
+    names = dict.fromkeys(k for c in cells for k in c.measurements)
+    cols: dict[str, Any] = {
+        "id": pa.array([c.id for c in cells], pa.string()),
+        "class": pa.array([c.class_name for c in cells], pa.string()),
+    }
+    for n in names:
+        cols[n] = pa.array([c.measurements.get(n) for c in cells], pa.float64())
+    cols["geometry"] = pa.array([c.wkb for c in cells], pa.binary())
+    bounds = np.array([c.bounds for c in cells])
+    lo, hi = bounds[:, :2].min(axis=0), bounds[:, 2:].max(axis=0)
+    outlines = None
+    if all(c.outline is not None for c in cells):
+        pts = [c.outline[1] for c in cells]  # type: ignore[index]
+        offsets = np.zeros(len(cells) + 1, np.int64)
+        offsets[1:] = np.cumsum([len(p) for p in pts])
+        outlines = PackedOutlines(
+            np.array([c.outline[0] for c in cells], np.float64),  # type: ignore[index]
+            np.concatenate(pts).astype(np.float64, copy=False),
+            offsets,
+            np.array([c.color for c in cells], np.uint8),
+        )
+    return CellBlock(
+        key,
+        decimals,
+        ",\n".join(c.feature for c in cells),
+        pa.table(cols),
+        (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])),
+        {n: (colours[n], counts[n]) for n in counts},
+        outlines,
+    )
 
 
 def _coords_json(rings: list[np.ndarray]) -> list[list[list[float]]] | list[list[list[int]]]:
@@ -209,7 +292,8 @@ class GeoJSONWriter:
         self.count = 0
         self._fh: IO[bytes] | None = None
         self._raw: IO[bytes] | None = None
-        self._buf: list[str] = []
+        self._buf: list[str] = []  # Features (one cell's, or a block's)
+        self._written = 0  # cells already in the file
         self._colours: dict[str, tuple[int, int, int]] = {}
 
     def __enter__(self) -> GeoJSONWriter:
@@ -233,11 +317,25 @@ class GeoJSONWriter:
             raise RuntimeError("GeoJSONWriter.write outside its with-block")
         _check_colour(self._colours, cell.class_name, cell.color)
         p = _prepared(cell, self.slide_key, self.decimals)
-        self._buf.append(p.feature)
-        self.count += 1
-        if len(self._buf) >= 2000:
-            self._flush()
+        self._append(p.feature, 1)
         return p.id
+
+    def write_block(self, block: CellBlock) -> int:
+        """Append the cells of a :class:`CellBlock`; returns how many."""
+        if self._fh is None:
+            raise RuntimeError("GeoJSONWriter.write_block outside its with-block")
+        _check_encoding(block, self.slide_key, self.decimals)
+        for name, (color, _) in block.classes.items():
+            _check_colour(self._colours, name, color)
+        if len(block):
+            self._append(block.features, len(block))
+        return len(block)
+
+    def _append(self, features: str, n: int) -> None:
+        self._buf.append(features)
+        self.count += n
+        if self.count - self._written >= 2000:
+            self._flush()
 
     def write_many(self, cells: Iterable[CellRecord | PreparedCell]) -> int:
         """Append every cell of an iterable (consumed lazily); returns how many."""
@@ -250,9 +348,10 @@ class GeoJSONWriter:
     def _flush(self) -> None:
         if self._buf:
             assert self._fh is not None
-            sep = b",\n" if self.count > len(self._buf) else b""
+            sep = b",\n" if self._written else b""
             self._fh.write(sep + ",\n".join(self._buf).encode("ascii"))
             self._buf.clear()
+            self._written = self.count
 
     def __exit__(
         self,
@@ -300,8 +399,9 @@ class GeoParquetWriter:
         self.count = 0
         self._names: list[str] | None = list(measurement_names) if measurement_names else None
         self._writer: pq.ParquetWriter | None = None
-        self._rows: list[PreparedCell] = []
-        self._classes: list[str] = []
+        # rows not yet written, in order: runs of single cells, blocks, and a written group's rest
+        self._parts: list[list[PreparedCell] | CellBlock | pa.Table] = []
+        self._buffered = 0
         self._colours: dict[str, tuple[int, int, int]] = {}
         self._bbox = [math.inf, math.inf, -math.inf, -math.inf]
         self._open = False
@@ -315,19 +415,25 @@ class GeoParquetWriter:
             raise RuntimeError("GeoParquetWriter.write outside its with-block")
         _check_colour(self._colours, cell.class_name, cell.color)
         p = _prepared(cell, self.slide_key, self.decimals)
-        if self._names is not None:
-            extra = p.measurements.keys() - set(self._names)
-            if extra:
-                raise ValueError(
-                    f"measurements {sorted(extra)} are not columns of {self.path.name} "
-                    f"(columns: {self._names}); pass measurement_names up front"
-                )
-        self._rows.append(p)
-        self._classes.append(cell.class_name)
-        self.count += 1
-        if len(self._rows) >= self.row_group_size:
-            self._flush()
+        self._check_names(p.measurements.keys())
+        if not self._parts or not isinstance(self._parts[-1], list):
+            self._parts.append([])
+        self._parts[-1].append(p)  # type: ignore[union-attr]
+        self._added(1, p.bounds)
         return p.id
+
+    def write_block(self, block: CellBlock) -> int:
+        """Append the cells of a :class:`CellBlock`; returns how many."""
+        if not self._open:
+            raise RuntimeError("GeoParquetWriter.write_block outside its with-block")
+        _check_encoding(block, self.slide_key, self.decimals)
+        for name, (color, _) in block.classes.items():
+            _check_colour(self._colours, name, color)
+        self._check_names(block.measurement_names)
+        if len(block):
+            self._parts.append(block)
+            self._added(len(block), block.bbox)
+        return len(block)
 
     def write_many(self, cells: Iterable[CellRecord | PreparedCell]) -> int:
         n = 0
@@ -335,6 +441,28 @@ class GeoParquetWriter:
             self.write(cell)
             n += 1
         return n
+
+    def _check_names(self, names: Iterable[str]) -> None:
+        if self._names is not None:
+            extra = set(names) - set(self._names)
+            if extra:
+                raise ValueError(
+                    f"measurements {sorted(extra)} are not columns of {self.path.name} "
+                    f"(columns: {self._names}); pass measurement_names up front"
+                )
+
+    def _added(self, n: int, bounds: tuple[float, float, float, float]) -> None:
+        self.count += n
+        self._buffered += n
+        b = self._bbox
+        self._bbox = [
+            min(b[0], bounds[0]),
+            min(b[1], bounds[1]),
+            max(b[2], bounds[2]),
+            max(b[3], bounds[3]),
+        ]
+        if self._buffered >= self.row_group_size:
+            self._flush(final=False)
 
     def _schema(self) -> pa.Schema:
         assert self._names is not None
@@ -364,36 +492,53 @@ class GeoParquetWriter:
         }
         return {"geo": json.dumps(geo), "wsi_psm": json.dumps(ours)}
 
-    def _flush(self) -> None:
+    def _part_table(
+        self, part: list[PreparedCell] | CellBlock | pa.Table, schema: pa.Schema
+    ) -> pa.Table:
+        if isinstance(part, pa.Table):
+            return part
+        if isinstance(part, CellBlock):
+            t = part.table
+            cols = [
+                t[f.name] if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema
+            ]
+            return pa.Table.from_arrays(cols, schema=schema)
+        cols: dict[str, Any] = {
+            "id": pa.array([r.id for r in part], pa.string()),
+            "class": pa.array([r.class_name for r in part], pa.string()),
+        }
+        for n in self._names or ():
+            cols[n] = pa.array([r.measurements.get(n) for r in part], pa.float64())
+        cols["geometry"] = pa.array([r.wkb for r in part], pa.binary())
+        return pa.table(cols, schema=schema)
+
+    def _flush(self, final: bool) -> None:
+        """Write the buffered rows in row groups of ``row_group_size`` (the rest too when final)."""
         if self._names is None:
             seen: dict[str, None] = {}
-            for r in self._rows:
-                seen.update(dict.fromkeys(r.measurements))
+            for part in self._parts:
+                if isinstance(part, CellBlock):
+                    seen.update(dict.fromkeys(part.measurement_names))
+                else:
+                    for r in part:
+                        seen.update(dict.fromkeys(r.measurements))
             self._names = list(seen)
         if self._writer is None:
             self._writer = pq.ParquetWriter(
                 self.path, self._schema(), compression="zstd", store_schema=False
             )
-        if not self._rows:
+        if not self._parts:
             return
-        bounds = np.array([r.bounds for r in self._rows])
-        b = (*bounds[:, :2].min(axis=0), *bounds[:, 2:].max(axis=0))
-        self._bbox = [
-            min(self._bbox[0], float(b[0])),
-            min(self._bbox[1], float(b[1])),
-            max(self._bbox[2], float(b[2])),
-            max(self._bbox[3], float(b[3])),
-        ]
-        cols: dict[str, Any] = {
-            "id": pa.array([r.id for r in self._rows], pa.string()),
-            "class": pa.array(self._classes, pa.string()),
-        }
-        for n in self._names:
-            cols[n] = pa.array([r.measurements.get(n) for r in self._rows], pa.float64())
-        cols["geometry"] = pa.array([r.wkb for r in self._rows], pa.binary())
-        self._writer.write_table(pa.table(cols, schema=self._writer.schema))
-        self._rows.clear()
-        self._classes.clear()
+        schema = self._writer.schema
+        table = pa.concat_tables([self._part_table(p, schema) for p in self._parts])
+        size = self.row_group_size
+        whole = len(table) if final else len(table) - len(table) % size
+        for start in range(0, whole, size):
+            # contiguous columns: the same pages, so the same bytes, as cells written one by one
+            self._writer.write_table(table.slice(start, min(size, whole - start)).combine_chunks())
+        rest = table.slice(whole)
+        self._parts = [rest] if len(rest) else []
+        self._buffered = len(rest)
 
     def __exit__(
         self,
@@ -404,9 +549,9 @@ class GeoParquetWriter:
         self._open = False
         try:
             if exc_type is None:
-                if self._names is None and not self._rows:
+                if self._names is None and not self._parts:
                     self._names = []
-                self._flush()
+                self._flush(final=True)
                 assert self._writer is not None
                 # Written last (with the bbox and classes now known). store_schema=False makes
                 # readers take the schema metadata from these key-value pairs.
@@ -624,6 +769,14 @@ class OverlayRenderer:
         else:
             self._draw.polygon(flat, fill=(*rgb, self.fill_alpha), outline=(*rgb, 255))
         self.count += 1
+
+    def add_block(self, block: CellBlock) -> None:
+        """Draw the cells of a :class:`CellBlock` (packed with their outlines)."""
+        o = block.outlines
+        if o is None:
+            raise ValueError("the block was packed without overlay outlines")
+        for k, (box, rgb) in enumerate(zip(o.boxes.tolist(), o.colours.tolist(), strict=True)):
+            self.add_outline((box, o.points[o.offsets[k] : o.offsets[k + 1]]), rgb)
 
     def add_cell(self, cell: CellRecord) -> None:
         self.add(cell.polygon, cell.color)

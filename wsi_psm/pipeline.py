@@ -26,6 +26,7 @@ import numpy as np
 
 from .config import RunConfig
 from .export import (
+    CellBlock,
     CellRecord,
     GeoJSONWriter,
     GeoParquetWriter,
@@ -33,6 +34,7 @@ from .export import (
     OverlayRenderer,
     PreparedCell,
     class_counts_summary,
+    pack_cells,
     prepare_cell,
     software_versions,
     utc_now_iso,
@@ -41,7 +43,7 @@ from .export import (
 from .polygons import polygon_measurements
 from .progress import NullProgress, ProgressHook
 from .slide import Slide
-from .stitching import Candidate, SeamResolver, TileCandidates, interior, tile_candidates
+from .stitching import Candidate, SeamResolver, interior, tile_candidates
 from .stream import stream_batches
 from .tiling import Tile, TileGrid, check_slide_size, make_grid
 from .tissue import TissueMask, check_input_image, detect_tissue
@@ -159,23 +161,37 @@ class TileWork:
     overlay_scale: float | None = None  # level-0 px per overlay px: outlines drawn ready-made
 
 
-def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> TileCandidates:
-    """The CPU part of one tile: instances -> candidate cells with class and measurements."""
+@dataclass
+class TileResult:
+    """A tile's cells as they leave post-processing: those no other tile can report, final and
+    packed for the writers; the seam ones, for the resolver."""
+
+    final: CellBlock | None
+    seam: list[Candidate]
+    cut_dropped: int
+
+
+def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> TileResult:
+    """The CPU part of one tile: instances -> cells with class and measurements, encoded."""
     labels = work.labeller.labels(image, raw)
     tc = tile_candidates(labels, tile, work.grid, work.band)
-    if tc.candidates:
-        work.annotator.annotate(image, tc.labels, tc.candidates, work.mpp_l0)
-        # encode the cells here, in the worker: the one writing thread then only appends text
-        for c in tc.candidates:
-            c.payload = prepare_cell(
-                CellRecord(c.polygon, *c.payload), work.slide_key, overlay_scale=work.overlay_scale
-            )
-            # an interior cell is final and fully encoded: its polygon need not be pickled back to
-            # the parent (which must stay light: it feeds the network), only seam cells' are compared
-            if c.payload.outline is not None and interior(c, tile, work.grid, work.band):
-                c.polygon = None
-    tc.labels = None  # free the array; only the polygons travel on
-    return tc
+    if not tc.candidates:
+        return TileResult(None, [], tc.cut_dropped)
+    work.annotator.annotate(image, tc.labels, tc.candidates, work.mpp_l0)
+    final: list[PreparedCell] = []
+    seam: list[Candidate] = []
+    # encode the cells here, in the worker; the cells that are final at once travel back packed
+    # (a few buffers, not an object per cell): the parent process, which feeds the network, only
+    # appends them. Seam cells keep their polygons, which the resolver compares.
+    for c in tc.candidates:
+        c.payload = prepare_cell(
+            CellRecord(c.polygon, *c.payload), work.slide_key, overlay_scale=work.overlay_scale
+        )
+        if work.overlay_scale is not None and interior(c, tile, work.grid, work.band):
+            final.append(c.payload)
+        else:
+            seam.append(c)
+    return TileResult(pack_cells(final) if final else None, seam, tc.cut_dropped)
 
 
 _WORKER_WORK: TileWork | None = None
@@ -196,7 +212,7 @@ def _init_worker(work: TileWork) -> None:
 
 def _timed_tile(
     image: np.ndarray, raw: Any, tile: Tile, work: TileWork | None = None
-) -> tuple[TileCandidates, float]:
+) -> tuple[TileResult, float]:
     """process_tile and its duration (the pool's busy time); ``work`` None in a worker process."""
     t = time.perf_counter()
     work = work if work is not None else _WORKER_WORK
@@ -308,14 +324,24 @@ def run_slide(
                     counts[rec.class_name] += 1
                     colors[rec.class_name] = rec.color
 
-            def consume(tile: Tile, fut: Future[tuple[TileCandidates, float]]) -> None:
+            def write_block(block: CellBlock) -> None:
+                gj.write_block(block)
+                gp.write_block(block)
+                overlay.add_block(block)
+                for name, (color, n) in block.classes.items():
+                    counts[name] += n
+                    colors[name] = color
+
+            def consume(tile: Tile, fut: Future[tuple[TileResult, float]]) -> None:
                 """Writer thread, one tile at a time in grid order (the resolver needs that)."""
                 nonlocal cut_dropped, t_busy, t_write
-                tc, busy = fut.result()
+                res, busy = fut.result()
                 t = time.perf_counter()
-                cut_dropped += tc.cut_dropped
+                cut_dropped += res.cut_dropped
                 t_busy += busy
-                write(resolver.add(tile, tc.candidates))
+                if res.final is not None:
+                    write_block(res.final)
+                write(resolver.add(tile, res.seam))
                 t_write += time.perf_counter() - t
                 progress.advance("cells", 1)
 

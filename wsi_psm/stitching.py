@@ -111,27 +111,29 @@ def interior(c: Candidate, tile: Tile, grid: TileGrid, band: float) -> bool:
 
 
 class SeamResolver:
-    """Turns per-tile candidates, fed in grid order, into final cells with no duplicates at seams."""
+    """Turns per-tile candidates, fed in grid order, into final cells with no duplicates at seams.
+
+    A seam candidate is compared only with the waiting candidates of its tile's 3 x 3 neighbourhood
+    (the only tiles that can report the same cell), so the work per tile does not grow with the
+    slide's width."""
 
     def __init__(self, grid: TileGrid, band: float) -> None:
         self.grid = grid
         self.band = band
         self._index = {(t.row, t.col): t.index for t in grid}
         self._done = -1  # every tile with index <= _done has reported
-        self._pending: list[
-            tuple[int, Candidate]
-        ] = []  # (index of the tile that must be done first, cand)
+        self._pending: dict[int, list[Candidate]] = {}  # tile index -> its undecided candidates
+        self._wait: dict[int, int] = {}  # tile index -> the tile that must be done first
         self.duplicates_removed = 0
 
-    def _wait_for(self, tile: Tile) -> int:
-        """Index of the last tile (in grid order) among this tile's 3x3 neighbourhood."""
-        last = tile.index
-        for dr in (-1, 0, 1):
-            for dc in (-1, 0, 1):
-                i = self._index.get((tile.row + dr, tile.col + dc))
-                if i is not None:
-                    last = max(last, i)
-        return last
+    def _neighbours(self, tile: Tile) -> list[int]:
+        """Indices of the tiles of this tile's 3 x 3 neighbourhood (itself included), ascending."""
+        near = (
+            self._index.get((tile.row + dr, tile.col + dc))
+            for dr in (-1, 0, 1)
+            for dc in (-1, 0, 1)
+        )
+        return sorted(i for i in near if i is not None)
 
     def add(self, tile: Tile, cands: Iterable[Candidate]) -> list[Candidate]:
         """Report one tile (tiles must come in grid order); returns the cells now final."""
@@ -140,12 +142,12 @@ class SeamResolver:
                 f"tiles must be reported in grid order: got {tile.index}, expected {self._done + 1}"
             )
         out = []
-        wait = self._wait_for(tile)
+        seam = []
         for c in cands:
-            if interior(c, tile, self.grid, self.band):
-                out.append(c)
-            else:
-                self._pending.append((wait, c))
+            (out if interior(c, tile, self.grid, self.band) else seam).append(c)
+        if seam:
+            self._pending[tile.index] = seam
+            self._wait[tile.index] = self._neighbours(tile)[-1]
         self._done = tile.index
         out.extend(self._resolve(final=False))
         return out
@@ -155,28 +157,34 @@ class SeamResolver:
         return self._resolve(final=True)
 
     def _resolve(self, final: bool) -> list[Candidate]:
-        ready = [c for w, c in self._pending if final or w <= self._done]
-        if not ready:
-            return []
-        # candidates of one physical cell can sit in tiles that are not yet all done; compare the
-        # ready ones against every pending one so a cell is never decided without its counterparts
-        allc = [c for _, c in self._pending]
-        geoms = np.array([c.polygon for c in allc], dtype=object)
-        tree = shapely.STRtree(geoms)
-        area = shapely.area(geoms)
-        pos = {id(c): i for i, c in enumerate(allc)}
-        decided: set[int] = set()
         winners = []
-        for c in ready:
-            i = pos[id(c)]
-            if i in decided:
+        ready = sorted(i for i in self._pending if final or self._wait[i] <= self._done)
+        for i in ready:
+            if i not in self._pending:  # all of its candidates decided with an earlier tile's
                 continue
-            group = self._group(i, geoms, area, tree)
-            decided.update(group)
-            best = min(group, key=lambda j: (not allc[j].own, allc[j].tile, j))
-            winners.append(allc[best])
-            self.duplicates_removed += len(group) - 1
-        self._pending = [(w, c) for w, c in self._pending if pos[id(c)] not in decided]
+            # a cell's candidates can sit in neighbours that are not all done yet; compare with every
+            # waiting one of the neighbourhood, so a cell is never decided without its counterparts
+            near = [j for j in self._neighbours(self.grid.tiles[i]) if j in self._pending]
+            allc = [c for j in near for c in self._pending[j]]
+            geoms = np.array([c.polygon for c in allc], dtype=object)
+            tree = shapely.STRtree(geoms)
+            area = shapely.area(geoms)
+            decided: set[int] = set()
+            for k, c in enumerate(allc):
+                if c.tile != i or k in decided:
+                    continue
+                group = self._group(k, geoms, area, tree)
+                decided.update(group)
+                best = min(group, key=lambda j: (not allc[j].own, allc[j].tile, j))
+                winners.append(allc[best])
+                self.duplicates_removed += len(group) - 1
+            gone = {id(allc[k]) for k in decided}
+            for j in near:
+                left = [c for c in self._pending[j] if id(c) not in gone]
+                if left:
+                    self._pending[j] = left
+                else:
+                    del self._pending[j], self._wait[j]
         return winners
 
     @staticmethod
