@@ -149,9 +149,9 @@ def test_watershed_beats_connected_components_on_monuseg(monuseg_dir: Path) -> N
 
 
 def _lattice_pixels(mask: np.ndarray) -> int:
-    from wsi_psm.instances import _convex_hull, _lattice_count
+    from wsi_psm.instances import _label_hulls, _lattice_counts
 
-    return _lattice_count(_convex_hull(sorted(map(tuple, np.argwhere(mask).tolist()))))
+    return int(_lattice_counts(_label_hulls(mask.astype(np.int32), np.array([1])))[0])
 
 
 def test_hull_pixel_count_is_exact_on_convex_shapes() -> None:
