@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -347,14 +346,6 @@ def run_slide(
                 progress.advance("cells", 1)
 
             written: deque[Future[None]] = deque()
-            # Two bounds on the tiles past the network. Tiles in post-processing: enough to keep
-            # every worker busy. Tiles processed but not yet written, far more: the writer takes
-            # them in grid order, so one slow (dense) tile holds back the ones after it, and a
-            # tighter common bound would leave the workers idle meanwhile (on a 16-core GPU box,
-            # the pool was busy 59% of a run while the network waited 68% of it). Either keeps
-            # memory bounded whatever the slide size.
-            slots = threading.Semaphore(2 * n_post + cfg.tiles.batch_size)
-            max_unwritten = 4 * (2 * n_post + cfg.tiles.batch_size)
 
             def wait_written(limit: int) -> None:
                 while len(written) > limit:
@@ -378,20 +369,16 @@ def run_slide(
                 raws = predictor.network(batch.images)
                 t_net += time.perf_counter() - t
                 for tile, image, raw in zip(batch.tiles, batch.images, raws, strict=True):
-                    # time the network loop waits for the CPU side (a free post-processing slot,
-                    # then the writer): the GPU starved by post-processing
-                    t = time.perf_counter()
-                    slots.acquire()
-                    t_post += time.perf_counter() - t
                     fut = (
                         pool.submit(_timed_tile, image, raw, tile)
                         if in_processes
                         else pool.submit(_timed_tile, image, raw, tile, work)
                     )
-                    fut.add_done_callback(lambda _f: slots.release())
                     written.append(writer.submit(consume, tile, fut))
+                # time the network loop waits for the CPU side (read-out workers, then the writer):
+                # the GPU starved by post-processing
                 t = time.perf_counter()
-                wait_written(limit=max_unwritten)
+                wait_written(limit=2 * n_post + cfg.tiles.batch_size)
                 t_post += time.perf_counter() - t
             t = time.perf_counter()
             wait_written(limit=0)
