@@ -40,10 +40,13 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="a config change, e.g. tiles.gil_switch_ms=0 (repeatable)")  # fmt: skip
     args = ap.parse_args()
 
+    sets = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
     cfg = RunConfig().with_updates(device=args.device, **{"tiles.batch_size": args.batch_size,
-                                                          "tiles.decode_workers": args.workers})  # fmt: skip
+                                                          "tiles.decode_workers": args.workers}, **sets)  # fmt: skip
     device = select_device(cfg.device)
     ctx = prepare_slide(args.slide, cfg, mpp=args.mpp)
     try:
