@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -101,12 +100,10 @@ def test_random_cells_across_seams_no_duplicates_no_losses(tmp_path, seed, post_
     _plant(slide_path, size, [tuple(p) for p in pts], radius_px=7)
     cfg = CFG.with_updates(**{"tiles.post_mode": post_mode})
     ctx = prepare_slide(slide_path, cfg)
-    switch = sys.getswitchinterval()
     try:
         run_slide(ctx, tmp_path / "out", DarkThreshold(), cfg)
     finally:
         ctx.slide.close()
-    assert sys.getswitchinterval() == switch  # a worker-process run shortens it only meanwhile
     feats = json.loads((tmp_path / "out" / "cells.geojson").read_text())["features"]
     found = np.array(
         [np.mean(np.array(f["geometry"]["coordinates"][0])[:-1], axis=0) for f in feats]

@@ -46,14 +46,6 @@ class TileConfig(_Frozen):
         "auto",
         description="post-processing in threads or processes; auto = processes when the network runs on a GPU",
     )
-    gil_switch_ms: float = Field(
-        0.5,
-        ge=0,
-        description="while post-processing runs in worker processes: Python's thread switch "
-        "interval (ms; 0 = leave it, 5 ms by default). The threads that move tiles to the workers "
-        "and cells back must take the GIL back after every pipe write or read; at 5 ms they queue "
-        "behind the busy threads",
-    )
 
 
 class PSMConfig(_Frozen):

@@ -16,9 +16,8 @@ import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -252,26 +251,6 @@ def _post_pool(cfg: RunConfig, work: TileWork, on_gpu: bool) -> tuple[Executor, 
     return ThreadPoolExecutor(n, thread_name_prefix="wsi-psm-post"), n, False
 
 
-@contextmanager
-def _gil_switch(ms: float) -> Iterator[None]:
-    """Python's thread switch interval at ``ms`` (if shorter) for the block, then restored.
-
-    A post-processing pool of processes moves ~2.4 MB of tile and maps to a worker per tile through
-    a pipe, tens of writes of at most a pipe's buffer, and the writing thread takes the GIL back
-    after each one; with another thread busy in Python it waits a switch interval each time (a
-    "convoy"). ``benchmarks/gil_convoy.py``: 2.4 MB tasks to one worker, 210 per s alone, 75 beside
-    one busy thread and 34 beside two at the default 5 ms; 190 and 125 at 0.5 ms."""
-    old = sys.getswitchinterval()
-    if ms <= 0 or ms / 1000 >= old:
-        yield
-        return
-    sys.setswitchinterval(ms / 1000)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(old)
-
-
 @dataclass
 class SlideRun:
     out_dir: Path
@@ -331,7 +310,6 @@ def run_slide(
             GeoParquetWriter(tmp / "cells.parquet", slide_key=name) as gp,
             pool,
             ThreadPoolExecutor(1, thread_name_prefix="wsi-psm-writer") as writer,
-            _gil_switch(cfg.tiles.gil_switch_ms if in_processes else 0.0),
         ):
 
             def write(cells: list[Candidate]) -> None:
