@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                    help="a config change, e.g. tiles.gil_switch_ms=0 (repeatable)")  # fmt: skip
+                    help="a config change, e.g. tiles.batch_size=32 (repeatable)")  # fmt: skip
     args = ap.parse_args()
 
     sets = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
