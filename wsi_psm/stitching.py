@@ -170,8 +170,9 @@ class SeamResolver:
             tree = shapely.STRtree(geoms)
             area = shapely.area(geoms)
             decided: set[int] = set()
-            for k, c in enumerate(allc):
-                if c.tile != i or k in decided:
+            first = sum(len(self._pending[j]) for j in near if j < i)  # tile i's run in allc
+            for k in range(first, first + len(self._pending[i])):
+                if k in decided:
                     continue
                 group = self._group(k, geoms, area, tree)
                 decided.update(group)
