@@ -174,6 +174,19 @@ def _prepared(cell: CellRecord | PreparedCell, slide_key: str, decimals: int) ->
     return prepare_cell(cell, slide_key, decimals)
 
 
+def _cells_table(cells: Sequence[PreparedCell], names: Iterable[str]) -> pa.Table:
+    """The GeoParquet rows of prepared cells: id, class, the measurements ``names`` (null where a
+    cell lacks one), geometry (WKB)."""
+    cols: dict[str, Any] = {
+        "id": pa.array([c.id for c in cells], pa.string()),
+        "class": pa.array([c.class_name for c in cells], pa.string()),
+    }
+    for n in names:
+        cols[n] = pa.array([c.measurements.get(n) for c in cells], pa.float64())
+    cols["geometry"] = pa.array([c.wkb for c in cells], pa.binary())
+    return pa.table(cols)
+
+
 @dataclass(frozen=True, slots=True)
 class PackedOutlines:
     """Overlay outlines (``overlay_outline``) of many cells in four arrays."""
@@ -196,9 +209,8 @@ class CellBlock:
     features: str  # the GeoJSON Features, joined as GeoJSONWriter joins them
     table: pa.Table  # id, class, the measurements seen (first-seen order, float64), geometry (WKB)
     bbox: tuple[float, float, float, float]
-    classes: dict[
-        str, tuple[tuple[int, int, int], int]
-    ]  # name -> (colour, cells), first seen first
+    # class name -> (colour, cells), first seen first
+    classes: dict[str, tuple[tuple[int, int, int], int]]
     outlines: PackedOutlines | None  # when every cell had one
 
     def __len__(self) -> int:
@@ -221,13 +233,6 @@ def pack_cells(cells: Sequence[PreparedCell]) -> CellBlock:
         _check_colour(colours, c.class_name, c.color)
         counts[c.class_name] = counts.get(c.class_name, 0) + 1
     names = dict.fromkeys(k for c in cells for k in c.measurements)
-    cols: dict[str, Any] = {
-        "id": pa.array([c.id for c in cells], pa.string()),
-        "class": pa.array([c.class_name for c in cells], pa.string()),
-    }
-    for n in names:
-        cols[n] = pa.array([c.measurements.get(n) for c in cells], pa.float64())
-    cols["geometry"] = pa.array([c.wkb for c in cells], pa.binary())
     bounds = np.array([c.bounds for c in cells])
     lo, hi = bounds[:, :2].min(axis=0), bounds[:, 2:].max(axis=0)
     outlines = None
@@ -245,7 +250,7 @@ def pack_cells(cells: Sequence[PreparedCell]) -> CellBlock:
         key,
         decimals,
         ",\n".join(c.feature for c in cells),
-        pa.table(cols),
+        _cells_table(cells, names),
         (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])),
         {n: (colours[n], counts[n]) for n in counts},
         outlines,
@@ -497,20 +502,10 @@ class GeoParquetWriter:
     ) -> pa.Table:
         if isinstance(part, pa.Table):
             return part
-        if isinstance(part, CellBlock):
-            t = part.table
-            cols = [
-                t[f.name] if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema
-            ]
-            return pa.Table.from_arrays(cols, schema=schema)
-        cols: dict[str, Any] = {
-            "id": pa.array([r.id for r in part], pa.string()),
-            "class": pa.array([r.class_name for r in part], pa.string()),
-        }
-        for n in self._names or ():
-            cols[n] = pa.array([r.measurements.get(n) for r in part], pa.float64())
-        cols["geometry"] = pa.array([r.wkb for r in part], pa.binary())
-        return pa.table(cols, schema=schema)
+        t = part.table if isinstance(part, CellBlock) else _cells_table(part, self._names or ())
+        # the file's columns in its order; a block's missing measurements are null
+        cols = [t[f.name] if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema]
+        return pa.Table.from_arrays(cols, schema=schema)
 
     def _flush(self, final: bool) -> None:
         """Write the buffered rows in row groups of ``row_group_size`` (the rest too when final)."""
