@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -200,6 +201,11 @@ def test_at_mpp_resamples_by_the_mpp_ratio() -> None:
     up = _at_mpp(img, 0.5, 0.25)
     assert up.shape == (80, 120, 3) and up.dtype == np.uint8
     assert _at_mpp(img, 0.25, 0.5).shape == (20, 30, 3)
+    # a read-only array (np.asarray of a PIL image) is resampled without torch's warning
+    img.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(_at_mpp(img, 0.5, 0.25), up)
 
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no default model shipped in this checkout")

@@ -106,7 +106,9 @@ def _at_mpp(rgb: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
         return rgb
     h, w = rgb.shape[:2]
     shape = (max(1, round(h * mpp / to_mpp)), max(1, round(w * mpp / to_mpp)))
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    # torch warns on a read-only array (e.g. np.asarray of a PIL image), though it only reads it
+    arr = np.ascontiguousarray(rgb) if rgb.flags.writeable else np.array(rgb)
+    t = torch.from_numpy(arr).permute(2, 0, 1)[None].float()
     out = F.interpolate(t, size=shape, mode="bilinear", align_corners=False, antialias=to_mpp > mpp)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
