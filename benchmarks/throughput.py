@@ -104,6 +104,13 @@ def main() -> None:
         f"post-processing busy  {busy:8.2f} s   ({busy * 1000 / n:.0f} ms per tile, summed over workers)"
     )
     print(f"post-processing pool  {busy / (n_post * t_pipe):8.2%}   busy ({n_post} workers)")
+    to_w, from_w = (
+        timings.get("postprocessing_to_worker"),
+        timings.get("postprocessing_from_worker"),
+    )
+    if to_w is not None and from_w is not None:  # (older code did not time them)
+        print(f"to a worker / back    {to_w * 1000 / n:5.0f} / {from_w * 1000 / n:.0f} ms per tile   "
+              "(queueing + input transfer / result transfer)")  # fmt: skip
     print(f"peak RSS              {rss_mb:8.0f} MB")
     if device.type == "cuda":
         import torch

@@ -114,6 +114,9 @@ def test_random_cells_across_seams_no_duplicates_no_losses(tmp_path, seed, post_
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["counters"]["post_workers"] >= 1
     assert summary["timings_s"]["postprocessing_busy"] > 0  # timed inside the workers
+    # and the way there and back, timed across the processes
+    assert summary["timings_s"]["postprocessing_to_worker"] > 0
+    assert summary["timings_s"]["postprocessing_from_worker"] >= 0
 
 
 class FailsOnThirdTile(DarkThreshold):

@@ -19,6 +19,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -212,12 +213,14 @@ def _init_worker(work: TileWork) -> None:
 
 def _timed_tile(
     image: np.ndarray, raw: Any, tile: Tile, work: TileWork | None = None
-) -> tuple[TileResult, float]:
-    """process_tile and its duration (the pool's busy time); ``work`` None in a worker process."""
+) -> tuple[TileResult, float, float]:
+    """process_tile, and when it started and ended (``time.perf_counter``, a system-wide clock, so
+    comparable with the parent's; their difference is the pool's busy time). ``work`` None in a
+    worker process."""
     t = time.perf_counter()
     work = work if work is not None else _WORKER_WORK
     assert work is not None
-    return process_tile(image, raw, tile, work), time.perf_counter() - t
+    return process_tile(image, raw, tile, work), t, time.perf_counter()
 
 
 def decode_workers(cfg: RunConfig, on_gpu: bool) -> int:
@@ -249,6 +252,10 @@ def _post_pool(cfg: RunConfig, work: TileWork, on_gpu: bool) -> tuple[Executor, 
             True,
         )
     return ThreadPoolExecutor(n, thread_name_prefix="wsi-psm-post"), n, False
+
+
+def _stamp(done_at: dict[int, float], index: int, _fut: Future[Any]) -> None:
+    done_at[index] = time.perf_counter()  # a done-callback: when the result arrived
 
 
 @dataclass
@@ -289,7 +296,7 @@ def run_slide(
     counts: Counter[str] = Counter()
     colors: dict[str, tuple[int, int, int]] = {}
     cut_dropped = 0
-    t_net = t_wait = t_write = t_post = t_busy = 0.0
+    t_net = t_wait = t_write = t_post = t_busy = t_to_worker = t_from_worker = 0.0
     labeller = predictor.labeller() if hasattr(predictor, "labeller") else predictor
     name = ctx.slide.name
     on_gpu = str(getattr(predictor, "device", "cpu")).startswith("cuda")
@@ -332,13 +339,19 @@ def run_slide(
                     counts[name] += n
                     colors[name] = color
 
-            def consume(tile: Tile, fut: Future[tuple[TileResult, float]]) -> None:
+            def consume(
+                tile: Tile, fut: Future[tuple[TileResult, float, float]], submitted: float
+            ) -> None:
                 """Writer thread, one tile at a time in grid order (the resolver needs that)."""
-                nonlocal cut_dropped, t_busy, t_write
-                res, busy = fut.result()
+                nonlocal cut_dropped, t_busy, t_write, t_to_worker, t_from_worker
+                res, started, ended = fut.result()
                 t = time.perf_counter()
                 cut_dropped += res.cut_dropped
-                t_busy += busy
+                t_busy += ended - started
+                # (clamped: a clock that is not system-wide must not make a negative time; a result
+                # can wake this thread before its done-callback has run: it arrived now, then)
+                t_to_worker += max(started - submitted, 0.0)
+                t_from_worker += max(done_at.pop(tile.index, time.perf_counter()) - ended, 0.0)
                 if res.final is not None:
                     write_block(res.final)
                 write(resolver.add(tile, res.seam))
@@ -346,6 +359,7 @@ def run_slide(
                 progress.advance("cells", 1)
 
             written: deque[Future[None]] = deque()
+            done_at: dict[int, float] = {}  # tile index -> when its result reached the parent
 
             def wait_written(limit: int) -> None:
                 while len(written) > limit:
@@ -369,12 +383,14 @@ def run_slide(
                 raws = predictor.network(batch.images)
                 t_net += time.perf_counter() - t
                 for tile, image, raw in zip(batch.tiles, batch.images, raws, strict=True):
+                    submitted = time.perf_counter()
                     fut = (
                         pool.submit(_timed_tile, image, raw, tile)
                         if in_processes
                         else pool.submit(_timed_tile, image, raw, tile, work)
                     )
-                    written.append(writer.submit(consume, tile, fut))
+                    fut.add_done_callback(partial(_stamp, done_at, tile.index))
+                    written.append(writer.submit(consume, tile, fut, submitted))
                 # time the network loop waits for the CPU side (read-out workers, then the writer):
                 # the GPU starved by post-processing
                 t = time.perf_counter()
@@ -394,6 +410,10 @@ def run_slide(
                 "waiting_for_postprocessing": t_post,
                 "writing": t_write,  # the writer thread's busy time (beside the network)
                 "postprocessing_busy": t_busy,  # summed over the pool's workers
+                # summed over tiles: from submission to a worker starting on the tile (queueing
+                # and the input's transfer), and from its end to the result in the parent
+                "postprocessing_to_worker": t_to_worker,
+                "postprocessing_from_worker": t_from_worker,
             }
         )
         area = ctx.tissue.area_mm2(ctx.mpp)
