@@ -10,6 +10,10 @@
 Printed ratios (machine-independent enough to compare runs): pipeline / decode (1.0 would mean the
 network and post-processing are free), the share of pipeline time the network waited for decoded
 tiles (starvation; ~0 means decoding keeps up), and the network's share. Peak RSS is printed too.
+Also the steady rate (the middle 60% of the tiles, as the writer finishes them: a short run's
+worker start-up, first network call and final drain left out) against the pool's CPU ceiling
+(workers / busy seconds per tile): a steady rate near the ceiling means the post-processing CPU,
+not the way to and from the workers, is what the network waits for.
 """
 
 from __future__ import annotations
@@ -20,6 +24,30 @@ import resource
 import tempfile
 import time
 from pathlib import Path
+
+
+class TileClock:
+    """A progress hook that stamps each tile as the writer finishes it."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def start(self, stage: str, total: int | None) -> None:
+        pass
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        if stage == "cells":
+            self.stamps.extend([time.perf_counter()] * n)
+
+    def done(self, stage: str) -> None:
+        pass
+
+    def steady_rate(self) -> float | None:
+        """Tiles per second over the middle 60% of the tiles (None: too few to tell)."""
+        a, b = len(self.stamps) // 5, len(self.stamps) * 4 // 5
+        if b - a < 5 or self.stamps[b] <= self.stamps[a]:
+            return None
+        return (b - a) / (self.stamps[b] - self.stamps[a])
 
 
 def main() -> None:
@@ -69,11 +97,13 @@ def main() -> None:
         )
         t_fit = time.perf_counter() - t
         predictor, annotator, extras = make_predictor(bundle, device=device, cfg=cfg)
+        clock = TileClock()
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             res = run_slide(
-                ctx, Path(tmp) / "out", predictor, cfg, annotator=annotator, summary_extras=extras
-            )
+                ctx, Path(tmp) / "out", predictor, cfg, annotator=annotator, summary_extras=extras,
+                progress=clock,
+            )  # fmt: skip
             t_pipe = time.perf_counter() - t
             timings = json.loads((Path(tmp) / "out" / "summary.json").read_text())["timings_s"]
     finally:
@@ -104,6 +134,12 @@ def main() -> None:
         f"post-processing busy  {busy:8.2f} s   ({busy * 1000 / n:.0f} ms per tile, summed over workers)"
     )
     print(f"post-processing pool  {busy / (n_post * t_pipe):8.2%}   busy ({n_post} workers)")
+    steady = clock.steady_rate()
+    if clock.stamps:
+        print(f"first tile written    {clock.stamps[0] - t:8.2f} s after the pipeline began")
+    if steady is not None and busy > 0:
+        print(f"steady rate           {steady:8.1f} tiles/s (middle 60% of tiles); pool ceiling "
+              f"{n_post * n / busy:.1f} tiles/s (workers / busy s per tile)")  # fmt: skip
     to_w, from_w = (
         timings.get("postprocessing_to_worker"),
         timings.get("postprocessing_from_worker"),
