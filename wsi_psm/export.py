@@ -122,40 +122,91 @@ def _check_colour(seen: dict[str, tuple[int, int, int]], name: str, color: Seque
 def prepare_cell(
     cell: CellRecord, slide_key: str, decimals: int = 2, overlay_scale: float | None = None
 ) -> PreparedCell:
-    """Encode one cell for :class:`GeoJSONWriter` and :class:`GeoParquetWriter` (which accept
-    the result as is when their ``slide_key`` and ``decimals`` match), and with ``overlay_scale``
-    (an :class:`OverlayRenderer`'s ``scale``) its outline for the overlay. The pipeline calls it in
-    its post-processing workers, so the single writing thread only appends finished work."""
-    poly = cell.polygon
-    if not isinstance(poly, Polygon) or poly.is_empty:
-        raise ValueError(f"a cell must be a non-empty shapely Polygon, got {poly.geom_type}")
-    _check_colour({}, cell.class_name, cell.color)
-    rings = [np.round(shapely.get_coordinates(poly.exterior), decimals)]
-    rings += [np.round(shapely.get_coordinates(r), decimals) for r in poly.interiors]
-    # Non-finite numbers are not JSON; QuPath reads a missing measurement as NaN anyway.
-    meas = {str(k): _round_sig(float(v)) for k, v in cell.measurements.items() if math.isfinite(v)}
-    cid = cell_id(slide_key, rings[0])
-    color = (int(cell.color[0]), int(cell.color[1]), int(cell.color[2]))
-    feature = {
-        "type": "Feature",
-        "id": cid,
-        "geometry": {"type": "Polygon", "coordinates": _coords_json(rings)},
-        "properties": {
-            "objectType": "detection",
-            "classification": {"name": cell.class_name, "color": list(color)},
-            "measurements": meas,
-        },
-    }
-    text = json.dumps(feature, separators=(",", ":"), allow_nan=False)
-    outline = None if overlay_scale is None else overlay_outline(poly, overlay_scale)
+    """Encode one cell for :class:`GeoJSONWriter` and :class:`GeoParquetWriter` (see
+    :func:`prepare_cells`)."""
+    return prepare_cells([cell], slide_key, decimals, overlay_scale)[0]
+
+
+def prepare_cells(
+    cells: Sequence[CellRecord],
+    slide_key: str,
+    decimals: int = 2,
+    overlay_scale: float | None = None,
+) -> list[PreparedCell]:
+    """Encode cells for :class:`GeoJSONWriter` and :class:`GeoParquetWriter` (which accept the
+    results as they are when their ``slide_key`` and ``decimals`` match), and with ``overlay_scale``
+    (an :class:`OverlayRenderer`'s ``scale``) their outlines for the overlay. The pipeline calls it
+    in its post-processing workers, a tile's cells at once (coordinates, WKB and outlines as GEOS
+    and numpy arrays), so the single writing thread only appends finished work."""
+    if not cells:
+        return []
+    polys = np.array([c.polygon for c in cells], dtype=object)
+    bad = [p for p in polys if not isinstance(p, Polygon)] or list(polys[shapely.is_empty(polys)])
+    if bad:
+        raise ValueError(f"a cell must be a non-empty shapely Polygon, got {bad[0].geom_type}")
+    checked: set[tuple[str, tuple[int, ...]]] = set()
+    for c in cells:
+        key = (c.class_name, tuple(c.color))
+        if key not in checked:
+            _check_colour({}, c.class_name, c.color)
+            checked.add(key)
+    exteriors = shapely.get_exterior_ring(polys)
+    xy_raw, owner = shapely.get_coordinates(exteriors, return_index=True)
+    xy = np.round(xy_raw, decimals)
+    ends = np.cumsum(np.bincount(owner, minlength=len(cells)))
+    starts = ends - np.bincount(owner, minlength=len(cells))
+    holes = shapely.get_num_interior_rings(polys)
     # the Parquet geometry is encoded here too: the writing thread (which feeds the network) only
     # gathers bytes, and a cell travels back from a worker as bytes, not as arrays
-    wkb = shapely.to_wkb(Polygon(rings[0], rings[1:]))
-    lo, hi = rings[0].min(axis=0), rings[0].max(axis=0)
-    bounds = (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
-    return PreparedCell(
-        cid, wkb, bounds, meas, cell.class_name, color, text, slide_key, decimals, outline
+    rounded = shapely.polygons(shapely.linearrings(xy, indices=owner))
+    for i in np.flatnonzero(holes):
+        inner = [np.round(shapely.get_coordinates(r), decimals) for r in polys[i].interiors]
+        rounded[i] = Polygon(xy[starts[i] : ends[i]], inner)
+    wkbs = shapely.to_wkb(rounded)
+    lo = np.stack([np.minimum.reduceat(xy[:, 0], starts), np.minimum.reduceat(xy[:, 1], starts)], 1)
+    hi = np.stack([np.maximum.reduceat(xy[:, 0], starts), np.maximum.reduceat(xy[:, 1], starts)], 1)
+    outlines = (
+        None if overlay_scale is None else _overlay_outlines(xy_raw, starts, ends, overlay_scale)
     )
+    out = []
+    for i, cell in enumerate(cells):
+        rings = [xy[starts[i] : ends[i]]]
+        if holes[i]:
+            rings += [np.round(shapely.get_coordinates(r), decimals) for r in polys[i].interiors]
+        # Non-finite numbers are not JSON; QuPath reads a missing measurement as NaN anyway.
+        meas = {
+            str(k): _round_sig(float(v)) for k, v in cell.measurements.items() if math.isfinite(v)
+        }
+        cid = cell_id(slide_key, rings[0])
+        color = (int(cell.color[0]), int(cell.color[1]), int(cell.color[2]))
+        feature = {
+            "type": "Feature",
+            "id": cid,
+            "geometry": {"type": "Polygon", "coordinates": _coords_json(rings)},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": cell.class_name, "color": list(color)},
+                "measurements": meas,
+            },
+        }
+        text = json.dumps(feature, separators=(",", ":"), allow_nan=False)
+        bounds = (float(lo[i, 0]), float(lo[i, 1]), float(hi[i, 0]), float(hi[i, 1]))
+        outline = None if outlines is None else outlines[i]
+        out.append(
+            PreparedCell(
+                cid,
+                wkbs[i],
+                bounds,
+                meas,
+                cell.class_name,
+                color,
+                text,
+                slide_key,
+                decimals,
+                outline,
+            )
+        )
+    return out
 
 
 def _check_encoding(item: PreparedCell | CellBlock, slide_key: str, decimals: int) -> None:
@@ -711,13 +762,23 @@ Outline = tuple[tuple[float, float, float, float], np.ndarray]
 def overlay_outline(polygon: Polygon, scale: float) -> Outline:
     """A cell's exterior in thumbnail px (``scale`` level-0 px each); cells under about a pixel
     become their mean point, so dense slides still show their classes."""
-    xy = shapely.get_coordinates(polygon.exterior) / scale
-    x0, y0 = xy.min(axis=0)
-    x1, y1 = xy.max(axis=0)
-    box = (float(x0), float(y0), float(x1), float(y1))
-    if x1 - x0 < 1.5 and y1 - y0 < 1.5:
-        return box, xy.mean(axis=0, keepdims=True)
-    return box, xy
+    xy = shapely.get_coordinates(polygon.exterior)
+    return _overlay_outlines(xy, np.array([0]), np.array([len(xy)]), scale)[0]
+
+
+def _overlay_outlines(
+    xy: np.ndarray, starts: np.ndarray, ends: np.ndarray, scale: float
+) -> list[Outline]:
+    """:func:`overlay_outline` of the exteriors ``xy[starts[i]:ends[i]]`` (level-0 px)."""
+    xy = xy / scale
+    lo = np.stack([np.minimum.reduceat(xy[:, 0], starts), np.minimum.reduceat(xy[:, 1], starts)], 1)
+    hi = np.stack([np.maximum.reduceat(xy[:, 0], starts), np.maximum.reduceat(xy[:, 1], starts)], 1)
+    dot = (hi[:, 0] - lo[:, 0] < 1.5) & (hi[:, 1] - lo[:, 1] < 1.5)
+    out: list[Outline] = []
+    for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        box = (float(lo[i, 0]), float(lo[i, 1]), float(hi[i, 0]), float(hi[i, 1]))
+        out.append((box, xy[a:b].mean(axis=0, keepdims=True) if dot[i] else xy[a:b]))
+    return out
 
 
 class OverlayRenderer:

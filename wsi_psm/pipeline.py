@@ -36,7 +36,7 @@ from .export import (
     PreparedCell,
     class_counts_summary,
     pack_cells,
-    prepare_cell,
+    prepare_cells,
     software_versions,
     utc_now_iso,
     write_summary,
@@ -185,10 +185,12 @@ def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> Til
     # encode the cells here, in the worker; the cells that are final at once travel back packed
     # (a few buffers, not an object per cell): the parent process, which feeds the network, only
     # appends them. Seam cells keep their polygons, which the resolver compares.
-    for c in tc.candidates:
-        c.payload = prepare_cell(
-            CellRecord(c.polygon, *c.payload), work.slide_key, overlay_scale=work.overlay_scale
-        )
+    prepared = prepare_cells(
+        [CellRecord(c.polygon, *c.payload) for c in tc.candidates], work.slide_key,
+        overlay_scale=work.overlay_scale,
+    )  # fmt: skip
+    for c, p in zip(tc.candidates, prepared, strict=True):
+        c.payload = p
         if work.overlay_scale is not None and interior(c, tile, work.grid, work.band):
             final.append(c.payload)
         else:
