@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from shapely.geometry import box
+from shapely.geometry import Polygon, box
 from skimage.draw import disk
 
 from wsi_psm.config import RunConfig
@@ -34,6 +34,7 @@ from wsi_psm.export import (
     load_schema,
     pack_cells,
     prepare_cell,
+    prepare_cells,
     render_overlay,
     software_versions,
     utc_now_iso,
@@ -214,6 +215,28 @@ def test_cells_prepared_in_workers_write_the_same_bytes(tmp_path, cells):
     with GeoJSONWriter(tmp_path / "other.geojson", slide_key="b.svs") as w:
         with pytest.raises(ValueError, match="slide key"):
             w.write(prepared[0])
+
+
+def test_cells_prepared_together_equal_cells_prepared_one_by_one(cells):
+    """The workers encode a tile's cells in one call; each must come out as if encoded alone,
+    a polygon with a hole and cells under a thumbnail pixel (drawn as dots) among them."""
+    holed = Polygon([(1000, 1000), (1040, 1000), (1040, 1040), (1000, 1040)],
+                    [[(1010, 1010), (1020, 1010), (1020, 1020), (1010, 1020)]])  # fmt: skip
+    tiny = Polygon([(500, 500), (502.5, 500), (502.5, 502), (500, 502)])
+    few = [*cells[:30], CellRecord(holed, "stroma", COLORS["stroma"]),
+           CellRecord(tiny, "immune", COLORS["immune"], {"x": 1.0}), *cells[30:40]]  # fmt: skip
+    together = prepare_cells(few, "a.svs", overlay_scale=8.0)
+    for rec, cell in zip(together, few, strict=True):
+        alone = prepare_cell(cell, "a.svs", overlay_scale=8.0)
+        assert (rec.id, rec.wkb, rec.bounds, rec.feature) == (alone.id, alone.wkb, alone.bounds,
+                                                             alone.feature)  # fmt: skip
+        assert rec.outline[0] == alone.outline[0]
+        np.testing.assert_array_equal(rec.outline[1], alone.outline[1])
+    assert len(json.loads(together[30].feature)["geometry"]["coordinates"]) == 2  # the hole kept
+    assert len(together[31].outline[1]) == 1  # under 1.5 thumbnail px: one point
+    assert prepare_cells([], "a.svs") == []
+    with pytest.raises(ValueError, match="non-empty shapely Polygon"):
+        prepare_cells([few[0], CellRecord(Polygon(), "stroma", COLORS["stroma"])], "a.svs")
 
 
 def test_blocks_write_the_same_files_as_their_cells(tmp_path, cells):

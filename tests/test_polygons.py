@@ -25,6 +25,7 @@ from wsi_psm.polygons import (
     SOLIDITY,
     labels_to_polygons,
     polygon_measurements,
+    polygons_measurements,
 )
 
 CROSS = ndimage.generate_binary_structure(2, 1)
@@ -204,3 +205,23 @@ def test_measurements_reject_degenerate():
         polygon_measurements(Polygon(), 1.0)
     with pytest.raises(ValueError):
         polygon_measurements(Polygon([(0, 0), (1, 1), (2, 2)]), 1.0)
+
+
+def test_measurements_of_many_polygons_at_once_equal_one_by_one():
+    """A tile's polygons are measured in one call (per-edge sums per ring): no edge may join two
+    rings, whatever the mix of sizes, shapes and vertex counts."""
+    rng = np.random.default_rng(3)
+    labels = np.zeros((120, 160), np.int32)
+    for k in range(1, 40):
+        r, c = rng.integers(5, 115), rng.integers(5, 155)
+        labels[ellipse(r, c, rng.uniform(1, 6), rng.uniform(1, 9), shape=labels.shape,
+                       rotation=rng.uniform(0, np.pi))] = k  # fmt: skip
+    polys = [p for _, p in labels_to_polygons(labels, scale=1.7, offset=(1e5, 3e4))]
+    assert len(polys) > 20
+    many = polygons_measurements(polys, 0.3)
+    assert many.shape == (len(polys), len(MEASUREMENT_NAMES))
+    for row, poly in zip(many, polys, strict=True):
+        one = polygon_measurements(poly, 0.3)
+        np.testing.assert_allclose(row, [one[k] for k in MEASUREMENT_NAMES], rtol=1e-12)
+        assert one[AREA] == pytest.approx(poly.area * 0.3 * 0.3, rel=1e-9)
+    assert polygons_measurements([], 0.3).shape == (0, len(MEASUREMENT_NAMES))
