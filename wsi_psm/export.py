@@ -159,20 +159,20 @@ def prepare_cells(
     # the Parquet geometry is encoded here too: the writing thread (which feeds the network) only
     # gathers bytes, and a cell travels back from a worker as bytes, not as arrays
     rounded = shapely.polygons(shapely.linearrings(xy, indices=owner))
-    for i in np.flatnonzero(holes):
-        inner = [np.round(shapely.get_coordinates(r), decimals) for r in polys[i].interiors]
-        rounded[i] = Polygon(xy[starts[i] : ends[i]], inner)
+    inner = {  # holes are rare (nuclei are hole-filled): one by one
+        i: [np.round(shapely.get_coordinates(r), decimals) for r in polys[i].interiors]
+        for i in np.flatnonzero(holes).tolist()
+    }
+    for i, rings in inner.items():
+        rounded[i] = Polygon(xy[starts[i] : ends[i]], rings)
     wkbs = shapely.to_wkb(rounded)
-    lo = np.stack([np.minimum.reduceat(xy[:, 0], starts), np.minimum.reduceat(xy[:, 1], starts)], 1)
-    hi = np.stack([np.maximum.reduceat(xy[:, 0], starts), np.maximum.reduceat(xy[:, 1], starts)], 1)
+    lo, hi = _ring_bounds(xy, starts)
     outlines = (
         None if overlay_scale is None else _overlay_outlines(xy_raw, starts, ends, overlay_scale)
     )
     out = []
     for i, cell in enumerate(cells):
-        rings = [xy[starts[i] : ends[i]]]
-        if holes[i]:
-            rings += [np.round(shapely.get_coordinates(r), decimals) for r in polys[i].interiors]
+        rings = [xy[starts[i] : ends[i]], *inner.get(i, ())]
         # Non-finite numbers are not JSON; QuPath reads a missing measurement as NaN anyway.
         meas = {
             str(k): _round_sig(float(v)) for k, v in cell.measurements.items() if math.isfinite(v)
@@ -766,13 +766,19 @@ def overlay_outline(polygon: Polygon, scale: float) -> Outline:
     return _overlay_outlines(xy, np.array([0]), np.array([len(xy)]), scale)[0]
 
 
+def _ring_bounds(xy: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per ring (points ``xy[starts[i]:starts[i + 1]]``) the (n, 2) minima and maxima of x, y."""
+    lo = np.stack([np.minimum.reduceat(xy[:, k], starts) for k in (0, 1)], axis=1)
+    hi = np.stack([np.maximum.reduceat(xy[:, k], starts) for k in (0, 1)], axis=1)
+    return lo, hi
+
+
 def _overlay_outlines(
     xy: np.ndarray, starts: np.ndarray, ends: np.ndarray, scale: float
 ) -> list[Outline]:
     """:func:`overlay_outline` of the exteriors ``xy[starts[i]:ends[i]]`` (level-0 px)."""
     xy = xy / scale
-    lo = np.stack([np.minimum.reduceat(xy[:, 0], starts), np.minimum.reduceat(xy[:, 1], starts)], 1)
-    hi = np.stack([np.maximum.reduceat(xy[:, 0], starts), np.maximum.reduceat(xy[:, 1], starts)], 1)
+    lo, hi = _ring_bounds(xy, starts)
     dot = (hi[:, 0] - lo[:, 0] < 1.5) & (hi[:, 1] - lo[:, 1] < 1.5)
     out: list[Outline] = []
     for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
