@@ -29,7 +29,7 @@ from scipy import ndimage as ndi
 from threadpoolctl import threadpool_limits
 
 from .config import ClassConfig
-from .polygons import AREA, ECCENTRICITY, measurement_dicts, polygons_measurements
+from .polygons import AREA, ECCENTRICITY, measurement_dicts
 from .stain import Stain, default_stain_matrix, detect_stain, estimate_stain_matrix, stain_channels
 
 # --------------------------------------------------------------------------- features
@@ -507,7 +507,7 @@ class CellClassifier:
     ) -> None:
         """Set ``cand.payload = (class name, colour, measurements)`` for the cells of one tile.
 
-        Measurements: the polygon's shape (polygons.polygons_measurements, at ``mpp_l0``) and the
+        Measurements: the polygon's shape (polygons.measurement_dicts, at ``mpp_l0``) and the
         stain measurements (:func:`stain_feature_names`). The processing resolution is read off the
         candidates (polygon area in level-0 px² over the label's pixel count), so this works whatever
         resolution the tile was processed at.
@@ -526,7 +526,7 @@ class CellClassifier:
         pred = self.predict(feats)
         names = stain_feature_names(self.stain)
         cols = [feats.names.index(n) for n in names]
-        shapes = measurement_dicts(polygons_measurements([c.polygon for c in cands], mpp_l0))
+        shapes = measurement_dicts([c.polygon for c in cands], mpp_l0)
         for c, meas in zip(cands, shapes, strict=True):
             r = row.get(int(c.label))
             if r is None:

@@ -41,7 +41,7 @@ from .export import (
     utc_now_iso,
     write_summary,
 )
-from .polygons import measurement_dicts, polygons_measurements
+from .polygons import measurement_dicts
 from .progress import NullProgress, ProgressHook
 from .slide import Slide
 from .stitching import Candidate, SeamResolver, interior, tile_candidates
@@ -83,7 +83,7 @@ class ShapeOnly:
     def annotate(
         self, image: np.ndarray, labels: np.ndarray, cands: Sequence[Candidate], mpp_l0: float
     ) -> None:
-        meas = measurement_dicts(polygons_measurements([c.polygon for c in cands], mpp_l0))
+        meas = measurement_dicts([c.polygon for c in cands], mpp_l0)
         for c, m in zip(cands, meas, strict=True):
             c.payload = (NUCLEUS[0], NUCLEUS[1], m)
 

@@ -173,11 +173,12 @@ def polygons_measurements(polys: Sequence[Polygon], mpp: float) -> np.ndarray:
     )
 
 
+def measurement_dicts(polys: Sequence[Polygon], mpp: float) -> list[dict[str, float]]:
+    """:func:`polygons_measurements` as one dict per polygon, keyed by :data:`MEASUREMENT_NAMES`."""
+    rows = polygons_measurements(polys, mpp).tolist()
+    return [dict(zip(MEASUREMENT_NAMES, row, strict=True)) for row in rows]
+
+
 def polygon_measurements(poly: Polygon, mpp: float) -> dict[str, float]:
-    """:func:`polygons_measurements` of one polygon, as a dict keyed by :data:`MEASUREMENT_NAMES`."""
-    return measurement_dicts(polygons_measurements([poly], mpp))[0]
-
-
-def measurement_dicts(values: np.ndarray) -> list[dict[str, float]]:
-    """Rows of :func:`polygons_measurements` as dicts keyed by :data:`MEASUREMENT_NAMES`."""
-    return [dict(zip(MEASUREMENT_NAMES, row, strict=True)) for row in values.tolist()]
+    """:func:`measurement_dicts` of one polygon."""
+    return measurement_dicts([poly], mpp)[0]

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from .config import RunConfig
 from .errors import ModelError, OutputExistsError, OutputWriteError, WsiPsmError
-from .export import CellRecord, GeoJSONWriter
+from .export import CellRecord, GeoJSONWriter, prepare_cells
 from .instances import resize_labels
 from .magnification import zoom_resolves
 from .pipeline import CellAnnotator, ShapeOnly
@@ -182,9 +182,10 @@ def _write_outputs(
     tmp_json, tmp_tif = _temp_name(geojson), _temp_name(labels_tif)
     try:
         with GeoJSONWriter(tmp_json, slide_key=slide_key) as gj:
-            for c in cands:
-                cls, color, meas = c.payload
-                gj.write(CellRecord(c.polygon, cls, color, meas))
+            # encoded all at once (one image's cells: GEOS arrays, not one call per cell)
+            gj.write_many(
+                prepare_cells([CellRecord(c.polygon, *c.payload) for c in cands], slide_key)
+            )
         tifffile.imwrite(tmp_tif, labels.astype(np.int32), compression="zlib")
         _publish(tmp_tif, labels_tif, overwrite)
         _publish(tmp_json, geojson, overwrite)
