@@ -19,9 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
-import os
 import platform
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 
 from wsi_psm import __version__
+from wsi_psm.atomic import torch_save_atomic
 from wsi_psm.clustering import PseudoMaskModel, sample_tiles
 from wsi_psm.config import RunConfig
 from wsi_psm.errors import ModelError
@@ -121,16 +120,7 @@ class ModelBundle:
                 for name, state in self.components.items()
             },
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(payload, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return torch_save_atomic(payload, path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> ModelBundle:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from wsi_psm.atomic import torch_save_atomic
 
 FG, DIST = 0, 1
 OUT_CHANNELS = 2
@@ -160,16 +160,7 @@ def save_segmenter(path: str | Path, net: Segmenter, **meta: Any) -> Path:
         "meta": json.dumps(state["meta"]),
         "tensors": state["tensors"],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return torch_save_atomic(payload, path)
 
 
 def read_segmenter_file(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
