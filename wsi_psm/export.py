@@ -317,7 +317,22 @@ def _coords_json(rings: list[np.ndarray]) -> list[list[list[float]]] | list[list
     return out
 
 
-class GeoJSONWriter:
+class _CellSink:
+    """What both cell writers share: ``write`` one cell, ``write_many`` an iterable of them."""
+
+    def write(self, cell: CellRecord | PreparedCell) -> str:
+        raise NotImplementedError
+
+    def write_many(self, cells: Iterable[CellRecord | PreparedCell]) -> int:
+        """Append every cell of an iterable (consumed lazily); returns how many."""
+        n = 0
+        for cell in cells:
+            self.write(cell)
+            n += 1
+        return n
+
+
+class GeoJSONWriter(_CellSink):
     """Stream cells into a GeoJSON FeatureCollection, one Feature per line, never holding them all.
 
     ``with GeoJSONWriter(folder / "cells.geojson.gz", gzip=True, slide_key=name) as w: w.write(cell)``.
@@ -393,14 +408,6 @@ class GeoJSONWriter:
         if self.count - self._written >= 2000:
             self._flush()
 
-    def write_many(self, cells: Iterable[CellRecord | PreparedCell]) -> int:
-        """Append every cell of an iterable (consumed lazily); returns how many."""
-        n = 0
-        for cell in cells:
-            self.write(cell)
-            n += 1
-        return n
-
     def _flush(self) -> None:
         if self._buf:
             assert self._fh is not None
@@ -428,7 +435,7 @@ class GeoJSONWriter:
             self._fh = self._raw = None
 
 
-class GeoParquetWriter:
+class GeoParquetWriter(_CellSink):
     """Stream cells into a GeoParquet 1.0 file (WKB geometry, "geo" metadata, no CRS: pixel space).
 
     Columns: ``id`` (same UUIDs as the GeoJSON), ``class``, one float64 column per measurement (null
@@ -490,13 +497,6 @@ class GeoParquetWriter:
             self._parts.append(block)
             self._added(len(block), block.bbox)
         return len(block)
-
-    def write_many(self, cells: Iterable[CellRecord | PreparedCell]) -> int:
-        n = 0
-        for cell in cells:
-            self.write(cell)
-            n += 1
-        return n
 
     def _check_names(self, names: Iterable[str]) -> None:
         if self._names is not None:
