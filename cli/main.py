@@ -394,7 +394,18 @@ def eval_(
         ),
     ],
     radius: Annotated[
-        float | None, typer.Option("--radius", help="Detection match radius in px (default 10).")
+        float | None,
+        typer.Option("--radius", help="Detection match radius in px (default 10).", min=0.0),
+    ] = None,
+    radius_um: Annotated[
+        float | None,
+        typer.Option("--radius-um", help="The match radius in µm instead (needs --mpp).", min=0.0),
+    ] = None,
+    mpp: Annotated[
+        float | None,
+        typer.Option(
+            "--mpp", help="µm per pixel of the annotated images (for --radius-um).", min=0.0
+        ),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
@@ -403,6 +414,12 @@ def eval_(
     """Score predictions against annotations: pixel F1, object Dice, AJI, PQ; or detection P/R/F1."""
     from .report import print_eval
 
+    if radius_um is not None:
+        if radius is not None:
+            raise WsiPsmError("give the match radius once: --radius (px) or --radius-um (µm)")
+        if not mpp:
+            raise WsiPsmError("--radius-um needs --mpp, the annotated images' µm per pixel")
+        radius = radius_um / mpp
     print_eval(pred, gt, radius=radius, json_out=json_out)
 
 

@@ -413,7 +413,9 @@ def _cell(x: float, y: float, name: str, half: float = 2.0) -> dict:
     }
 
 
-def test_evaluate_detection_on_bcdata(tmp_path: Path, bcdata_dir: Path) -> None:
+def _bcdata_predictions(out: Path, bcdata_dir: Path) -> dict[str, int]:
+    """GeoJSON predictions for BCData images 0-2: every annotated cell 3 px to the right of its
+    point, every other negative cell missed, one false positive per image; returns the GT counts."""
     from wsi_psm.groundtruth import load_bcdata_points
 
     n_gt = {"Positive": 0, "Negative": 0}
@@ -434,7 +436,12 @@ def test_evaluate_detection_on_bcdata(tmp_path: Path, bcdata_dir: Path) -> None:
                 "properties": {"classification": {"name": "Positive"}},
             }
         )  # a false positive
-        _write_geojson(tmp_path / f"{stem}.geojson", feats)
+        _write_geojson(out / f"{stem}.geojson", feats)
+    return n_gt
+
+
+def test_evaluate_detection_on_bcdata(tmp_path: Path, bcdata_dir: Path) -> None:
+    n_gt = _bcdata_predictions(tmp_path, bcdata_dir)
     r = evaluate_detection(tmp_path, bcdata_dir, radius_px=10)
     json.dumps(r)
     assert r["n_images"] == 3 and len(r["unmatched_gt"]) == 23
@@ -446,3 +453,32 @@ def test_evaluate_detection_on_bcdata(tmp_path: Path, bcdata_dir: Path) -> None:
     # 3 px off the centre is outside a 2 px radius: nothing matches
     r_tight = evaluate_detection(tmp_path, bcdata_dir / "annotations", radius_px=2)
     assert r_tight["pooled"]["overall"]["tp"] <= 3
+
+
+def test_eval_cli_radius_in_um(tmp_path: Path, bcdata_dir: Path, capsys) -> None:
+    from wsi_psm.cli.main import main
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    _bcdata_predictions(pred, bcdata_dir)
+
+    def run(*opts: str) -> tuple[int, dict | None, str]:
+        out = tmp_path / "r.json"
+        out.unlink(missing_ok=True)
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", str(pred), str(bcdata_dir), "--json", str(out), *opts])
+        err = capsys.readouterr().err
+        return int(exc.value.code or 0), json.loads(out.read_text()) if out.exists() else None, err
+
+    _, px10, _ = run("--radius", "10")
+    code, um, _ = run("--radius-um", "2.5", "--mpp", "0.25")  # 10 px
+    assert code == 0 and um["radius_px"] == 10.0 and um["pooled"] == px10["pooled"]
+    _, tight, _ = run("--radius-um", "0.5", "--mpp", "0.25")  # 2 px: the 3 px offsets miss
+    assert tight["radius_px"] == 2.0
+    assert tight["pooled"]["overall"]["tp"] < px10["pooled"]["overall"]["tp"]
+    for opts, expect in (
+        (("--radius-um", "2.5"), "needs --mpp"),
+        (("--radius-um", "2.5", "--mpp", "0.25", "--radius", "10"), "once"),
+    ):
+        code, report, err = run(*opts)
+        assert code != 0 and report is None and expect in err and len(err.strip().splitlines()) == 1
