@@ -420,6 +420,8 @@ def eval_(
         if not mpp:
             raise WsiPsmError("--radius-um needs --mpp, the annotated images' µm per pixel")
         radius = radius_um / mpp
+    elif mpp is not None:
+        raise WsiPsmError("--mpp is used only with --radius-um (detection radius in µm)")
     print_eval(pred, gt, radius=radius, json_out=json_out)
 
 

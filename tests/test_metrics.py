@@ -479,6 +479,7 @@ def test_eval_cli_radius_in_um(tmp_path: Path, bcdata_dir: Path, capsys) -> None
     for opts, expect in (
         (("--radius-um", "2.5"), "needs --mpp"),
         (("--radius-um", "2.5", "--mpp", "0.25", "--radius", "10"), "once"),
+        (("--mpp", "0.25"), "only with --radius-um"),
     ):
         code, report, err = run(*opts)
         assert code != 0 and report is None and expect in err and len(err.strip().splitlines()) == 1
