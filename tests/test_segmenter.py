@@ -18,7 +18,7 @@ from wsi_psm.segmenter.network import (
     segmenter_state,
 )
 from wsi_psm.segmenter.predict import SegmenterPredictor, network_maps, predict_maps
-from wsi_psm.segmenter.readout import _h_maxima_by_component, maps_to_instances
+from wsi_psm.segmenter.readout import _h_maxima_above, maps_to_instances
 from wsi_psm.segmenter.train import (
     colour_jitter,
     distance_peaks,
@@ -156,23 +156,29 @@ def test_marker_h_splits_a_core_with_two_peaks() -> None:
     assert maps_to_instances(one, one, marker_h=0.1, **kw).max() == 1
 
 
-def test_h_maxima_by_component_equals_skimage() -> None:
-    # clusters of touching blobs of a quantised distance-like map, the way _split_cores calls it
+def test_h_maxima_above_equals_skimage() -> None:
+    # clusters of touching blobs of a quantised distance-like map, the way _split_cores calls it:
+    # smooth (few maxima per cluster), rough (many, at many levels) and with plateaus (ties)
     from skimage.morphology import h_maxima
 
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[:160, :160]
-    q = np.zeros((160, 160))
-    for _ in range(40):
-        cy, cx, r = rng.uniform(0, 160), rng.uniform(0, 160), rng.uniform(3, 9)
-        q = np.maximum(q, 1000 * (1 - np.hypot(yy - cy, xx - cx) / r))
-    # noise 0: most components hold one maximum (the fast path); 30: many (skimage per component)
-    for noise in (0, 30):
-        qn = np.round(q + rng.uniform(0, noise, q.shape) * (q > 0)).astype(np.int32)
-        for h in (20, 100, 400):
-            ref = h_maxima(qn, h).astype(bool) & (qn >= h)
-            got = _h_maxima_by_component(qn, h)
-            assert ref.any() and np.array_equal(got & (qn >= h), ref)
+    checked = 0
+    for _ in range(6):
+        q = np.zeros((160, 160))
+        for _ in range(40):
+            cy, cx, r = rng.uniform(0, 160), rng.uniform(0, 160), rng.uniform(3, 9)
+            q = np.maximum(q, 1000 * (1 - np.hypot(yy - cy, xx - cx) / r))
+        for noise in (0, 5, 30, 100):
+            qn = np.round(q + rng.uniform(0, noise, q.shape) * (q > 0)).astype(np.int32)
+            qn = np.minimum(qn, 900)  # flat tops: plateaus, some at one level in one cluster
+            for h in (1, 20, 100, 400):
+                for base in (0, 250):
+                    ref = h_maxima(qn, h).astype(bool) & (qn >= max(h, base))
+                    got = _h_maxima_above(qn, h, base)
+                    assert np.array_equal(got, ref), (noise, h, base)
+                    checked += int(ref.any())
+    assert checked > 150  # the comparisons were not all of empty sets
 
 
 def test_distance_peaks_one_point_per_nucleus() -> None:

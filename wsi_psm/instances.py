@@ -157,15 +157,15 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - before, counts) + np.arange(int(counts.sum()))
 
 
-def _union_lattice_counts(hulls: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Lattice points of the convex hull of ``hulls[a[k]]`` and ``hulls[b[k]]`` for each k."""
+def _union_hulls(hulls: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The convex hull of ``hulls[a[k]]`` and ``hulls[b[k]]`` for each k."""
     coords, idx = shapely.get_coordinates(hulls, return_index=True)
     counts = np.bincount(idx, minlength=len(hulls))
     starts = np.cumsum(counts) - counts
     pick = np.r_[_ranges(starts[a], counts[a]), _ranges(starts[b], counts[b])]
     pair = np.r_[np.repeat(np.arange(len(a)), counts[a]), np.repeat(np.arange(len(b)), counts[b])]
     order = np.argsort(pair, kind="stable")
-    return _lattice_counts(_hulls(coords[pick[order]], pair[order]))
+    return _hulls(coords[pick[order]], pair[order])
 
 
 def merge_convex_pieces(
@@ -187,39 +187,45 @@ def merge_convex_pieces(
     merged labels take the lower id and the result is renumbered 1..n in the same order."""
     if min_solidity <= 0 or labels.max() < 2:
         return labels
+    n = int(labels.max()) + 1  # ids keep their numbers until the end
+    hull = np.full(n, None, object)  # each label's hull, once computed
+    changed = np.ones(n, bool)  # pairs of labels unchanged since they were judged stay as judged
     for _ in range(rounds):
         lo, hi, _v = _contacts(labels)
         if len(lo) == 0:
             break
-        n = int(labels.max()) + 1
         key, contact = np.unique(lo * n + hi, return_counts=True)
         a_ids, b_ids = key // n, key % n
         area = np.bincount(labels.ravel(), minlength=n)
         size = area[a_ids] + area[b_ids]
-        ok = (size <= max_px) & (
-            contact >= min_contact * np.sqrt(np.minimum(area[a_ids], area[b_ids]))
+        ok = (
+            (size <= max_px)
+            & (contact >= min_contact * np.sqrt(np.minimum(area[a_ids], area[b_ids])))
+            & (changed[a_ids] | changed[b_ids])
         )
         a_ids, b_ids, size = a_ids[ok], b_ids[ok], size[ok]
         if len(a_ids) == 0:
             break
         ids = np.unique(np.r_[a_ids, b_ids])
-        hulls = _label_hulls(labels, ids)
-        solidity = size / _union_lattice_counts(
-            hulls, np.searchsorted(ids, a_ids), np.searchsorted(ids, b_ids)
-        )
+        todo = ids[shapely.is_missing(hull[ids])]
+        if len(todo):
+            hull[todo] = _label_hulls(labels, todo)
+        union = _union_hulls(hull[ids], np.searchsorted(ids, a_ids), np.searchsorted(ids, b_ids))
+        solidity = size / _lattice_counts(union)
         good = solidity >= min_solidity
         if not good.any():
             break
-        sol, a_ids, b_ids = solidity[good], a_ids[good], b_ids[good]
+        union, sol, a_ids, b_ids = union[good], solidity[good], a_ids[good], b_ids[good]
         lut = np.arange(n, dtype=labels.dtype)  # ids fit: they are labels
-        merged: set[int] = set()
+        changed[:] = False
         # most convex first (ties: higher ids first)
         for k in np.lexsort((-b_ids, -a_ids, -sol)).tolist():
             a, b = int(a_ids[k]), int(b_ids[k])
-            if a in merged or b in merged:
+            if changed[a] or changed[b]:
                 continue
-            merged |= {a, b}
+            changed[a] = changed[b] = True
             lut[b] = a  # a < b
+            hull[a] = union[k]  # the hull of a union is the hull of the two hulls
         labels = lut[labels]
     return relabel_by_area(labels, 1, np.inf)  # ids left empty go
 

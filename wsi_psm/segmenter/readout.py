@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.measure import label as cc_label
-from skimage.morphology import h_maxima, local_maxima
+from skimage.morphology import local_maxima
 from skimage.segmentation import watershed
 
 from wsi_psm.config import RunConfig
@@ -29,31 +29,64 @@ _FOUR = ndi.generate_binary_structure(2, 1)
 _EIGHT = np.ones((3, 3), bool)
 
 
-def _h_maxima_by_component(q: np.ndarray, h: int) -> np.ndarray:
-    """skimage's ``h_maxima`` of a non-negative int image, one 8-connected ``q > 0`` component at a
-    time (each cropped with a zero border). The same maxima wherever ``q >= h`` (zero separates the
-    components, so no reconstruction path crosses it at a level that matters there), several times
-    faster on a tile of nuclei: skimage sorts every pixel of the image it is given, and most
-    components (one nucleus each) have a single regional maximum, which is taken as it is (its
-    dynamic is its whole height above the zero around it)."""
-    lab, n = ndi.label(q > 0, structure=_EIGHT)
-    peaks = local_maxima(q, connectivity=2, allow_borders=True) & (lab > 0)
+def _h_maxima_above(q: np.ndarray, h: int, base: int = 0) -> np.ndarray:
+    """skimage's ``h_maxima(q, h)`` of a non-negative int image wherever ``q >= max(h, base)``:
+    the same pixels (unit-tested against it), 3-7x faster on a tile of nuclei, because skimage
+    sorts every pixel it is given and most of a tile cannot matter.
+
+    Why it is exact: a pixel is in an h-maximum iff it lies on a regional-maximum plateau (level v)
+    whose *cap*, the 8-connected component of ``q > v - h`` around it, holds nothing higher than v.
+    So the plateaus are judged in rounds on ever-higher level sets, each component of the current
+    one on its own: a component holding one live plateau makes it an h-maximum; a component with
+    several is cut just under its lowest plateau's cap, which parts it; once a component is that
+    cap, its lowest plateaus are h-maxima if nothing in it is higher, and are dropped otherwise.
+    Nothing under ``base - h`` can decide a plateau at ``base`` or above, so it is never looked at.
+    """
+    base = max(base, h)
+    peaks = local_maxima(q, connectivity=2, allow_borders=True) & (q >= base)
     plat, n_plat = ndi.label(peaks, structure=_EIGHT)
-    owner = np.zeros(n_plat + 1, np.int64)
-    owner[plat.ravel()] = lab.ravel()  # a plateau lies in one component
-    single = np.bincount(owner[1:], minlength=n + 1) == 1
-    single[0] = False
-    out = peaks & single[lab]
-    rows, cols = q.shape
-    for i, box in enumerate(ndi.find_objects(lab), 1):
-        if box is None or single[i]:
-            continue
-        r0, r1 = max(box[0].start - 1, 0), min(box[0].stop + 1, rows)
-        c0, c1 = max(box[1].start - 1, 0), min(box[1].stop + 1, cols)
-        own = lab[r0:r1, c0:c1] == i
-        sub = np.where(own, q[r0:r1, c0:c1], 0)
-        out[r0:r1, c0:c1] |= h_maxima(sub, h).astype(bool) & own
-    return out
+    if n_plat == 0:
+        return peaks
+    flat = np.flatnonzero(plat)
+    rep = np.zeros(n_plat + 1, np.int64)  # one pixel of each plateau
+    rep[plat.ravel()[flat]] = flat
+    level = q.ravel()[rep].astype(np.int64)
+    rr, cc = np.divmod(rep, q.shape[1])
+    live = np.ones(n_plat + 1, bool)
+    live[0] = False
+    found = np.zeros(n_plat + 1, bool)
+    cut = np.full(n_plat + 1, base - h - 1, np.int64)  # the level set each plateau is judged on
+    active, qa, r0, c0 = q > base - h - 1, q, 0, 0
+    never = np.iinfo(np.int64).max
+    while live.any():
+        ids = np.flatnonzero(live)
+        # the live plateaus' components lie inside the active pixels' box: label only that
+        rows, cols = np.flatnonzero(active.any(1)), np.flatnonzero(active.any(0))
+        active = active[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        qa = qa[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        r0, c0 = r0 + rows[0], c0 + cols[0]
+        lab, n = ndi.label(active, structure=_EIGHT)
+        comp = lab[rr[ids] - r0, cc[ids] - c0]
+        count = np.bincount(comp, minlength=n + 1)
+        lo = np.full(n + 1, never)
+        np.minimum.at(lo, comp, level[ids])
+        hi = np.full(n + 1, -1, np.int64)
+        np.maximum.at(hi, comp, level[ids])
+        now = np.zeros(n + 1, np.int64)
+        now[comp] = cut[ids]  # one level set per component: its plateaus share their cut
+        is_cap = (count > 1) & (lo - h == now)  # the component is its lowest plateaus' cap
+        to_cut = (count > 1) & (lo - h > now)
+        win = (count == 1) | (is_cap & (hi == lo))
+        lose = is_cap[comp] & (hi[comp] > lo[comp]) & (level[ids] == lo[comp])
+        found[ids[win[comp]]] = True
+        live[ids[win[comp] | lose]] = False
+        cut[ids[to_cut[comp]]] = lo[comp[to_cut[comp]]] - h
+        keep_at = np.full(n + 1, never)
+        keep_at[to_cut] = lo[to_cut] - h
+        stay = is_cap & (hi > lo)
+        keep_at[stay] = now[stay]
+        active = active & (qa > keep_at[lab])
+    return found[plat]
 
 
 def _shrink(labels: np.ndarray, shrink_um: float, mpp: float) -> np.ndarray:
@@ -99,7 +132,8 @@ def _split_cores(
     # quantised to 1/1000: h_maxima on floats is sensitive to rounding plateaus
     q = np.where(mask, np.round(d * 1000), 0).astype(np.int32)
     h_q = max(1, round(h * 1000))
-    peaks = _h_maxima_by_component(q, h_q) & (d > floor) & (q >= h_q)
+    # maxima under the floor are dropped anyway: the search need not look at lower levels
+    peaks = _h_maxima_above(q, h_q, int(np.floor(floor * 1000))) & (d > floor)
     plabels, n_peaks = ndi.label(peaks, structure=np.ones((3, 3), bool))
     has_peak = np.zeros(n_cores + 1, bool)
     has_peak[np.unique(cores[plabels > 0])] = True
