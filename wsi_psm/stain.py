@@ -33,12 +33,21 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
+def _od(values: np.ndarray) -> np.ndarray:
+    return (-np.log10((values.astype(np.float32) + 1.0) / 256.0)).astype(np.float32)
+
+
+# uint8 input (every tile) takes its OD from a table: the same float32 values, ~6x faster than a
+# logarithm per pixel
+_OD_OF_UINT8 = _od(np.arange(256, dtype=np.uint8))
+
+
 def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
     """uint8 RGB (..., 3) -> float32 optical density (..., 3); 0 for white, ~2.41 for black."""
     a = np.asarray(rgb)
     if a.shape[-1] != 3:
         raise ValueError(f"expected RGB with 3 channels last, got shape {a.shape}")
-    return (-np.log10((a.astype(np.float32) + 1.0) / 256.0)).astype(np.float32)
+    return _OD_OF_UINT8[a] if a.dtype == np.uint8 else _od(a)
 
 
 def default_stain_matrix(stain: Stain = "he") -> np.ndarray:
