@@ -52,10 +52,19 @@ def _root(
 
 # Shared options --------------------------------------------------------------------------------
 
+
+def _positive(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be greater than 0, not {value:g}")
+    return value
+
+
 MppOpt = Annotated[
     float | None,
     typer.Option(
-        "--mpp", help="Micrometres per pixel of level 0, when the file does not say.", min=0.0
+        "--mpp",
+        help="Micrometres per pixel of level 0, when the file does not say (> 0).",
+        callback=_positive,
     ),
 ]
 BackendOpt = Annotated[
@@ -73,7 +82,9 @@ ConfigOpt = Annotated[
 ]
 TargetMppOpt = Annotated[
     float | None,
-    typer.Option("--target-mpp", help="Processing resolution, µm/px (default 0.5).", min=0.0),
+    typer.Option(
+        "--target-mpp", help="Processing resolution, µm/px (default 0.5).", callback=_positive
+    ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[
@@ -114,6 +125,8 @@ def _config(
     batch_size: int | None = None,
     workers: int | None = None,
 ):
+    from pydantic import ValidationError
+
     from wsi_psm.config import RunConfig
 
     try:
@@ -126,9 +139,19 @@ def _config(
             geojson_gzip=gzip,
             **{"tiles.batch_size": batch_size, "tiles.decode_workers": workers},
         )
-    except ValueError as err:  # pydantic ValidationError is a ValueError
-        first = str(err).splitlines()
-        raise WsiPsmError(f"invalid configuration: {' '.join(first[:3])}") from err
+    except ValidationError as err:
+        problems = err.errors()
+        where = ".".join(str(part) for part in problems[0]["loc"])
+        what = problems[0]["msg"].removeprefix("Value error, ")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise WsiPsmError(f"invalid configuration: {where}: {what}{more}") from err
+    except ValueError as err:  # not JSON
+        raise WsiPsmError(f"invalid configuration file {config}: {err}") from err
+
+
+def _one_of(overwrite: bool, skip_existing: bool) -> None:
+    if overwrite and skip_existing:
+        raise WsiPsmError("--overwrite and --skip-existing contradict each other: give one")
 
 
 # Commands --------------------------------------------------------------------------------------
@@ -208,6 +231,7 @@ def run(
 
     from .progress import progress_bars
 
+    _one_of(overwrite, skip_existing)
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip,
                   batch_size=batch_size, workers=workers)  # fmt: skip
     slides = find_slides(inputs)
@@ -225,7 +249,7 @@ def run(
         except WsiPsmError as err:
             if len(slides) == 1:
                 raise
-            console.print(f"[red]error:[/red] {err}", highlight=False)
+            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
             failed.append(s.name)
             continue
         counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items())) or "no cells"
@@ -254,6 +278,8 @@ def fit(
 ) -> None:
     """Fit a model (self-supervised, no labels) on a cohort of slides, for `run --model`."""
     from wsi_psm.discovery import find_slides
+    from wsi_psm.errors import OutputWriteError
+    from wsi_psm.export import check_writable
     from wsi_psm.fit import fit_model_on_slides
     from wsi_psm.model import ModelBundle
 
@@ -263,11 +289,15 @@ def fit(
         raise WsiPsmError(f"output exists: {output} (use --overwrite to replace it)")
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain)
     slides = find_slides(inputs)
+    check_writable(output)
     with progress_bars(not quiet) as prog:
         bundle: ModelBundle = fit_model_on_slides(
             [s.path for s in slides], cfg, mpp=mpp, backend=backend, progress=prog
         )
-    bundle.save(output)
+    try:
+        bundle.save(output)
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {output}: {err.strerror or err}") from err
     console.print(f"model fitted on {len(slides)} slide(s) -> {output}", highlight=False)
 
 
@@ -319,12 +349,14 @@ def batch(
     from wsi_psm.discovery import find_slides
     from wsi_psm.distributed import run_batch
 
+    _one_of(overwrite, skip_existing)
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip)
     slides = find_slides(inputs)
     results = run_batch(
         slides, output, cfg, model_path=model, mpp=mpp, backend=backend, overwrite=overwrite,
         skip_existing=skip_existing, scheduler=scheduler, n_workers=n_workers,
-        threads_per_worker=threads_per_worker, report=lambda line: console.print(line, highlight=False),
+        threads_per_worker=threads_per_worker,
+        report=lambda line: console.print(line, highlight=False, soft_wrap=True),
     )  # fmt: skip
     failed = [r for r in results if r.error]
     if failed:
@@ -404,7 +436,9 @@ def eval_(
     mpp: Annotated[
         float | None,
         typer.Option(
-            "--mpp", help="µm per pixel of the annotated images (for --radius-um).", min=0.0
+            "--mpp",
+            help="µm per pixel of the annotated images (for --radius-um).",
+            callback=_positive,
         ),
     ] = None,
     json_out: Annotated[
@@ -484,7 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         if _DEBUG["on"]:
             traceback.print_exc()
         print(
-            f"internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+            f"internal error: {type(err).__name__}: {err} "
+            "(rerun as `wsi-psm --debug ...` for the traceback)",
             file=sys.stderr,
         )
         sys.exit(1)

@@ -27,6 +27,8 @@ class RichProgress:
         self._tasks: dict[str, int] = {}
 
     def start(self, stage: str, total: int | None) -> None:
+        if not self._p.live.is_started:  # shown from the first stage on: an error that comes
+            self._p.start()  # before any stage is one line, not one after a blank bar area
         label = f"{self._prefix}{stage}"
         self._tasks[stage] = self._p.add_task(label, total=total)
 
@@ -47,7 +49,7 @@ def progress_bars(enabled: bool = True, prefix: str = "") -> Iterator[RichProgre
     if not enabled:
         yield None
         return
-    with Progress(
+    p = Progress(
         TextColumn("[bold]{task.description:<28}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -55,5 +57,9 @@ def progress_bars(enabled: bool = True, prefix: str = "") -> Iterator[RichProgre
         TimeRemainingColumn(),
         console=console,
         transient=False,
-    ) as p:
+    )
+    try:
         yield RichProgress(p, prefix)
+    finally:
+        if p.live.is_started:
+            p.stop()

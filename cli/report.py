@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,20 +50,31 @@ def print_eval(
     pred: Path, gt: Path, *, radius: float | None, json_out: Path | None
 ) -> dict[str, Any]:
     """Evaluate ``pred`` against ``gt`` (segmentation, or detection when ``gt`` holds BCData .h5 files)."""
+    from wsi_psm.errors import OutputWriteError, WsiPsmError
     from wsi_psm.evaluation import evaluate_detection, evaluate_segmentation
+    from wsi_psm.export import check_writable
 
+    if json_out is not None:
+        check_writable(json_out)  # before the scoring, not after it
     if _is_detection_gt(gt):
         report = evaluate_detection(pred, gt, radius_px=10.0 if radius is None else radius)
         table = _det_table(report)
     else:
+        if radius is not None:
+            raise WsiPsmError("a match radius is for detection (BCData points), not for masks")
         report = evaluate_segmentation(pred, gt)
         table = _seg_table(report)
-    Console().print(table)
+    # piped or redirected output is not cut at 80 columns (image names would lose their ends)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
     if report.get("unmatched_gt"):
         Console(stderr=True).print(
             f"note: {len(report['unmatched_gt'])} annotated images had no prediction",
             highlight=False,
         )
     if json_out is not None:
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as err:
+            raise OutputWriteError(f"cannot write {json_out}: {err.strerror or err}") from err
     return report

@@ -142,3 +142,57 @@ def test_greyscale_slide_is_refused(tmp_path, capsys):
     slide = _write_tiff(tmp_path / "grey.tif", np.repeat(grey[..., None], 3, axis=2), mpp=0.5)
     code, _, err = _run(["run", str(slide), "-o", str(tmp_path / "out"), "-q"], capsys)
     _assert_clean_failure(code, err, tmp_path / "out", "greyscale")
+
+
+def test_unwritable_output_is_refused_before_the_fit(tmp_path, capsys, cmu_svs, monkeypatch):
+    """An output under a regular file cannot be made: said before the model is fitted, not after."""
+    import wsi_psm.fit
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit started although the output cannot be written")
+
+    monkeypatch.setattr(wsi_psm.fit, "fit_model_on_context", no_fit)
+    monkeypatch.setattr(wsi_psm.fit, "fit_model_on_slides", no_fit)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = _run(["run", str(cmu_svs), "-o", str(blocker / "out"), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path, "cannot write output")
+    code, _, err = _run(["fit", str(cmu_svs), "-o", str(blocker / "m.pt"), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path, "cannot write output")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # the probe left nothing
+
+
+@pytest.mark.parametrize(
+    ("argv", "expect"),
+    [
+        (["info", "{slide}", "--mpp", "0"], "greater than 0"),
+        (["run", "{slide}", "-o", "{out}", "--target-mpp", "-1"], "greater than 0"),
+        (["info", "{slide}", "--backend", "foo"], "error: backend must be one of"),
+        (
+            ["run", "{slide}", "-o", "{out}", "--device", "gpu"],
+            "error: invalid configuration: device",
+        ),
+        (["segment", "{slide}", "-o", "{out}", "--device", "gpu"], "error: invalid configuration"),
+        (["run", "{slide}", "-o", "{out}", "--overwrite", "--skip-existing"], "contradict"),
+        (["eval", "{out}", "{out}", "--radius", "3"], "error: a match radius is for detection"),
+    ],
+)
+def test_bad_option_values_are_one_line_and_leave_nothing(tmp_path, capsys, cmu_svs, argv, expect):
+    out = tmp_path / "out"
+    if argv[0] == "eval":
+        out.mkdir()
+    args = [a.format(slide=cmu_svs, out=out) for a in argv]
+    code, _, err = _run(args, capsys)
+    assert code == 2, err
+    assert expect in err and "Traceback" not in err and "internal error" not in err
+    if argv[0] != "eval":
+        assert not out.exists()  # refused before any folder was made
+
+
+def test_demo_refuses_an_existing_output_before_writing(tmp_path, capsys):
+    done = tmp_path / "demo-ihc"
+    done.mkdir()
+    code, _, err = _run(["demo", "-o", str(tmp_path), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path, "--overwrite")
+    assert "--skip-existing" not in err
+    assert not (tmp_path / "demo-ihc.tiff").exists()  # the demo slide was not (re)written

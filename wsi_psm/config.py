@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 
 class _Frozen(BaseModel):
@@ -255,6 +256,16 @@ class RunConfig(_Frozen):
     instances: InstanceConfig = InstanceConfig()
     classes: ClassConfig = ClassConfig()
     segmenter: SegmenterConfig = SegmenterConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        # the spelling is checked here, before any work (whether the device exists is checked
+        # when the run starts, by wsi_psm.device.select_device)
+        name = v.strip().lower()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", name):
+            raise ValueError(f"unknown device {v!r}: use auto, cpu, cuda, cuda:N or mps")
+        return name
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

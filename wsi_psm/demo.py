@@ -15,6 +15,7 @@ import tifffile
 from PIL import Image
 
 from .config import RunConfig
+from .errors import OutputExistsError, OutputWriteError
 from .pipeline import SlideRun, process_slide
 from .progress import ProgressHook
 
@@ -58,9 +59,15 @@ def run_demo(
 ) -> tuple[SlideRun, Path]:
     """Write the demo slide into ``out_root`` and process it into ``out_root/demo-ihc``."""
     out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    slide = write_demo_slide(out_root / "demo-ihc.tiff")
-    res = process_slide(
-        slide, out_root / "demo-ihc", DEMO_CONFIG, overwrite=overwrite, progress=progress
-    )
+    out_dir = out_root / "demo-ihc"
+    if out_dir.exists() and not overwrite:  # before the demo slide is (re)written
+        raise OutputExistsError(f"output exists: {out_dir} (use --overwrite to replace it)")
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        slide = write_demo_slide(out_root / "demo-ihc.tiff")
+    except OSError as err:
+        raise OutputWriteError(
+            f"cannot write the demo slide in {out_root}: {err.strerror or err}"
+        ) from err
+    res = process_slide(slide, out_dir, DEMO_CONFIG, overwrite=overwrite, progress=progress)
     return res, slide

@@ -9,6 +9,10 @@ class WsiPsmError(Exception):
     exit_code = 2
 
 
+class InvalidArgumentError(WsiPsmError, ValueError):
+    """A value the caller passed is out of range (a ValueError to library callers, one line in the CLI)."""
+
+
 class SlideOpenError(WsiPsmError):
     """The file is missing, is not a slide, or cannot be decoded."""
 

@@ -918,6 +918,33 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def check_writable(final: str | os.PathLike[str]) -> None:
+    """Fail now, before hours of work, if ``final`` (a folder or file to be written later) could
+    not be created: a probe folder is made beside it and removed, as are any parent folders it
+    needed (they are made again when the output is written). OutputWriteError (one line) if not."""
+    final = Path(os.path.abspath(final))
+    missing, p = [], final.parent
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            made.append(d)
+        probe = final.parent / f".{final.name}.probe-{uuid.uuid4().hex[:12]}"
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        raise _write_error(err, final) from err
+    finally:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
 class OutputFolder:
     """One slide's output folder, written under a temporary name and renamed when complete.
 
@@ -1002,6 +1029,7 @@ __all__ = [
     "OutputFolder",
     "OverlayRenderer",
     "cell_id",
+    "check_writable",
     "class_counts_summary",
     "config_json_schema",
     "load_schema",

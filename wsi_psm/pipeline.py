@@ -34,6 +34,7 @@ from .export import (
     OutputFolder,
     OverlayRenderer,
     PreparedCell,
+    check_writable,
     class_counts_summary,
     pack_cells,
     prepare_cells,
@@ -504,6 +505,7 @@ def process_slide(
     device = select_device(cfg.device)
     ctx = prepare_slide(path, cfg, mpp=mpp, backend=backend)
     try:
+        check_writable(out_dir)  # the slide is fine: can its outputs be written, before the work?
         extra: dict[str, float] = {}
         fitted_here = model is None
         if model is None:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import MissingMppError, SlideOpenError, SlideReadError
+from .errors import InvalidArgumentError, MissingMppError, SlideOpenError, SlideReadError
 
 log = logging.getLogger(__name__)
 
@@ -556,9 +556,13 @@ class Slide:
         Raises SlideOpenError (missing, not a slide, unopenable) or SlideReadError (pixels undecodable).
         """
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+            raise InvalidArgumentError(
+                f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}"
+            )
         if mpp is not None and _float_or_none(mpp) is None:
-            raise ValueError(f"mpp must be a positive number of micrometres per pixel, not {mpp!r}")
+            raise InvalidArgumentError(
+                f"mpp must be a positive number of micrometres per pixel, not {mpp!r}"
+            )
         p = Path(path).expanduser()
         name = p.stem
         if p.is_dir():
