@@ -177,9 +177,11 @@ def info(
         print(json.dumps(d, indent=2))
         return
     t = Table(show_header=False, box=None)
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")  # long paths wrap whole, not cut with an ellipsis
     t.add_row("name", d["name"])
     t.add_row("path", d["path"])
-    t.add_row("vendor", str(d["vendor"]))
+    t.add_row("vendor", d["vendor"] or "- (plain image or generic TIFF)")
     t.add_row("reader", d["backend"])
     t.add_row("size", f"{d['width']} x {d['height']} px (level 0)")
     mpp_s = f"{d['mpp']:.4g} µm/px ({d['mpp_source']})" if d["mpp"] else "unknown (pass --mpp)"
@@ -187,7 +189,7 @@ def info(
     if d.get("objective_power"):
         t.add_row("objective", f"{d['objective_power']:g}x")
     levels = ", ".join(
-        f"{w}x{h} (/{ds:.3g})"
+        f"{w}x{h} (/{ds:.4g})"
         for (w, h), ds in zip(d["level_dimensions"], d["level_downsamples"], strict=True)
     )
     t.add_row("levels", f"{d['level_count']}: {levels}")

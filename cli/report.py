@@ -66,11 +66,10 @@ def print_eval(
         table = _seg_table(report)
     # piped or redirected output is not cut at 80 columns (image names would lose their ends)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
-    if report.get("unmatched_gt"):
-        Console(stderr=True).print(
-            f"note: {len(report['unmatched_gt'])} annotated images had no prediction",
-            highlight=False,
-        )
+    for key, what in (("unmatched_gt", "annotated images had no prediction"),
+                      ("unmatched_pred", "predictions had no annotation")):  # fmt: skip
+        if report.get(key):
+            Console(stderr=True).print(f"note: {len(report[key])} {what}", highlight=False)
     if json_out is not None:
         try:
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -483,15 +483,6 @@ def process_slide(
 ) -> SlideRun:
     """A slide file to a finished output folder: prepare, fit on the slide unless ``model`` is given
     (a ``ModelBundle``), then find every cell. The output folder is checked before any work."""
-    from .device import select_device
-    from .fit import fit_cell_classes, fit_model_on_context
-    from .inference import make_predictor
-    from .magnification import (
-        ScaleChoosingPredictor,
-        check_slide_magnification,
-        magnified_run,
-    )
-
     progress = progress or NullProgress()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -502,10 +493,17 @@ def process_slide(
         )
     if model is not None:
         cfg = model_run_config(cfg, model.config)
-    device = select_device(cfg.device)
+    # the slide's checks (unreadable, no mpp, fluorescence, no tissue) come first, in about a
+    # second: they need neither torch nor a device
     ctx = prepare_slide(path, cfg, mpp=mpp, backend=backend)
     try:
         check_writable(out_dir)  # the slide is fine: can its outputs be written, before the work?
+        from .device import select_device
+        from .fit import fit_cell_classes, fit_model_on_context
+        from .inference import make_predictor
+        from .magnification import ScaleChoosingPredictor, check_slide_magnification, magnified_run
+
+        device = select_device(cfg.device)
         extra: dict[str, float] = {}
         fitted_here = model is None
         if model is None:
