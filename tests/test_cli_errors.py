@@ -75,6 +75,17 @@ def test_broken_fixtures(tmp_path, capsys, fixtures_dir, name, expect):
     _assert_clean_failure(code, err, tmp_path / "out", expect)
 
 
+def test_c_library_chatter_does_not_reach_the_terminal(capfd, fixtures_dir):
+    """libjpeg (under OpenSlide) prints to file descriptor 2 itself: held while the file is probed
+    and dropped when it fails, so the error stays one line even at the descriptor level."""
+    with pytest.raises(SystemExit) as exc:
+        main(["info", str(fixtures_dir / "unreadable.svs")])
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert exc.value.code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "bogus marker" in lines[0].lower()
+
+
 def test_no_mpp(tmp_path, capsys, fixtures_dir):
     # boxes.tiff carries a placeholder 72 dpi, which is not a resolution
     code, _, err = _run(

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,17 +135,52 @@ def _short(exc: BaseException) -> str:
 _QUIET_LOCK = threading.Lock()
 
 
+class _Held:
+    """What a probe printed to the stderr descriptor is written out only if ``keep`` is set."""
+
+    keep = False
+
+
 @contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence library chatter (tifffile log lines, Pillow / tiffslide warnings) while a format is
-    probed: a failure is reported once, as one clear error. Serialised, since it touches global state."""
+def _held_c_stderr(held: _Held) -> Iterator[None]:
+    """Hold what C libraries (libtiff, libjpeg under OpenSlide) print straight to file descriptor 2
+    while a format is probed: written out afterwards if the slide opened, dropped if it did not (the
+    failure is then reported once, as one line). Only ever entered under ``_QUIET_LOCK``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (AttributeError, OSError, ValueError):  # no stderr descriptor: nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as buf:
+        os.dup2(buf.fileno(), 2)
+        try:
+            yield
+        finally:
+            with suppress(AttributeError, OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.keep:
+                buf.seek(0)
+                data = buf.read()
+                if data:
+                    os.write(2, data)
+
+
+@contextmanager
+def _quiet() -> Iterator[_Held]:
+    """Silence library chatter (tifffile log lines, Pillow / tiffslide warnings, C libraries'
+    stderr) while a format is probed: a failure is reported once, as one clear error. Serialised,
+    since it touches global state."""
     tlog = logging.getLogger("tifffile")
-    with _QUIET_LOCK, warnings.catch_warnings():
+    held = _Held()
+    with _QUIET_LOCK, warnings.catch_warnings(), _held_c_stderr(held):
         warnings.simplefilter("ignore")
         level = tlog.level
         tlog.setLevel(logging.CRITICAL)
         try:
-            yield
+            yield held
         finally:
             tlog.setLevel(level)
 
@@ -586,7 +624,7 @@ class Slide:
 
         attempts: list[_Attempt] = []
         for bname in order:
-            with _quiet():
+            with _quiet() as held:
                 try:
                     b = _BACKEND_CLASSES[bname](p)
                 except _Unrecognised:
@@ -603,6 +641,7 @@ class Slide:
                     slide.close()
                     attempts.append(_Attempt(bname, "read", exc.__cause__ or exc))
                     continue
+                held.keep = True
             return slide
 
         if not attempts:
