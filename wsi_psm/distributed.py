@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import RunConfig
 from .discovery import SlideInput
+from .errors import OutputWriteError
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,14 @@ def run_batch(
         else:
             todo.append((s, out_dir))
     if todo:
+        # made once here, not by the first task, so that concurrent slides never race to make it
+        # (or to remove it again after a probe: export.check_writable)
+        try:
+            out_root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputWriteError(
+                f"cannot create output folder {out_root}: {err.strerror or err}"
+            ) from err
         cluster = None
         if scheduler is None:
             cluster = LocalCluster(
