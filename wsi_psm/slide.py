@@ -148,11 +148,17 @@ def _held_c_stderr(held: _Held) -> Iterator[None]:
     failure is then reported once, as one line). Only ever entered under ``_QUIET_LOCK``."""
     try:
         sys.stderr.flush()
-        saved = os.dup(2)
-    except (AttributeError, OSError, ValueError):  # no stderr descriptor: nothing to hold
+        buf = tempfile.TemporaryFile()
+    except (AttributeError, OSError, ValueError):  # no temporary space: nothing is held
         yield
         return
-    with tempfile.TemporaryFile() as buf:
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr descriptor: nothing to hold
+        buf.close()
+        yield
+        return
+    with buf:
         os.dup2(buf.fileno(), 2)
         try:
             yield
