@@ -280,8 +280,7 @@ def fit(
 ) -> None:
     """Fit a model (self-supervised, no labels) on a cohort of slides, for `run --model`."""
     from wsi_psm.discovery import find_slides
-    from wsi_psm.errors import OutputWriteError
-    from wsi_psm.export import check_writable
+    from wsi_psm.export import check_writable, write_error
     from wsi_psm.fit import fit_model_on_slides
     from wsi_psm.model import ModelBundle
 
@@ -299,7 +298,7 @@ def fit(
     try:
         bundle.save(output)
     except OSError as err:
-        raise OutputWriteError(f"cannot write {output}: {err.strerror or err}") from err
+        raise write_error(err, output) from err
     console.print(f"model fitted on {len(slides)} slide(s) -> {output}", highlight=False)
 
 

@@ -50,9 +50,9 @@ def print_eval(
     pred: Path, gt: Path, *, radius: float | None, json_out: Path | None
 ) -> dict[str, Any]:
     """Evaluate ``pred`` against ``gt`` (segmentation, or detection when ``gt`` holds BCData .h5 files)."""
-    from wsi_psm.errors import OutputWriteError, WsiPsmError
+    from wsi_psm.errors import WsiPsmError
     from wsi_psm.evaluation import evaluate_detection, evaluate_segmentation
-    from wsi_psm.export import check_writable
+    from wsi_psm.export import check_writable, write_error
 
     if json_out is not None:
         check_writable(json_out)  # before the scoring, not after it
@@ -75,5 +75,5 @@ def print_eval(
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(report, indent=2) + "\n")
         except OSError as err:
-            raise OutputWriteError(f"cannot write {json_out}: {err.strerror or err}") from err
+            raise write_error(err, json_out) from err
     return report

@@ -15,7 +15,8 @@ import tifffile
 from PIL import Image
 
 from .config import RunConfig
-from .errors import OutputExistsError, OutputWriteError
+from .errors import OutputExistsError
+from .export import write_error
 from .pipeline import SlideRun, process_slide
 from .progress import ProgressHook
 
@@ -66,8 +67,6 @@ def run_demo(
         out_root.mkdir(parents=True, exist_ok=True)
         slide = write_demo_slide(out_root / "demo-ihc.tiff")
     except OSError as err:
-        raise OutputWriteError(
-            f"cannot write the demo slide in {out_root}: {err.strerror or err}"
-        ) from err
+        raise write_error(err, out_root) from err
     res = process_slide(slide, out_dir, DEMO_CONFIG, overwrite=overwrite, progress=progress)
     return res, slide

@@ -15,7 +15,6 @@ from typing import Any
 
 from .config import RunConfig
 from .discovery import SlideInput
-from .errors import OutputWriteError
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,9 @@ def run_batch(
         try:
             out_root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise OutputWriteError(
-                f"cannot create output folder {out_root}: {err.strerror or err}"
-            ) from err
+            from .export import write_error
+
+            raise write_error(err, out_root) from err
         cluster = None
         if scheduler is None:
             cluster = LocalCluster(

@@ -875,7 +875,7 @@ def render_overlay(
 # the output folder
 
 
-def _is_write_error(err: OSError, *roots: Path) -> bool:
+def _iswrite_error(err: OSError, *roots: Path) -> bool:
     """An OSError that means "cannot write here": no space, read-only, no permission, on one of our
     output paths (or with no path, as a failed write() reports)."""
     if err.errno not in _WRITE_ERRNOS:
@@ -886,7 +886,8 @@ def _is_write_error(err: OSError, *roots: Path) -> bool:
     return any(name == str(r) or name.startswith(str(r) + os.sep) for r in roots)
 
 
-def _write_error(err: OSError, fallback: Path) -> OutputWriteError:
+def write_error(err: OSError, fallback: str | os.PathLike[str]) -> OutputWriteError:
+    """The one-line error for an OSError met writing an output (its own path, else ``fallback``)."""
     where = os.fsdecode(err.filename) if err.filename else str(fallback)
     reason = err.strerror or str(err)
     return OutputWriteError(f"cannot write output {where}: {reason}")
@@ -936,7 +937,7 @@ def check_writable(final: str | os.PathLike[str]) -> None:
         probe.mkdir()
         probe.rmdir()
     except OSError as err:
-        raise _write_error(err, final) from err
+        raise write_error(err, final) from err
     finally:
         for d in reversed(made):
             try:
@@ -975,7 +976,7 @@ class OutputFolder:
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
         except OSError as err:
-            raise _write_error(err, final) from err
+            raise write_error(err, final) from err
         self.tmp = tmp
         return tmp
 
@@ -990,15 +991,15 @@ class OutputFolder:
         self.tmp = None
         if exc is not None:
             _remove(tmp)
-            if isinstance(exc, OSError) and _is_write_error(exc, tmp, final):
-                raise _write_error(exc, final) from exc
+            if isinstance(exc, OSError) and _iswrite_error(exc, tmp, final):
+                raise write_error(exc, final) from exc
             return  # re-raised by the with statement
         try:
             self._commit(tmp, final)
         except BaseException as err:
             _remove(tmp)
-            if isinstance(err, OSError) and _is_write_error(err, tmp, final, final.parent):
-                raise _write_error(err, final) from err
+            if isinstance(err, OSError) and _iswrite_error(err, tmp, final, final.parent):
+                raise write_error(err, final) from err
             raise
 
     def _commit(self, tmp: Path, final: Path) -> None:
@@ -1037,5 +1038,6 @@ __all__ = [
     "software_versions",
     "utc_now_iso",
     "write_config_schema",
+    "write_error",
     "write_summary",
 ]
