@@ -390,7 +390,8 @@ def segment(
     Without --model: H&E images go through the network shipped with wsi-psm; IHC images (which it
     was not trained on) get a network fitted on themselves, label-free (about 10 minutes on 2 CPU
     cores, a minute on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
-    images' own cells. segmenter.default_model in --config changes the route (shipped, fit, none).
+    images' own cells; a mix of stains is segmented stain by stain. segmenter.default_model in
+    --config changes the route (shipped, fit, none).
     A --model runs at the resolution it was trained at (over --target-mpp); the shipped network
     only at its own 0.5 µm/px, so another --target-mpp fits a network on the images.
     """

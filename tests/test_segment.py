@@ -298,3 +298,30 @@ def test_inputs_are_checked_before_any_work(tmp_path, trained_net) -> None:
     assert not out.exists() or list(out.iterdir()) == []
     segment_images([tmp_path / "a.png"], out, CFG, model=trained_net, mpp=0.5)  # the good one runs
     assert (out / "a.geojson").exists()
+
+
+def test_a_folder_of_mixed_stains_is_segmented_stain_by_stain(tmp_path, monuseg_dir) -> None:
+    """An H&E crop beside an IHC field: each gets its own stain's route and classes (before, the
+    first images' stain decided for all, so IHC tiles after H&E ones got H&E classes)."""
+    from skimage import data
+
+    from wsi_psm.groundtruth import monuseg_cases
+    from wsi_psm.segment import check_inputs
+
+    case = next(c for c in monuseg_cases(monuseg_dir) if c.has_xml)
+    he, ihc = tmp_path / "a_he.png", tmp_path / "b_ihc.png"
+    write_png(he, np.ascontiguousarray(tifffile.imread(case.image)[:320, :320, :3]))
+    write_png(ihc, data.immunohistochemistry()[:320, :320])
+    cfg = CFG.with_updates(**{"psm.fit_steps": 30, "segmenter.default_model": "none"})
+    assert check_inputs([he, ihc], 0.5) == {"he": [he], "ihc-dab": [ihc]}
+    assert check_inputs([he, ihc], 0.5, "he") == {"he": [he, ihc]}
+    out = tmp_path / "out"
+    written = segment_images([he, ihc], out, cfg, mpp=0.5)
+    assert sorted(written) == sorted([*output_paths(he, out), *output_paths(ihc, out)])
+
+    def names(src):
+        features = json.loads(output_paths(src, out)[0].read_text())["features"]
+        return {f["properties"]["classification"]["name"] for f in features}
+
+    assert names(ihc) <= {"Positive", "Negative"} and names(ihc)
+    assert names(he) and not names(he) & {"Positive", "Negative"}

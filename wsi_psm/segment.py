@@ -116,15 +116,28 @@ def _at_mpp(rgb: np.ndarray, mpp: float, to_mpp: float) -> np.ndarray:
 INPUT_CHECK_SIDE = 512  # px: the small copy each input is checked on before any work
 
 
-def check_inputs(paths: Sequence[Path], mpp: float | None) -> None:
+def check_inputs(
+    paths: Sequence[Path], mpp: float | None, stain: str = "auto", *, seed: int = 0
+) -> dict[str, list[Path]]:
     """Open every image and look at a small copy of it before any work, so an unreadable file, a
     missing mpp, or a fluorescence or greyscale image stops the run at once with one line, not
-    after a network has been fitted or half the images written."""
+    after a network has been fitted or half the images written.
+
+    Returns the images by stain, in input order: ``stain``, or with "auto" each image's own
+    (:func:`~wsi_psm.stain.detect_stain` on the small copy; a colour share, so 512 px is plenty),
+    so that a folder mixing H&E and IHC tiles does not send all of them down the route of the
+    first ones."""
+    from .stain import detect_stain
+
+    groups: dict[str, list[Path]] = {}
     for p in paths:
         with Slide.open(p, mpp=mpp) as slide:
             side_um = max(slide.width, slide.height) * slide.mpp
             thumb, _ = slide.thumbnail(max(slide.mpp, side_um / INPUT_CHECK_SIDE))
         check_input_image(thumb, p.name)
+        key = detect_stain(thumb, seed=seed) if stain == "auto" else stain
+        groups.setdefault(key, []).append(p)
+    return groups
 
 
 def segment_array(
@@ -573,7 +586,9 @@ def segment_images(
     ``model`` that records its training resolution is applied at it, whatever ``cfg.target_mpp``.
     ``annotator`` names and measures the cells; by default (``classes.enabled``) the label-free
     classes are fitted on the images' own cells first (:func:`fit_image_classes`), else one class
-    "Nucleus". ``on_image(path, n_cells, seconds)`` is called after each image.
+    "Nucleus". With ``cfg.stain`` "auto" each image's stain is detected, and images of different
+    stains are segmented group by group (:func:`check_inputs`), each with its stain's route and
+    classes. ``on_image(path, n_cells, seconds)`` is called after each image.
     Outputs are checked before any work: an existing one raises OutputExistsError unless
     ``overwrite``. Unreadable images, missing mpp etc. raise the slide reader's WsiPsmError.
     """
@@ -583,11 +598,25 @@ def segment_images(
     paths = [Path(p) for p in paths]
     out = Path(out_dir)
     _check_outputs(paths, out, overwrite)
-    check_inputs(paths, mpp)
+    groups = check_inputs(paths, mpp, cfg.stain, seed=cfg.seed)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
+    if len(groups) > 1:  # each stain its own route (network, classes), as if segmented apart
+        log.info(
+            "images of %d stains, segmented by stain: %s",
+            len(groups),
+            ", ".join(f"{len(g)} {s}" for s, g in groups.items()),
+        )
+        files: list[Path] = []
+        for stain, group in groups.items():
+            files += segment_images(
+                group, out, cfg.with_updates(stain=stain), model=model, mpp=mpp,
+                overwrite=overwrite, progress=progress, annotator=annotator, on_image=on_image,
+            )  # fmt: skip
+        return files
+    cfg = cfg.with_updates(stain=next(iter(groups)))
     device = select_device(cfg.device)
     trained_mpp = model_mpp(model)
     if trained_mpp is not None and abs(trained_mpp - cfg.target_mpp) > 1e-6:
