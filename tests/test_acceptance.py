@@ -149,3 +149,22 @@ def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path):
     assert (out / "a" / "summary.json").exists() and not (out / "broken").exists()
     again = run_batch(slides, out, cfg, model_path=quick_model, skip_existing=True, n_workers=1)
     assert {r.name for r in again if r.skipped} == {"a", "b"}
+
+
+def test_a_model_on_a_slide_of_another_stain_is_flagged(cmu_run, quick_model, tmp_path, caplog):
+    """The H&E model of CMU-1 on the Ki-67 demo slide: one warning line, kept in the summary; the
+    same model on its own kind of slide: none."""
+    from wsi_psm.demo import DEMO_MPP, write_demo_slide
+    from wsi_psm.model import ModelBundle
+
+    model = ModelBundle.load(quick_model)
+    assert model.stain == "he"
+    assert (
+        "stain_warning" not in json.loads((cmu_run.out_dir / "summary.json").read_text())["model"]
+    )
+    ihc = write_demo_slide(tmp_path / "demo-ihc.tiff")
+    with caplog.at_level("WARNING", logger="wsi_psm.pipeline"):
+        res = process_slide(ihc, tmp_path / "out", CONTRACT, model=model, mpp=DEMO_MPP)
+    warning = res.summary["model"]["stain_warning"]
+    assert warning.startswith("demo-ihc looks ihc-dab but the model was fitted on he tissue")
+    assert [r.getMessage() for r in caplog.records] == [warning]

@@ -11,6 +11,7 @@ memory does not grow with slide size.
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sys
@@ -45,10 +46,13 @@ from .export import (
 from .polygons import measurement_dicts
 from .progress import NullProgress, ProgressHook
 from .slide import Slide
+from .stain import detect_stain
 from .stitching import Candidate, SeamResolver, interior, tile_candidates
 from .stream import stream_batches
 from .tiling import Tile, TileGrid, check_slide_size, make_grid
 from .tissue import TissueMask, check_input_image, detect_tissue
+
+log = logging.getLogger(__name__)
 
 NUCLEUS = ("Nucleus", (0, 160, 255))
 OVERLAY_MAX_SIDE = 2048
@@ -470,6 +474,20 @@ def build_summary(
     }
 
 
+def model_stain_warning(ctx: SlideContext, model_stain: str) -> str | None:
+    """One line when the slide's stain (judged on its thumbnail) is not the one a model was fitted
+    on: its activation net, pseudo-mask clustering, network and classes all assume that stain, so
+    e.g. an H&E model on a Ki-67 slide finds and names cells by the wrong colours."""
+    slide_stain = detect_stain(ctx.thumbnail)
+    if slide_stain == model_stain:
+        return None
+    return (
+        f"{ctx.slide.name} looks {slide_stain} but the model was fitted on {model_stain} tissue: "
+        f"its cells and classes assume {model_stain} (fit a model on {slide_stain} slides, or run "
+        "without --model)"
+    )
+
+
 def process_slide(
     path: str | Path,
     out_dir: str | Path,
@@ -513,6 +531,10 @@ def process_slide(
             model_info = {"source": "fitted on this slide"}
         else:
             model_info = {"source": "model file"}
+            warning = model_stain_warning(ctx, model.stain)
+            if warning is not None:
+                log.warning(warning)
+                model_info["stain_warning"] = warning
         model_info["provenance"] = model.provenance
         predictor, annotator, extras = make_predictor(model, device=device, cfg=cfg)
         run_ctx, run_cfg = ctx, cfg
