@@ -207,3 +207,23 @@ def test_demo_refuses_an_existing_output_before_writing(tmp_path, capsys):
     _assert_clean_failure(code, err, tmp_path, "--overwrite")
     assert "--skip-existing" not in err
     assert not (tmp_path / "demo-ihc.tiff").exists()  # the demo slide was not (re)written
+
+
+def test_fit_refuses_slides_of_two_stains_before_fitting(tmp_path, capsys, cmu_svs, monkeypatch):
+    """An H&E slide and the Ki-67 demo slide in one `fit`: one line naming both, no model file;
+    with --stain given they are fitted as one (the user's call)."""
+    import wsi_psm.fit
+    from wsi_psm.demo import DEMO_MPP, write_demo_slide
+
+    fitted = []
+    monkeypatch.setattr(wsi_psm.fit, "fit_bundle", lambda tiles, cfg, **kw: fitted.append(cfg))
+    ihc = write_demo_slide(tmp_path / "demo-ihc.tiff")
+    model = tmp_path / "m.pt"
+    argv = ["fit", str(cmu_svs), str(ihc), "-o", str(model), "--mpp", str(DEMO_MPP), "-q"]
+    code, _, err = _run(argv, capsys)
+    _assert_clean_failure(code, err, tmp_path, "more than one stain")
+    assert "he: CMU-1-Small-Region; ihc-dab: demo-ihc" in err
+    assert fitted == [] and not model.exists()
+    cfg = wsi_psm.fit.RunConfig().with_updates(stain="he")
+    wsi_psm.fit.fit_model_on_slides([cmu_svs, ihc], cfg, mpp=DEMO_MPP)  # reaches the (stub) fit
+    assert [c.stain for c in fitted] == ["he"]

@@ -45,5 +45,9 @@ class OutputWriteError(WsiPsmError):
     """The output could not be written (read-only or full disk)."""
 
 
+class MixedStainError(WsiPsmError):
+    """One model was asked to fit slides of more than one stain (its stages assume one)."""
+
+
 class ModelError(WsiPsmError):
     """A model file is missing, unreadable, or incompatible."""

@@ -17,11 +17,13 @@ import torch
 
 from .classes import CellClassifier
 from .config import RunConfig
+from .errors import MixedStainError
 from .inference import CLASSES_COMPONENT, make_predictor
 from .model import ModelBundle, fit_model
 from .pipeline import SlideContext, prepare_slide, sample_tiles
 from .progress import NullProgress, ProgressHook
 from .segment import attach_segmenter
+from .stain import detect_stain
 
 
 def fit_bundle(
@@ -97,18 +99,30 @@ def fit_model_on_slides(
     backend: str = "auto",
     progress: ProgressHook | None = None,
 ) -> ModelBundle:
-    """Fit on a cohort: ``cfg.psm.fit_tiles`` tiles drawn evenly from every slide (``fit`` command)."""
+    """Fit on a cohort: ``cfg.psm.fit_tiles`` tiles drawn evenly from every slide (``fit`` command).
+
+    With ``cfg.stain`` "auto", slides of more than one stain (each judged on its thumbnail) raise
+    MixedStainError before the fit: the stages of one model assume one stain."""
     from .device import select_device
 
     device = select_device(cfg.device)
     per_slide = max(1, -(-cfg.psm.fit_tiles // max(len(paths), 1)))
     tiles: list[np.ndarray] = []
     names = []
+    stains: dict[str, list[str]] = {}
     for i, p in enumerate(paths):
         ctx = prepare_slide(p, cfg, mpp=mpp, backend=backend)
         try:
             tiles += sample_tiles(ctx, per_slide, cfg.seed + i, cfg)
             names.append(ctx.slide.name)
+            if cfg.stain == "auto":
+                stains.setdefault(detect_stain(ctx.thumbnail), []).append(ctx.slide.name)
         finally:
             ctx.slide.close()
+    if len(stains) > 1:
+        found = "; ".join(f"{s}: {', '.join(n)}" for s, n in stains.items())
+        raise MixedStainError(
+            f"slides of more than one stain ({found}): fit one model per stain, "
+            "or give --stain to fit them as one"
+        )
     return fit_bundle(tiles, cfg, device=device, sources=names, progress=progress)
