@@ -261,6 +261,28 @@ def test_fit_is_seeded_and_learns() -> None:
     assert fg.any()
 
 
+def test_batch_does_not_depend_on_the_jitter_threads() -> None:
+    """The crops' colour jitter runs in threads after its numbers are drawn in order: one thread or
+    three give the same batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    class Counting(ThreadPoolExecutor):
+        jobs = 0
+
+        def submit(self, fn, /, *args, **kwargs):
+            self.jobs += 1
+            return super().submit(fn, *args, **kwargs)
+
+    img, labels = synthetic_tile(96)
+    samples = [sample_from_labels(img, labels)]
+    one, three = Counting(1), Counting(3)
+    for seed in range(3):
+        a = sample_batch(samples, np.random.default_rng(seed), 6, 48, pool=one)
+        b = sample_batch(samples, np.random.default_rng(seed), 6, 48, pool=three)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert one.jobs == three.jobs == 3 * 6  # every crop was jittered on the pool
+
+
 def test_fit_on_pseudo_masks_runs_refinement() -> None:
     img, labels = synthetic_tile(96)
     cfg = RunConfig().with_updates(

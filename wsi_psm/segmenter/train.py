@@ -17,9 +17,12 @@ fit with the same seed, data and config gives the same weights on CPU.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,27 +89,60 @@ _M = np.vstack([_HE, np.cross(_HE[0], _HE[1]) / np.linalg.norm(np.cross(_HE[0], 
 _M_INV = np.linalg.inv(_M).astype(np.float32)
 
 
-def colour_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
-    """A randomly restained copy of a uint8 RGB crop (stain amounts, brightness, contrast, saturation)."""
-    od = rgb_to_od(rgb)
-    conc = od @ _M_INV
-    s = strength
+@dataclass(frozen=True)
+class _JitterDraw:
+    """One crop's random colour-jitter numbers (:func:`colour_jitter`), drawn apart from its
+    arithmetic: a batch's draws are made in order on one Generator, then its crops are jittered in
+    threads, so the random stream and the batch are the same as one crop after another."""
+
+    alpha: np.ndarray  # per stain: amount factor
+    beta: np.ndarray  # per stain: shift
+    contrast: float
+    brightness: float
+    saturation: float
+    blur: float | None  # Gaussian sigma, px
+    noise: np.ndarray | None  # additive, the crop's shape
+
+
+def _draw_jitter(rng: np.random.Generator, shape: tuple[int, ...], s: float) -> _JitterDraw:
     alpha = rng.uniform(1 - 0.35 * s, 1 + 0.35 * s, size=3).astype(np.float32)
     beta = rng.uniform(-0.05 * s, 0.05 * s, size=3).astype(np.float32)
-    conc = conc * alpha + beta
+    contrast = rng.uniform(1 - 0.2 * s, 1 + 0.2 * s)
+    brightness = rng.uniform(-15, 15) * s
+    saturation = rng.uniform(1 - 0.3 * s, 1 + 0.3 * s)
+    blur = rng.uniform(0.3, 1.2) if rng.random() < 0.25 * s else None
+    noise = rng.normal(0, rng.uniform(2, 8), size=shape) if rng.random() < 0.25 * s else None
+    return _JitterDraw(alpha, beta, contrast, brightness, saturation, blur, noise)
+
+
+def _apply_jitter(rgb: np.ndarray, j: _JitterDraw) -> np.ndarray:
+    od = rgb_to_od(rgb)
+    conc = od @ _M_INV
+    conc = conc * j.alpha + j.beta
     od = np.maximum(conc @ _M, 0.0)
     img = 256.0 * np.power(10.0, -od) - 1.0
     # brightness / contrast around the mean, saturation against the grey value
     mean = img.mean()
-    img = (img - mean) * rng.uniform(1 - 0.2 * s, 1 + 0.2 * s) + mean + rng.uniform(-15, 15) * s
+    img = (img - mean) * j.contrast + mean + j.brightness
     grey = img.mean(axis=-1, keepdims=True)
-    img = grey + (img - grey) * rng.uniform(1 - 0.3 * s, 1 + 0.3 * s)
-    if rng.random() < 0.25 * s:
-        sig = rng.uniform(0.3, 1.2)
-        img = ndi.gaussian_filter(img, (sig, sig, 0))
-    if rng.random() < 0.25 * s:
-        img = img + rng.normal(0, rng.uniform(2, 8), size=img.shape)
+    img = grey + (img - grey) * j.saturation
+    if j.blur is not None:
+        img = ndi.gaussian_filter(img, (j.blur, j.blur, 0))
+    if j.noise is not None:
+        img = img + j.noise
     return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
+def colour_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
+    """A randomly restained copy of a uint8 RGB crop (stain amounts, brightness, contrast, saturation)."""
+    return _apply_jitter(rgb, _draw_jitter(rng, rgb.shape, strength))
+
+
+@functools.cache
+def _jitter_pool() -> ThreadPoolExecutor:
+    # numpy releases the GIL on whole-crop arithmetic: beside a GPU, whose training step takes a
+    # few ms, jittering a batch's crops one after another on one core was most of a step
+    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="wsi-psm-jitter")
 
 
 def _affine_batch(
@@ -146,13 +182,16 @@ def sample_batch(
     *,
     colour: float = 1.0,
     scale: tuple[float, float] = (0.8, 1.25),
+    pool: Executor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of augmented crops: inputs (B, 3, crop, crop) and targets (B, 3, crop, crop) =
-    (foreground, distance, weight)."""
+    (foreground, distance, weight). The crops' colour jitter runs on ``pool`` (default: a shared
+    thread pool); the batch does not depend on it."""
     # read a window large enough that any rotation at the smallest scale stays inside it
     win = math.ceil(crop * math.sqrt(2) / scale[0]) + 2
     imgs = np.empty((batch, win, win, 3), np.uint8)
     tg = np.empty((batch, 3, win, win), np.float32)
+    draws: list[_JitterDraw] = []
     for i in range(batch):
         s = samples[rng.integers(len(samples))]
         h, w = s.fg.shape
@@ -160,11 +199,18 @@ def sample_batch(
         x0 = rng.integers(max(w - win, 0) + 1)
         box = (slice(y0, y0 + win), slice(x0, x0 + win))
 
-        rgb = _cut(s.image, box, win)
-        imgs[i] = colour_jitter(rgb, rng, colour) if colour > 0 else rgb
+        imgs[i] = _cut(s.image, box, win)
+        if colour > 0:
+            draws.append(_draw_jitter(rng, imgs[i].shape, colour))
         tg[i, 0] = _cut(s.fg, box, win)
         tg[i, 1] = _cut(s.dist, box, win)
         tg[i, 2] = 1.0 if s.weight is None else _cut(s.weight, box, win)
+    if draws:
+
+        def jitter(i: int) -> None:
+            imgs[i] = _apply_jitter(imgs[i], draws[i])
+
+        list((pool or _jitter_pool()).map(jitter, range(batch)))
     x = to_network_input(imgs)
     return _affine_batch(x, torch.from_numpy(tg), crop, rng, scale)
 
