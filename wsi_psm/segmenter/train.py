@@ -159,7 +159,9 @@ def _affine_batch(
         sx, sy = out / w / s, out / h / s
         c, si = math.cos(a), math.sin(a)
         theta[i] = [[c * sx * f, -si * sy, 0.0], [si * sx * f, c * sy, 0.0]]
-    grid = F.affine_grid(torch.from_numpy(theta), [b, 1, out, out], align_corners=False)
+    grid = F.affine_grid(
+        torch.from_numpy(theta).to(x.device), [b, 1, out, out], align_corners=False
+    )
     xo = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     yo = F.grid_sample(y, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     return xo, yo
@@ -183,10 +185,12 @@ def sample_batch(
     colour: float = 1.0,
     scale: tuple[float, float] = (0.8, 1.25),
     pool: Executor | None = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of augmented crops: inputs (B, 3, crop, crop) and targets (B, 3, crop, crop) =
-    (foreground, distance, weight). The crops' colour jitter runs on ``pool`` (default: a shared
-    thread pool); the batch does not depend on it."""
+    (foreground, distance, weight), on ``device`` (the warp runs there: beside a GPU the CPU only
+    cuts and jitters). The crops' colour jitter runs on ``pool`` (default: a shared thread pool);
+    the batch does not depend on it."""
     # read a window large enough that any rotation at the smallest scale stays inside it
     win = math.ceil(crop * math.sqrt(2) / scale[0]) + 2
     imgs = np.empty((batch, win, win, 3), np.uint8)
@@ -211,8 +215,9 @@ def sample_batch(
             imgs[i] = _apply_jitter(imgs[i], draws[i])
 
         list((pool or _jitter_pool()).map(jitter, range(batch)))
-    x = to_network_input(imgs)
-    return _affine_batch(x, torch.from_numpy(tg), crop, rng, scale)
+    x = to_network_input(imgs, device)
+    y = torch.from_numpy(tg) if device is None else torch.from_numpy(tg).to(device)
+    return _affine_batch(x, y, crop, rng, scale)
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -264,8 +269,7 @@ def fit_segmenter(
     sched = one_cycle(opt, lr, steps)
     t0 = time.perf_counter()
     for step in range(steps):
-        x, y = sample_batch(samples, rng, batch, crop, colour=colour, scale=scale)
-        x, y = x.to(device), y.to(device)
+        x, y = sample_batch(samples, rng, batch, crop, colour=colour, scale=scale, device=device)
         loss = segmentation_loss(net(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
