@@ -875,7 +875,7 @@ def render_overlay(
 # the output folder
 
 
-def _iswrite_error(err: OSError, *roots: Path) -> bool:
+def _is_write_error(err: OSError, *roots: Path) -> bool:
     """An OSError that means "cannot write here": no space, read-only, no permission, on one of our
     output paths (or with no path, as a failed write() reports)."""
     if err.errno not in _WRITE_ERRNOS:
@@ -991,14 +991,14 @@ class OutputFolder:
         self.tmp = None
         if exc is not None:
             _remove(tmp)
-            if isinstance(exc, OSError) and _iswrite_error(exc, tmp, final):
+            if isinstance(exc, OSError) and _is_write_error(exc, tmp, final):
                 raise write_error(exc, final) from exc
             return  # re-raised by the with statement
         try:
             self._commit(tmp, final)
         except BaseException as err:
             _remove(tmp)
-            if isinstance(err, OSError) and _iswrite_error(err, tmp, final, final.parent):
+            if isinstance(err, OSError) and _is_write_error(err, tmp, final, final.parent):
                 raise write_error(err, final) from err
             raise
 
