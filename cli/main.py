@@ -59,12 +59,25 @@ def _positive(value: float | None) -> float | None:
     return value
 
 
+def _slide_mpp(value: float | None) -> float | None:
+    from wsi_psm.slide import PLAUSIBLE_MPP  # light: numpy and PIL, no torch
+
+    lo, hi = PLAUSIBLE_MPP
+    if value is not None and not lo <= value <= hi:
+        raise typer.BadParameter(
+            f"a slide's µm per pixel lies between {lo:g} and {hi:g} (0.25 is 40x, 0.5 is 20x), "
+            f"not {value:g}"
+        )
+    return value
+
+
 MppOpt = Annotated[
     float | None,
     typer.Option(
         "--mpp",
-        help="Micrometres per pixel of level 0, when the file does not say (> 0).",
-        callback=_positive,
+        help="Micrometres per pixel of level 0: needed when the file does not say; overrides "
+        "(with a warning) what it says.",
+        callback=_slide_mpp,
     ),
 ]
 BackendOpt = Annotated[

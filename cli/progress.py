@@ -15,7 +15,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+# soft_wrap: a result line stays one line when stderr is a file or pipe (80 columns otherwise)
+console = Console(stderr=True, soft_wrap=True)
 
 
 class RichProgress:

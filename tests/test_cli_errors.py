@@ -169,15 +169,19 @@ def test_unwritable_output_is_refused_before_the_fit(tmp_path, capsys, cmu_svs, 
     code, _, err = _run(["run", str(cmu_svs), "-o", str(blocker / "out"), "-q"], capsys)
     _assert_clean_failure(code, err, tmp_path, "cannot write output")
     code, _, err = _run(["fit", str(cmu_svs), "-o", str(blocker / "m.pt"), "-q"], capsys)
-    _assert_clean_failure(code, err, tmp_path, "cannot write output")
+    _assert_clean_failure(code, err, tmp_path, f"cannot write output {blocker / 'm.pt'}:")
+    assert ".probe-" not in err  # the user's path, not the probe's
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # the probe left nothing
 
 
 @pytest.mark.parametrize(
     ("argv", "expect"),
     [
-        (["info", "{slide}", "--mpp", "0"], "greater than 0"),
+        (["info", "{slide}", "--mpp", "0"], "lies between 0.05 and 20"),
+        (["run", "{slide}", "-o", "{out}", "--mpp", "25"], "lies between 0.05 and 20"),  # 0.25 typo
+        (["segment", "{slide}", "-o", "{out}", "--mpp", "1e6"], "lies between 0.05 and 20"),
         (["run", "{slide}", "-o", "{out}", "--target-mpp", "-1"], "greater than 0"),
+        (["segment", "{slide}", "-o", "{out}", "--target-mpp", "1e5"], "less than or equal to 2"),
         (["info", "{slide}", "--backend", "foo"], "error: backend must be one of"),
         (
             ["run", "{slide}", "-o", "{out}", "--device", "gpu"],

@@ -40,6 +40,16 @@ def test_same_slide_twice_is_listed_once_but_name_clash_is_an_error(tmp_path):
         find_slides([tmp_path / "x", tmp_path / "y"])
 
 
+def test_segment_outputs_in_an_input_folder_are_not_inputs(tmp_path):
+    """`segment DIR -o DIR` writes <stem>.geojson + <stem>_labels.tif beside the images; a second
+    run must not take the label images for tissue. A *_labels.tif without its GeoJSON, or one
+    named on the command line, is still an input."""
+    for name in ("img.png", "img.geojson", "img_labels.tif", "scan_labels.tif"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [s.name for s in find_slides([tmp_path])] == ["img", "scan_labels"]
+    assert [s.name for s in find_slides([tmp_path / "img_labels.tif"])] == ["img_labels"]
+
+
 def test_missing_and_empty(tmp_path):
     with pytest.raises(SlideOpenError, match="no such file"):
         find_slides([tmp_path / "missing.svs"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -94,3 +95,7 @@ def test_bad_model_files(bundle: ModelBundle, tmp_path) -> None:
 def test_save_leaves_no_partial_file(bundle: ModelBundle, tmp_path) -> None:
     bundle.save(tmp_path / "m.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+    # readable as any other output under the umask (a temporary file's 0o600 would hide it)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o666 & ~umask

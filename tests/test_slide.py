@@ -271,15 +271,23 @@ def test_implausible_72dpi_resolution_is_not_an_mpp(fixtures_dir: Path) -> None:
         assert s.read_region(0, 0, 300, 250).shape == (250, 300, 3)  # pixels still readable
 
 
-def test_user_mpp_overrides(cmu_svs: Path, fixtures_dir: Path) -> None:
-    with Slide.open(cmu_svs, mpp=0.25) as s:
+def test_user_mpp_overrides(cmu_svs: Path, fixtures_dir: Path, caplog) -> None:
+    """The user's mpp wins (metadata can be wrong), with a warning where the file says otherwise;
+    a value no slide has (a typo such as 25 for 0.25) is refused."""
+    with caplog.at_level("WARNING", logger="wsi_psm"), Slide.open(cmu_svs, mpp=0.25) as s:
         assert s.mpp == 0.25 and s.info.mpp_source == "user"
         assert s.read_at_mpp(0, 0, 1000, 1000, 0.5).shape == (500, 500, 3)
+    assert "--mpp 0.25 overrides the file's own 0.499" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_psm"), Slide.open(cmu_svs, mpp=0.4995) as s:
+        assert s.mpp == 0.4995
     with Slide.open(fixtures_dir / "boxes.tiff", mpp=2.0) as s:
         assert s.mpp == 2.0 and s.info.mpp_source == "user"
         assert s.best_level(4.0) == 1  # its pyramid is used once it has an mpp
-    with pytest.raises(ValueError):
-        Slide.open(cmu_svs, mpp=-1)
+    assert "overrides" not in caplog.text  # the same value, or a file that says nothing: no warning
+    for bad in (-1, 0, 25, 1e-6):
+        with pytest.raises(ValueError, match=r"between 0\.05 and 20"):
+            Slide.open(cmu_svs, mpp=bad)
 
 
 def test_plausible_tiff_resolution_is_used(tmp_path: Path) -> None:

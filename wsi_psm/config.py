@@ -244,7 +244,12 @@ class SegmenterConfig(_Frozen):
 
 
 class RunConfig(_Frozen):
-    target_mpp: float = Field(0.5, gt=0, description="processing resolution, micrometres per pixel")
+    target_mpp: float = Field(
+        0.5,
+        ge=0.1,
+        le=2.0,
+        description="processing resolution, micrometres per pixel (beyond 2 a nucleus is a few pixels)",
+    )
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     stain: Literal["auto", "he", "ihc-dab"] = "auto"

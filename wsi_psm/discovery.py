@@ -39,11 +39,18 @@ def _is_dicom_folder(d: Path) -> bool:
     return _has_dicom(d) and not any(p.suffix.lower() in SLIDE_SUFFIXES for p in d.iterdir())
 
 
+def _is_segment_output(q: Path) -> bool:
+    """``<stem>_labels.tif`` beside ``<stem>.geojson``: what ``segment`` wrote, not an input (so
+    ``segment DIR -o DIR`` can be run again)."""
+    return q.name.endswith("_labels.tif") and q.with_name(q.name[:-11] + ".geojson").is_file()
+
+
 def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:
     """Slides named by ``inputs``: files as given; in a folder, its slide files and DICOM subfolders.
 
     A folder holding ``.dcm`` files is one DICOM slide (each file of the series opens the whole
-    pyramid), beside any other slide files in it. Raises SlideOpenError for a missing path, a folder without slides, or two slides that
+    pyramid), beside any other slide files in it; ``segment``'s own label images in a folder are
+    skipped. Raises SlideOpenError for a missing path, a folder without slides, or two slides that
     would write to the same output folder name.
     """
     found: list[SlideInput] = []
@@ -62,7 +69,7 @@ def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:
             continue
         inner = []
         for q in sorted(p.iterdir()):
-            if q.name.startswith("."):
+            if q.name.startswith(".") or _is_segment_output(q):
                 continue
             if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES:
                 inner.append(SlideInput(q, _safe_name(q.stem)))

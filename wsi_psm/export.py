@@ -929,14 +929,16 @@ def check_writable(final: str | os.PathLike[str]) -> None:
         missing.append(p)
         p = p.parent
     made: list[Path] = []
+    probe = final.parent / f".{final.name}.probe-{uuid.uuid4().hex[:12]}"
     try:
         for d in reversed(missing):
             d.mkdir()
             made.append(d)
-        probe = final.parent / f".{final.name}.probe-{uuid.uuid4().hex[:12]}"
         probe.mkdir()
         probe.rmdir()
     except OSError as err:
+        if err.filename is not None and os.fsdecode(err.filename) == str(probe):
+            err.filename = None  # name the user's path, not the probe's
         raise write_error(err, final) from err
     finally:
         for d in reversed(made):

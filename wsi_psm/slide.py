@@ -596,16 +596,19 @@ class Slide:
 
         ``path`` may be a DICOM WSI folder (its first ``.dcm`` file is opened; OpenSlide finds the rest).
         ``backend``: "auto" (OpenSlide, then tiffslide, then plain image), or one of those forced.
-        ``mpp``: micrometres per pixel given by the user; overrides whatever the file says.
+        ``mpp``: micrometres per pixel given by the user (within PLAUSIBLE_MPP); overrides whatever
+        the file says, with a warning where the two differ.
         Raises SlideOpenError (missing, not a slide, unopenable) or SlideReadError (pixels undecodable).
         """
         if backend not in BACKENDS:
             raise InvalidArgumentError(
                 f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}"
             )
-        if mpp is not None and _float_or_none(mpp) is None:
+        if mpp is not None and not _plausible(_float_or_none(mpp)):
+            lo, hi = PLAUSIBLE_MPP
             raise InvalidArgumentError(
-                f"mpp must be a positive number of micrometres per pixel, not {mpp!r}"
+                f"mpp must be a slide's micrometres per pixel, between {lo:g} and {hi:g} "
+                f"(0.25 is 40x, 0.5 is 20x), not {mpp!r}"
             )
         p = Path(path).expanduser()
         name = p.stem
@@ -674,6 +677,15 @@ class Slide:
             log.info("%s: ignoring implausible resolution %.4g µm/px (%s)", p, mpp, source)
             mpp, source = None, "none"
         if user_mpp is not None:
+            # the user's value wins (metadata can be wrong), but never silently
+            if mpp is not None and abs(user_mpp - mpp) > 0.02 * mpp:
+                log.warning(
+                    "%s: --mpp %.4g overrides the file's own %.4g µm/px (%s)",
+                    name,
+                    user_mpp,
+                    mpp,
+                    source,
+                )
             mpp, source = float(user_mpp), "user"
         w, h = b.level_dimensions[0]
         return SlideInfo(
