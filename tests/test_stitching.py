@@ -199,6 +199,26 @@ def test_seam_resolver_keeps_an_orphan_seen_by_one_tile_only():
     assert sorted(c.cx for c in out) == [129, 200]
 
 
+def test_a_cell_reaching_the_seam_meets_a_shifted_view_of_it():
+    """Seen on a real slide: tile 1 owns a nucleus whose centroid lies 9 px inside its core (more
+    than 2 * band) but whose outline reaches the seam; tile 0 sees it shifted, centroid just across
+    the seam. Judged by centroid, tile 1's cell was final at once and tile 0's view, alone at the
+    resolver, was kept too (one nucleus written twice, 60% overlap). By outline, both meet."""
+    from wsi_psm.stitching import Candidate, SeamResolver, interior
+    from wsi_psm.tiling import make_grid
+
+    cfg = RunConfig().with_updates(**{"tiles.core_um": 64.0, "tiles.margin_um": 12.0})
+    grid = make_grid(256, 128, 0.5, cfg)  # two tiles side by side, seam at x = 128
+    t0, t1 = grid.tiles
+    band = 4.0
+    a = Candidate(1, _square(137, 60, 8), 137, 60, True)  # x 129-145
+    b = Candidate(0, _square(130.5, 60, 7), 130.5, 60, False)  # x 123.5-137.5: 61% of b
+    assert not interior(a, t1, grid, band)
+    res = SeamResolver(grid, band)
+    out = res.add(t0, [b]) + res.add(t1, [a]) + res.finish()
+    assert out == [a] and res.duplicates_removed == 1
+
+
 def test_interior_cells_are_final_without_their_polygon():
     """Workers drop the polygon of cells no other tile can report (pipeline.process_tile): the
     resolver must pass those through untouched and keep comparing the seam cells."""

@@ -4,8 +4,8 @@ The rule (see tiling.py): a cell belongs to the tile whose core holds its centro
 on their shared seam with slightly different context, so their two outlines — and centroids — can differ
 by a fraction of a pixel; a bare centroid test could then keep it twice or drop it. So each tile reports
 its *candidates*: complete cells (not cut by the tile's read box) whose centroid lies in its core grown by
-``band``. Candidates well inside the core are final at once. Candidates within ``2 * band`` of a shared
-core edge wait until every neighbouring tile has reported; then overlapping candidates of one cell
+``band``. Candidates well inside the core are final at once. Candidates whose outline comes within
+``2 * band`` of a shared core edge wait until every neighbouring tile has reported; then overlapping candidates of one cell
 (overlap > 30% of the smaller, the contract's duplicate threshold) are reduced to one: the one whose own
 core holds its centroid, ties to the lower tile index. Tiles arrive in grid order, so at most about two
 rows of tiles' seam cells wait in memory, whatever the slide size.
@@ -99,14 +99,21 @@ def _inside_slide(labels: np.ndarray, tile: Tile, grid: TileGrid) -> np.ndarray:
 
 
 def interior(c: Candidate, tile: Tile, grid: TileGrid, band: float) -> bool:
-    """Final at once: owned by ``tile`` and more than ``2 * band`` from every core edge it shares
-    with a neighbour (an edge on the slide boundary has none), so no other tile can report it."""
+    """Final at once: owned by ``tile`` and its outline more than ``2 * band`` from every core edge
+    it shares with a neighbour (an edge on the slide boundary has none), so no other tile can
+    report it. The outline, not the centroid: a neighbour may see the same nucleus shifted (a
+    different cut, say) with its centroid just across the seam, and that view must meet this one
+    at the resolver. (``polygon`` None: a cell a worker already judged so; its centroid stands in.)"""
     x0, y0, x1, y1 = tile.core
     b = 2 * band
-    left = x0 <= 0 or c.cx >= x0 + b
-    top = y0 <= 0 or c.cy >= y0 + b
-    right = x1 >= grid.slide_width or c.cx < x1 - b
-    bottom = y1 >= grid.slide_height or c.cy < y1 - b
+    if c.polygon is None:
+        lo_x, lo_y, hi_x, hi_y = c.cx, c.cy, c.cx, c.cy
+    else:
+        lo_x, lo_y, hi_x, hi_y = c.polygon.bounds
+    left = x0 <= 0 or lo_x >= x0 + b
+    top = y0 <= 0 or lo_y >= y0 + b
+    right = x1 >= grid.slide_width or hi_x < x1 - b
+    bottom = y1 >= grid.slide_height or hi_y < y1 - b
     return c.own and left and top and right and bottom
 
 
