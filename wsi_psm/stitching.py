@@ -5,9 +5,9 @@ on their shared seam with slightly different context, so their two outlines — 
 by a fraction of a pixel; a bare centroid test could then keep it twice or drop it. So each tile reports
 its *candidates*: complete cells (not cut by the tile's read box) whose centroid lies in its core grown by
 ``band``. Candidates well inside the core are final at once. Candidates whose outline comes within
-``2 * band`` of a shared core edge wait until every neighbouring tile has reported; then overlapping candidates of one cell
-(overlap > 30% of the smaller, the contract's duplicate threshold) are reduced to one: the one whose own
-core holds its centroid, ties to the lower tile index. Tiles arrive in grid order, so at most about two
+``2 * band`` of a shared core edge wait until every neighbouring tile has reported; then overlapping
+candidates of one cell (overlap > 30% of the smaller, the contract's duplicate threshold) are reduced
+to one: the one whose own core holds its centroid, ties to the lower tile index. Tiles arrive in grid order, so at most about two
 rows of tiles' seam cells wait in memory, whatever the slide size.
 """
 
