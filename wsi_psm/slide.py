@@ -18,6 +18,7 @@ needed, so tile decoding runs in parallel.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -266,6 +267,18 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 # backends: each exposes the pyramid and ``read(level, ix0, iy0, w, h)`` returning an RGB PIL image
 # that covers level pixels [ix0, ix0+w) x [iy0, iy0+h) and its origin (ox, oy) in level pixels,
 # with ix0 - 1 < ox <= ix0 (OpenSlide can start at a fractional level pixel). Outside the slide: white.
+
+
+@functools.cache
+def _warn_mpp_override(path: str, user_mpp: float, mpp: float, source: str) -> None:
+    """Once per file and value: `segment` opens each image up to three times."""
+    log.warning(
+        "%s: --mpp %.4g overrides the file's own %.4g µm/px (%s)",
+        Path(path).stem,
+        user_mpp,
+        mpp,
+        source,
+    )
 
 
 class _Unrecognised(Exception):
@@ -679,13 +692,7 @@ class Slide:
         if user_mpp is not None:
             # the user's value wins (metadata can be wrong), but never silently
             if mpp is not None and abs(user_mpp - mpp) > 0.02 * mpp:
-                log.warning(
-                    "%s: --mpp %.4g overrides the file's own %.4g µm/px (%s)",
-                    name,
-                    user_mpp,
-                    mpp,
-                    source,
-                )
+                _warn_mpp_override(str(p), float(user_mpp), mpp, source)
             mpp, source = float(user_mpp), "user"
         w, h = b.level_dimensions[0]
         return SlideInfo(
