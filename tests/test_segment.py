@@ -295,9 +295,26 @@ def test_inputs_are_checked_before_any_work(tmp_path, trained_net) -> None:
     with pytest.raises(SlideOpenError, match=r"z_broken\.png"):
         segment_images([tmp_path / "a.png", tmp_path / "z_broken.png"], out, CFG,
                        model=trained_net, mpp=0.5)  # fmt: skip
-    assert not out.exists() or list(out.iterdir()) == []
+    assert not out.exists()
     segment_images([tmp_path / "a.png"], out, CFG, model=trained_net, mpp=0.5)  # the good one runs
     assert (out / "a.geojson").exists()
+
+
+def test_a_fit_that_fails_leaves_no_output_folder(tmp_path, monkeypatch) -> None:
+    """The output folder is made at the first write: a label-free fit that fails (or is stopped)
+    after the input checks leaves nothing behind, not an empty folder."""
+    import wsi_psm.segment
+
+    def failing_fit(*args, **kwargs):
+        raise RuntimeError("the fit broke")
+
+    monkeypatch.setattr(wsi_psm.segment, "resolve_labeller", failing_fit)
+    img, _ = synthetic_tile(64)
+    write_png(tmp_path / "a.png", img)
+    out = tmp_path / "new" / "o"
+    with pytest.raises(RuntimeError, match="the fit broke"):
+        segment_images([tmp_path / "a.png"], out, CFG, mpp=0.5)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_folder_of_mixed_stains_is_segmented_stain_by_stain(tmp_path, monuseg_dir) -> None:

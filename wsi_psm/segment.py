@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from .config import RunConfig
 from .errors import ModelError, OutputExistsError, OutputWriteError, WsiPsmError
-from .export import CellRecord, GeoJSONWriter, prepare_cells
+from .export import CellRecord, GeoJSONWriter, check_writable, prepare_cells
 from .instances import resize_labels
 from .magnification import zoom_resolves
 from .pipeline import CellAnnotator, ShapeOnly
@@ -599,10 +599,9 @@ def segment_images(
     out = Path(out_dir)
     _check_outputs(paths, out, overwrite)
     groups = check_inputs(paths, mpp, cfg.stain, seed=cfg.seed)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
+    # writable? asked now, before the fit; the folder itself is made at the first write, so a fit
+    # that fails (or is stopped) leaves no empty folder behind
+    check_writable(out)
     if len(groups) > 1:  # each stain its own route (network, classes), as if segmented apart
         log.info(
             "images of %d stains, segmented by stain: %s",
@@ -640,6 +639,12 @@ def segment_images(
         rgb, proc, native_mpp = _read_pair(p, cfg, mpp)
         labels = cache.pop(p) if p in cache else labeller(rgb, proc, native_mpp)
         geo, tif = output_paths(p, out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputWriteError(
+                f"cannot create output folder {out}: {err.strerror or err}"
+            ) from err
         n = _write_outputs(rgb, labels, native_mpp, geo, tif, annotator, overwrite, p.name)
         written += [geo, tif]
         progress.advance(SEGMENT_STAGE, 1)
