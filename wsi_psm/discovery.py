@@ -42,7 +42,8 @@ def _is_dicom_folder(d: Path) -> bool:
 def _is_segment_output(q: Path) -> bool:
     """``<stem>_labels.tif`` beside ``<stem>.geojson``: what ``segment`` wrote, not an input (so
     ``segment DIR -o DIR`` can be run again)."""
-    return q.name.endswith("_labels.tif") and q.with_name(q.name[:-11] + ".geojson").is_file()
+    stem = q.name.removesuffix("_labels.tif")
+    return stem != q.name and q.with_name(stem + ".geojson").is_file()
 
 
 def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:

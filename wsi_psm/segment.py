@@ -632,6 +632,10 @@ def segment_images(
             if cfg.classes.enabled
             else ShapeOnly()
         )
+    try:  # the fits are done: only now the folder (a failed fit leaves none)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
     written: list[Path] = []
     progress.start(SEGMENT_STAGE, len(paths))
     for p in paths:
@@ -639,12 +643,6 @@ def segment_images(
         rgb, proc, native_mpp = _read_pair(p, cfg, mpp)
         labels = cache.pop(p) if p in cache else labeller(rgb, proc, native_mpp)
         geo, tif = output_paths(p, out)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputWriteError(
-                f"cannot create output folder {out}: {err.strerror or err}"
-            ) from err
         n = _write_outputs(rgb, labels, native_mpp, geo, tif, annotator, overwrite, p.name)
         written += [geo, tif]
         progress.advance(SEGMENT_STAGE, 1)

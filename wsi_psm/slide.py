@@ -270,14 +270,10 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 
 
 @functools.cache
-def _warn_mpp_override(path: str, user_mpp: float, mpp: float, source: str) -> None:
+def _warn_mpp_override(path: str, name: str, user_mpp: float, mpp: float, source: str) -> None:
     """Once per file and value: `segment` opens each image up to three times."""
     log.warning(
-        "%s: --mpp %.4g overrides the file's own %.4g µm/px (%s)",
-        Path(path).stem,
-        user_mpp,
-        mpp,
-        source,
+        "%s: --mpp %.4g overrides the file's own %.4g µm/px (%s)", name, user_mpp, mpp, source
     )
 
 
@@ -692,7 +688,7 @@ class Slide:
         if user_mpp is not None:
             # the user's value wins (metadata can be wrong), but never silently
             if mpp is not None and abs(user_mpp - mpp) > 0.02 * mpp:
-                _warn_mpp_override(str(p), float(user_mpp), mpp, source)
+                _warn_mpp_override(str(p), name, float(user_mpp), mpp, source)
             mpp, source = float(user_mpp), "user"
         w, h = b.level_dimensions[0]
         return SlideInfo(
