@@ -48,6 +48,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
+from wsi_psm.allocator import tune_malloc
 from wsi_psm.classes import CellClassifier
 from wsi_psm.config import ClassConfig, InstanceConfig, RunConfig
 from wsi_psm.groundtruth import BCDATA_CLASSES, bcdata_cases, load_bcdata_points
@@ -400,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, help="write the full result here")
     args = ap.parse_args(argv)
+    tune_malloc()  # as the CLI does
     args.process_mpp = args.process_mpp or args.mpp
     if not args.data.is_dir():
         print(f"BCData folder not found: {args.data}", file=sys.stderr)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsi_psm.allocator import tune_malloc
 from wsi_psm.config import RunConfig
 from wsi_psm.evaluation import SEGMENTATION_KEYS, evaluate_segmentation
 from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
@@ -116,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         help="processing resolution, µm/px (default: the model's recorded one, else RunConfig's)",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    tune_malloc()  # as the CLI does
     if not args.data.is_dir():
         print(f"MoNuSeg data not found: {args.data}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ from skimage.filters import threshold_otsu
 from skimage.transform import resize
 from sklearn.metrics import roc_auc_score
 
+from wsi_psm.allocator import tune_malloc
 from wsi_psm.clustering import PseudoMaskModel
 from wsi_psm.config import ClusterConfig, RunConfig
 from wsi_psm.groundtruth import load_monuseg_xml, monuseg_cases, monuseg_mpp
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    tune_malloc()  # as the CLI does
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
 

@@ -25,6 +25,7 @@ import numpy as np
 import tifffile
 from rasterio.features import rasterize
 
+from wsi_psm.allocator import tune_malloc
 from wsi_psm.config import RunConfig
 from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
 from wsi_psm.metrics import segmentation_scores
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="segmenter.zoom_check = false")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    tune_malloc()  # as the CLI does
     cfg = RunConfig().with_updates(**{"segmenter.zoom_check": not args.no_check})
     report = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,6 +53,7 @@ class TileClock:
 def main() -> None:
     # imported here, not at the top: spawned post-processing workers re-run this module's top
     # level, and should import no torch (as under the `wsi-psm` CLI, whose main module is light)
+    from wsi_psm.allocator import tune_malloc
     from wsi_psm.config import RunConfig
     from wsi_psm.device import select_device
     from wsi_psm.fit import fit_model_on_context
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="a config change, e.g. tiles.batch_size=32 (repeatable)")  # fmt: skip
     args = ap.parse_args()
+    tune_malloc()  # as the CLI does
 
     sets = {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)}
     cfg = RunConfig().with_updates(device=args.device, **{"tiles.batch_size": args.batch_size,

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from wsi_psm.allocator import tune_malloc
 from wsi_psm.config import RunConfig
 from wsi_psm.groundtruth import monuseg_cases
 from wsi_psm.model import ModelBundle
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a config change for experiments, e.g. segmenter.fit_steps=1800 (repeatable)",
     )  # fmt: skip
     args = ap.parse_args(argv)
+    tune_malloc()  # as the CLI does
     if not args.data.is_dir():
         print(f"MoNuSeg data not found: {args.data}", file=sys.stderr)
         return 2

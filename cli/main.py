@@ -48,6 +48,9 @@ def _root(
 ) -> None:
     if debug:
         _DEBUG["on"] = True
+    from wsi_psm.allocator import tune_malloc  # light: ctypes only
+
+    tune_malloc()
 
 
 # Shared options --------------------------------------------------------------------------------

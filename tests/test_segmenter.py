@@ -86,6 +86,24 @@ def test_tiled_prediction_matches_whole_image() -> None:
     np.testing.assert_allclose(tiled, whole, atol=1e-4)
 
 
+def test_cpu_forwards_in_chunks_give_the_batch_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU a batch goes through the net a few images at a time (``CPU_FORWARD_PIXELS``, see
+    wsi_psm.allocator); the maps are those of the batch in one forward."""
+    from wsi_psm.segmenter import predict
+
+    net = tiny_net()
+    sizes: list[int] = []
+    net.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))
+    imgs = np.stack([synthetic_tile(64, seed=s)[0] for s in range(5)])
+    whole = network_maps(net, imgs, CPU, tta=True)
+    assert sizes == [5] * 8  # 64² images: the whole batch in one forward per dihedral variant
+    sizes.clear()
+    monkeypatch.setattr(predict, "CPU_FORWARD_PIXELS", 2 * 64 * 64)
+    chunked = network_maps(net, imgs, CPU, tta=True)
+    assert sizes == [2, 2, 1] * 8
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)
+
+
 def test_distance_target_per_nucleus() -> None:
     labels = np.zeros((20, 30), np.int32)
     labels[5:15, 3:13] = 1

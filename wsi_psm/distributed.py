@@ -41,10 +41,12 @@ def process_slide_task(
     """Runs on a worker: one slide from file to finished output folder."""
     import time
 
+    from .allocator import tune_malloc
     from .errors import WsiPsmError
     from .model import ModelBundle
     from .pipeline import process_slide
 
+    tune_malloc()
     t0 = time.perf_counter()
     name = Path(out_dir).name
     try:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .allocator import tune_malloc
 from .config import RunConfig
 from .export import (
     CellBlock,
@@ -209,6 +210,7 @@ _WORKER_WORK: TileWork | None = None
 def _init_worker(work: TileWork) -> None:
     global _WORKER_WORK
     _WORKER_WORK = work
+    tune_malloc()
     from threadpoolctl import threadpool_limits
 
     # one core per worker process: no BLAS, OpenMP (or torch, if a route imported it) threads

@@ -9,6 +9,7 @@ averaged (test-time augmentation) when asked.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,6 +19,10 @@ from wsi_psm.config import RunConfig
 from wsi_psm.preprocess import to_network_input
 from wsi_psm.segmenter.network import Segmenter
 from wsi_psm.segmenter.readout import MapsLabeller
+
+# pixels per network forward on a CPU: 512² keeps each activation (16 MiB at width 16) under
+# glibc's mmap threshold as wsi_psm.allocator sets it
+CPU_FORWARD_PIXELS = 512 * 512
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -60,13 +65,18 @@ def network_maps(
     autocast = (
         torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else None
     )
+    # on a CPU, few images per forward: a batch of 8 tiles made each activation a fresh 134 MiB
+    # mapping, faulted in page by page (twice the time per pixel; wsi_psm.allocator)
+    n = len(x)
+    step = max(1, CPU_FORWARD_PIXELS // (x.shape[-2] * x.shape[-1])) if device.type == "cpu" else n
     for k in ks:
         xin = _dihedral(x, k)
-        if autocast is not None:
-            with autocast:
-                y = net(xin)
-        else:
-            y = net(xin)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            y = (
+                net(xin)
+                if step >= n
+                else torch.cat([net(xin[i : i + step]) for i in range(0, n, step)])
+            )
         y = _undo_dihedral(torch.sigmoid(y.float()), k)
         acc = y if acc is None else acc + y
     assert acc is not None
