@@ -48,10 +48,12 @@ def make_mosaic(src: Path, k: int, out: Path, compression: str = "jpeg") -> tupl
 
 
 def child(slide: str, model: str, out: str) -> None:
+    from wsi_psm.allocator import tune_malloc
     from wsi_psm.config import RunConfig
     from wsi_psm.model import ModelBundle
     from wsi_psm.pipeline import process_slide
 
+    tune_malloc()  # as the CLI does
     t = time.perf_counter()
     res = process_slide(slide, out, RunConfig(), model=ModelBundle.load(model), overwrite=True)
     dt = time.perf_counter() - t

@@ -76,6 +76,23 @@ def test_psm_batch_independent_of_batch_mates() -> None:
     np.testing.assert_allclose(together[0], alone[0], atol=1e-5)
 
 
+def test_psm_of_a_batch_in_cpu_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the Grad-CAMs of a batch are taken a few images at a time (wsi_psm.allocator):
+    the same maps as the batch at once, in the batch's order."""
+    from wsi_psm import preprocess
+
+    torch.manual_seed(0)
+    net = ActivationNet(width=4, shallow_blocks=2)
+    tiles = np.stack([blob_tile(s)[0] for s in range(3)])  # 96² each
+    whole = compute_psm(net, tiles, CPU)
+    sizes: list[int] = []
+    net.shallow[0].register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    monkeypatch.setattr(preprocess, "CPU_FORWARD_PIXELS", 96 * 96)
+    chunked = compute_psm(net, tiles, CPU)
+    assert sizes == [1, 1, 1]
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+
+
 @pytest.mark.parametrize("flip_head", [False, True])
 def test_polarity_nuclei_high(flip_head: bool) -> None:
     """Whatever sign the network gives, the checked map is higher on the dark blobs, uncalibrated

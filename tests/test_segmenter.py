@@ -89,7 +89,7 @@ def test_tiled_prediction_matches_whole_image() -> None:
 def test_cpu_forwards_in_chunks_give_the_batch_maps(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a CPU a batch goes through the net a few images at a time (``CPU_FORWARD_PIXELS``, see
     wsi_psm.allocator); the maps are those of the batch in one forward."""
-    from wsi_psm.segmenter import predict
+    from wsi_psm import preprocess
 
     net = tiny_net()
     sizes: list[int] = []
@@ -98,7 +98,7 @@ def test_cpu_forwards_in_chunks_give_the_batch_maps(monkeypatch: pytest.MonkeyPa
     whole = network_maps(net, imgs, CPU, tta=True)
     assert sizes == [5] * 8  # 64² images: the whole batch in one forward per dihedral variant
     sizes.clear()
-    monkeypatch.setattr(predict, "CPU_FORWARD_PIXELS", 2 * 64 * 64)
+    monkeypatch.setattr(preprocess, "CPU_FORWARD_PIXELS", 2 * 64 * 64)
     chunked = network_maps(net, imgs, CPU, tta=True)
     assert sizes == [2, 2, 1] * 8
     np.testing.assert_allclose(chunked, whole, atol=1e-6)

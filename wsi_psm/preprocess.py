@@ -16,6 +16,11 @@ import torch
 SCALE = 127.5
 OFFSET = 1.0
 
+# pixels per network forward on a CPU: 512² keeps a width-16 activation (16 MiB) under glibc's mmap
+# threshold as wsi_psm.allocator sets it (a batch of 8 tiles made each a fresh 134 MiB mapping,
+# faulted in page by page: twice the time per pixel)
+CPU_FORWARD_PIXELS = 512 * 512
+
 
 def to_network_input(rgb: np.ndarray, device: torch.device | None = None) -> torch.Tensor:
     """uint8 RGB ``(H, W, 3)`` or ``(B, H, W, 3)`` -> float32 tensor ``(B, 3, H, W)`` in ``[-1, 1]``.
@@ -45,3 +50,11 @@ def from_network_input(x: torch.Tensor) -> np.ndarray:
     """Inverse of :func:`to_network_input` (for tests and debugging): ``(B,3,H,W)`` -> uint8 ``(B,H,W,3)``."""
     a = ((x.detach().cpu().float() + OFFSET) * SCALE).round().clamp(0, 255).to(torch.uint8)
     return a.permute(0, 2, 3, 1).numpy()
+
+
+def images_per_forward(x: torch.Tensor) -> int:
+    """How many images of the (B, C, H, W) batch ``x`` to pass through a network at once: the whole
+    batch on a GPU, on a CPU as many as fit in ``CPU_FORWARD_PIXELS`` (at least one)."""
+    if x.device.type != "cpu":
+        return len(x)
+    return max(1, CPU_FORWARD_PIXELS // (x.shape[-2] * x.shape[-1]))

@@ -16,13 +16,9 @@ import numpy as np
 import torch
 
 from wsi_psm.config import RunConfig
-from wsi_psm.preprocess import to_network_input
+from wsi_psm.preprocess import images_per_forward, to_network_input
 from wsi_psm.segmenter.network import Segmenter
 from wsi_psm.segmenter.readout import MapsLabeller
-
-# pixels per network forward on a CPU: 512² keeps each activation (16 MiB at width 16) under
-# glibc's mmap threshold as wsi_psm.allocator sets it
-CPU_FORWARD_PIXELS = 512 * 512
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -65,10 +61,7 @@ def network_maps(
     autocast = (
         torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else None
     )
-    # on a CPU, few images per forward: a batch of 8 tiles made each activation a fresh 134 MiB
-    # mapping, faulted in page by page (twice the time per pixel; wsi_psm.allocator)
-    n = len(x)
-    step = max(1, CPU_FORWARD_PIXELS // (x.shape[-2] * x.shape[-1])) if device.type == "cpu" else n
+    n, step = len(x), images_per_forward(x)
     for k in ks:
         xin = _dihedral(x, k)
         with autocast if autocast is not None else contextlib.nullcontext():
