@@ -16,9 +16,10 @@ import torch
 SCALE = 127.5
 OFFSET = 1.0
 
-# pixels per network forward on a CPU: 512² keeps a width-16 activation (16 MiB) under glibc's mmap
-# threshold as wsi_psm.allocator sets it (a batch of 8 tiles made each a fresh 134 MiB mapping,
-# faulted in page by page: twice the time per pixel)
+# pixels per network forward on a CPU. At 512² the segmenter's 16-channel activations (16 MiB) stay
+# under glibc's 32 MiB mmap threshold as wsi_psm.allocator sets it, and are reused rather than
+# faulted in afresh; a batch of 8 tiles took twice the time per pixel, and 256² forwards gain
+# nothing more (benchmarks/README.md, "CPU inference")
 CPU_FORWARD_PIXELS = 512 * 512
 
 
