@@ -4,7 +4,7 @@ glibc serves a block over its mmap threshold (dynamic, 128 KiB up to 32 MiB) wit
 and unmaps it at free, and trims the heap's free top past twice that threshold. A CPU forward of
 the segmenter allocates and frees each layer's activations (16 MiB per 512² tile at width 16), so
 every forward faulted its activations in again page by page: on the 2-core dev host a 1000² image
-took 2.7 million minor page faults and as much kernel time as compute (benchmarks/README.md,
+took about 2.6 million minor page faults and as much kernel time as compute (benchmarks/README.md,
 "CPU inference"). A fixed mmap threshold at glibc's maximum, a trim threshold and a top pad keep
 those blocks in the heap for reuse; the resident size stays bounded by the peak, as before.
 

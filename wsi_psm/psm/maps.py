@@ -94,9 +94,11 @@ def compute_psm(
     net = net.to(device)
     x = _to_device(rgb, device)
     step = images_per_forward(x)
-    cams = torch.cat(
-        [_block_cams(net, x[i : i + step]) for i in range(0, b, step)]
-    )  # (B, K, h', w')
+    cams = (  # (B, K, h', w')
+        _block_cams(net, x)
+        if step >= b
+        else torch.cat([_block_cams(net, x[i : i + step]) for i in range(0, b, step)])
+    )
     if net.calibrated:
         sign = net.block_sign.to(cams.device).view(1, -1, 1, 1)
         scale = net.block_scale.to(cams.device).view(1, -1, 1, 1)
