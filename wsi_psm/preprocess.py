@@ -10,6 +10,8 @@ Convention: channels stay in **RGB order**; values are mapped linearly from ``[0
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -53,9 +55,14 @@ def from_network_input(x: torch.Tensor) -> np.ndarray:
     return a.permute(0, 2, 3, 1).numpy()
 
 
-def images_per_forward(x: torch.Tensor) -> int:
-    """How many images of the (B, C, H, W) batch ``x`` to pass through a network at once: the whole
-    batch on a GPU, on a CPU as many as fit in ``CPU_FORWARD_PIXELS`` (at least one)."""
-    if x.device.type != "cpu":
-        return len(x)
-    return max(1, CPU_FORWARD_PIXELS // (x.shape[-2] * x.shape[-1]))
+def forward_in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for a (B, C, H, W) batch whose images are independent: in one call on a GPU, on a
+    CPU a few images at a time (as many as fit in ``CPU_FORWARD_PIXELS``, at least one), the
+    results concatenated along the batch."""
+    n = len(x)
+    step = (
+        n if x.device.type != "cpu" else max(1, CPU_FORWARD_PIXELS // (x.shape[-2] * x.shape[-1]))
+    )
+    if step >= n:
+        return fn(x)
+    return torch.cat([fn(x[i : i + step]) for i in range(0, n, step)])

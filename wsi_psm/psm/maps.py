@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from wsi_psm.preprocess import images_per_forward, to_network_input
+from wsi_psm.preprocess import forward_in_chunks, to_network_input
 from wsi_psm.psm.network import ActivationNet
 from wsi_psm.stain import TISSUE_OD, Stain, rgb_to_od, stain_channels
 
@@ -93,12 +93,7 @@ def compute_psm(
     b, h, w = rgb.shape[:3]
     net = net.to(device)
     x = _to_device(rgb, device)
-    step = images_per_forward(x)
-    cams = (  # (B, K, h', w')
-        _block_cams(net, x)
-        if step >= b
-        else torch.cat([_block_cams(net, x[i : i + step]) for i in range(0, b, step)])
-    )
+    cams = forward_in_chunks(lambda xs: _block_cams(net, xs), x)  # (B, K, h', w')
     if net.calibrated:
         sign = net.block_sign.to(cams.device).view(1, -1, 1, 1)
         scale = net.block_scale.to(cams.device).view(1, -1, 1, 1)

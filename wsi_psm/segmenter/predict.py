@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from wsi_psm.config import RunConfig
-from wsi_psm.preprocess import images_per_forward, to_network_input
+from wsi_psm.preprocess import forward_in_chunks, to_network_input
 from wsi_psm.segmenter.network import Segmenter
 from wsi_psm.segmenter.readout import MapsLabeller
 
@@ -61,15 +61,9 @@ def network_maps(
     autocast = (
         torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else None
     )
-    n, step = len(x), images_per_forward(x)
     for k in ks:
-        xin = _dihedral(x, k)
         with autocast if autocast is not None else contextlib.nullcontext():
-            y = (
-                net(xin)
-                if step >= n
-                else torch.cat([net(xin[i : i + step]) for i in range(0, n, step)])
-            )
+            y = forward_in_chunks(net, _dihedral(x, k))
         y = _undo_dihedral(torch.sigmoid(y.float()), k)
         acc = y if acc is None else acc + y
     assert acc is not None
