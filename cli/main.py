@@ -123,7 +123,10 @@ StainOpt = Annotated[str | None, typer.Option("--stain", help="auto, he or ihc-d
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 GzipOpt = Annotated[bool | None, typer.Option("--gzip/--no-gzip", help="Write cells.geojson.gz.")]
 BatchOpt = Annotated[
-    int | None, typer.Option("--batch-size", help="Tiles per network batch.", min=1)
+    int | None,
+    typer.Option(
+        "--batch-size", help="Tiles per network batch (a CPU runs it a few tiles at a time).", min=1
+    ),
 ]
 WorkersOpt = Annotated[
     int | None, typer.Option("--workers", help="Threads decoding tiles / post-processing.", min=1)

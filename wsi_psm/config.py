@@ -30,7 +30,12 @@ class TileConfig(_Frozen):
     margin_um: float = Field(
         20.0, gt=0, description="overlap margin on each side; must exceed the largest nucleus"
     )
-    batch_size: int = Field(8, ge=1, description="tiles per batch sent to the network")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="tiles per network batch; a GPU runs the batch in one forward, a CPU a few "
+        "tiles at a time (up to 512² px per forward: large CPU forwards fault pages in)",
+    )
     decode_workers: int = Field(
         0,
         ge=0,
