@@ -231,3 +231,98 @@ def test_fit_refuses_slides_of_two_stains_before_fitting(tmp_path, capsys, cmu_s
     cfg = wsi_psm.fit.RunConfig().with_updates(stain="he")
     wsi_psm.fit.fit_model_on_slides([cmu_svs, ihc], cfg, mpp=DEMO_MPP)  # reaches the (stub) fit
     assert [c.stain for c in fitted] == ["he"]
+
+
+def _he_png(path: Path, side: int) -> Path:
+    """A small H&E-coloured PNG (pink with purple blobs)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    img = np.full((side, side, 3), (230, 190, 215), np.uint8)
+    for _ in range(max(1, side // 16)):
+        y, x = rng.integers(0, side, 2)
+        img[max(0, y - 4) : y + 4, max(0, x - 4) : x + 4] = (90, 50, 140)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def test_segment_refuses_an_image_that_vanishes_before_any_fit(tmp_path, capsys, monkeypatch):
+    """A 1 x 1 px image at 0.25 µm/px is under a pixel at 0.5 µm/px: named at the input check,
+    before a network is fitted on the folder it sits in (it used to end the fit with an internal
+    ZeroDivisionError)."""
+    import wsi_psm.segment
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit started although an input is unusable")
+
+    monkeypatch.setattr(wsi_psm.segment, "fit_on_images", no_fit)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _he_png(folder / "ok.png", 128)
+    _he_png(folder / "dot.png", 1)
+    argv = ["segment", str(folder), "-o", str(tmp_path / "out"), "--mpp", "0.25", "--stain", "he",
+            "--config", str(tmp_path / "fit.json"), "-q"]  # fmt: skip
+    (tmp_path / "fit.json").write_text('{"segmenter": {"default_model": "fit"}}')
+    code, _, err = _run(argv, capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "dot.png: image too small")
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_too_small_to_fit_on_is_one_line(tmp_path, capsys):
+    """Images that exist at the processing resolution but are smaller than the activation net's
+    crop cannot be fitted on: a WsiPsmError line, not an internal ValueError."""
+    img = _he_png(tmp_path / "tiny.png", 40)
+    (tmp_path / "fit.json").write_text(
+        '{"segmenter": {"default_model": "fit"}, "psm": {"fit_steps": 2}}'
+    )
+    argv = ["segment", str(img), "-o", str(tmp_path / "out"), "--mpp", "0.25", "--stain", "he",
+            "--config", str(tmp_path / "fit.json"), "-q"]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "too small to fit a network on")
+    assert "internal error" not in err and not (tmp_path / "out").exists()
+
+
+def test_segment_output_that_is_a_file_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    import wsi_psm.segment
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("segmenting started although the output is a file")
+
+    monkeypatch.setattr(wsi_psm.segment, "resolve_labeller", no_work)
+    img = _he_png(tmp_path / "a.png", 64)
+    blocker = tmp_path / "taken"
+    blocker.write_text("mine")
+    argv = ["segment", str(img), "-o", str(blocker), "--mpp", "0.25", "--stain", "he", "-q"]
+    code, _, err = _run(argv, capsys)
+    _assert_clean_failure(code, err, tmp_path, "it is a file, not a folder")
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["run", "segment"])
+def test_a_model_option_naming_another_file_says_so(tmp_path, capsys, cmu_svs, command):
+    """Not torch's unpickling advice (which suggests loading untrusted code): what the file is not."""
+    fake = _he_png(tmp_path / "photo.png", 16)
+    target = str(cmu_svs) if command == "run" else str(_he_png(tmp_path / "a.png", 64))
+    argv = [command, target, "-o", str(tmp_path / "out"), "--model", str(fake), "-q"]
+    if command == "segment":
+        argv += ["--mpp", "0.25"]
+    code, _, err = _run(argv, capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "not a wsi-psm")
+    assert "weights_only" not in err and "photo.png" in err
+
+
+def test_eval_refuses_photographs_as_ground_truth(tmp_path, capsys):
+    """An image folder given as the ground truth: every colour would be a nucleus (nonsense scores,
+    exit 0). A mask has a black background; a photograph has none."""
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    lab = np.zeros((32, 32), np.int32)
+    lab[4:10, 4:10] = 1
+    tifffile.imwrite(pred / "a_labels.tif", lab)
+    from PIL import Image
+
+    photo = np.random.default_rng(0).integers(1, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(gt / "a.png")
+    code, _, err = _run(["eval", str(pred), str(gt)], capsys)
+    _assert_clean_failure(code, err, tmp_path / "none", "not an instance mask")

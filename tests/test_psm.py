@@ -167,7 +167,9 @@ def test_fit_reports_progress_and_rejects_bad_tiles() -> None:
         progress=lambda s, t, _l: seen.append((s, t)),
     )
     assert seen == [(1, 2), (2, 2)]
-    with pytest.raises(ValueError, match="at least 32"):
+    from wsi_psm.errors import SlideTooSmallError
+
+    with pytest.raises(SlideTooSmallError, match="at least 32 px"):  # a user's error: one line
         fit_activation_net([np.zeros((16, 16, 3), np.uint8)], tiny_cfg(), seed=0, device=CPU)
     with pytest.raises(ValueError, match="uint8"):
         fit_activation_net([np.zeros((48, 48, 3), np.float32)], tiny_cfg(), seed=0, device=CPU)

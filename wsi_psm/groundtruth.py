@@ -92,19 +92,26 @@ def load_monuseg_xml(path: str | Path, shape: tuple[int, int] = MONUSEG_SHAPE) -
 # --------------------------------------------------------------------------- label images
 
 
-def colours_to_labels(rgb: np.ndarray, *, merge_overlaps: bool = False) -> np.ndarray:
+def colours_to_labels(
+    rgb: np.ndarray, *, merge_overlaps: bool = False, source: str = "colour mask"
+) -> np.ndarray:
     """One label per distinct colour, black = 0; labels follow the sorted colour codes (deterministic).
 
     ``merge_overlaps``: see :func:`merge_overlap_fragments` (for the derived MoNuSeg masks).
+    ``source`` names the mask in errors (AnnotationError: not RGB, or no black background).
     """
     if rgb.ndim != 3 or rgb.shape[-1] < 3:
-        raise AnnotationError(f"expected an RGB image, got an array of shape {rgb.shape}")
+        raise AnnotationError(f"{source}: expected an RGB image, got an array of shape {rgb.shape}")
     rgb = rgb[..., :3].astype(np.int64)
     code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
     uniq, inverse = np.unique(code.ravel(), return_inverse=True)
-    if uniq[0] != 0:  # no black pixel: every label shifts up by one
-        inverse = inverse + 1
-        uniq = np.concatenate([[0], uniq])
+    if uniq[0] != 0:
+        # a mask has background; a photograph (an image folder given as ground truth) has none,
+        # and each of its colours would become a "nucleus"
+        raise AnnotationError(
+            f"{source}: not an instance mask: no black background pixel among {len(uniq):,} colours "
+            "(a photograph, not an annotation?)"
+        )
     labels = inverse.reshape(code.shape).astype(np.int32)
     if merge_overlaps:
         colours = np.stack([(uniq >> 16) & 255, (uniq >> 8) & 255, uniq & 255], axis=1)
@@ -198,14 +205,14 @@ def load_instance_png(path: str | Path, *, merge_overlaps: bool = False) -> np.n
     arr = _read_image(Path(path))
     if arr.ndim == 2:
         return load_label_image(path)
-    return colours_to_labels(arr, merge_overlaps=merge_overlaps)
+    return colours_to_labels(arr, merge_overlaps=merge_overlaps, source=str(path))
 
 
 def load_label_image(path: str | Path) -> np.ndarray:
     """Instance labels from an integer label TIFF/PNG (0 = background); RGB files are read as colour masks."""
     arr = _read_image(Path(path))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
-        return colours_to_labels(arr)
+        return colours_to_labels(arr, source=str(path))
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:

@@ -133,8 +133,11 @@ class ModelBundle:
                 io.BytesIO(path.read_bytes()), map_location=map_location, weights_only=True
             )
         except Exception as exc:  # torch raises many types for corrupt or non-torch files
+            # torch's own text (an unpickling error advising weights_only=False, i.e. running
+            # untrusted code) is no help here: the file is simply not one of ours
             raise ModelError(
-                f"cannot read model file {path}: {type(exc).__name__}: {exc}".splitlines()[0]
+                f"cannot read model file {path}: not a wsi-psm model file (one written by "
+                f"`wsi-psm fit`), or a damaged one ({type(exc).__name__})"
             ) from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ModelError(f"{path} is not a wsi-psm model file")

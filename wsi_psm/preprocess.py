@@ -61,7 +61,9 @@ def forward_in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
     results concatenated along the batch."""
     n = len(x)
     step = (
-        n if x.device.type != "cpu" else max(1, CPU_FORWARD_PIXELS // (x.shape[-2] * x.shape[-1]))
+        n
+        if x.device.type != "cpu"
+        else max(1, CPU_FORWARD_PIXELS // max(1, x.shape[-2] * x.shape[-1]))
     )
     if step >= n:
         return fn(x)

@@ -117,11 +117,17 @@ INPUT_CHECK_SIDE = 512  # px: the small copy each input is checked on before any
 
 
 def check_inputs(
-    paths: Sequence[Path], mpp: float | None, stain: str = "auto", *, seed: int = 0
+    paths: Sequence[Path],
+    mpp: float | None,
+    stain: str = "auto",
+    *,
+    seed: int = 0,
+    target_mpp: float | None = None,
 ) -> dict[str, list[Path]]:
     """Open every image and look at a small copy of it before any work, so an unreadable file, a
-    missing mpp, or a fluorescence or greyscale image stops the run at once with one line, not
-    after a network has been fitted or half the images written.
+    missing mpp, a fluorescence or greyscale image, or one that vanishes at the processing
+    resolution ``target_mpp`` stops the run at once with one line, not after a network has been
+    fitted or half the images written.
 
     Returns the images by stain, in input order: ``stain``, or with "auto" each image's own
     (:func:`~wsi_psm.stain.detect_stain` on the small copy; a colour share, so 512 px is plenty),
@@ -133,6 +139,11 @@ def check_inputs(
     for p in paths:
         with Slide.open(p, mpp=mpp) as slide:
             side_um = max(slide.width, slide.height) * slide.mpp
+            if target_mpp is not None and min(slide.width, slide.height) * slide.mpp < target_mpp:
+                raise SegmentInputError(
+                    f"{p}: image too small: {slide.width} x {slide.height} px at {slide.mpp:g} "
+                    f"µm/px is under one pixel a side at the processing {target_mpp:g} µm/px"
+                )
             thumb, _ = slide.thumbnail(max(slide.mpp, side_um / INPUT_CHECK_SIDE))
         check_input_image(thumb, p.name)
         key = detect_stain(thumb, seed=seed) if stain == "auto" else stain
@@ -598,9 +609,11 @@ def segment_images(
     paths = [Path(p) for p in paths]
     out = Path(out_dir)
     _check_outputs(paths, out, overwrite)
-    groups = check_inputs(paths, mpp, cfg.stain, seed=cfg.seed)
+    groups = check_inputs(paths, mpp, cfg.stain, seed=cfg.seed, target_mpp=cfg.target_mpp)
     # writable? asked now, before the fit; the folder itself is made at the first write, so a fit
     # that fails (or is stopped) leaves no empty folder behind
+    if out.exists() and not out.is_dir():
+        raise OutputWriteError(f"cannot write into {out}: it is a file, not a folder")
     check_writable(out)
     if len(groups) > 1:  # each stain its own route (network, classes), as if segmented apart
         log.info(

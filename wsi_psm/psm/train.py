@@ -38,6 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from wsi_psm.config import PSMConfig
+from wsi_psm.errors import SlideTooSmallError
 from wsi_psm.preprocess import to_network_input
 from wsi_psm.psm.maps import calibrate_psm
 from wsi_psm.psm.network import ActivationNet
@@ -58,7 +59,10 @@ def _check_tiles(tiles: Sequence[np.ndarray], crop: int) -> list[np.ndarray]:
         if min(a.shape[:2]) >= crop:
             out.append(a)
     if not out:
-        raise ValueError(f"no fit tile is at least {crop} px on each side")
+        raise SlideTooSmallError(
+            f"too small to fit a network on: no image or tile is at least {crop} px a side at the "
+            "processing resolution"
+        )
     return out
 
 

@@ -166,7 +166,12 @@ def save_segmenter(path: str | Path, net: Segmenter, **meta: Any) -> Path:
 def read_segmenter_file(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
     """Load a file written by :func:`save_segmenter`, or a model bundle (``wsi-psm-model``) holding a
     ``segmenter`` component. Returns the net (eval, CPU) and its meta; ValueError when it is neither."""
-    data = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(
+            io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True
+        )
+    except Exception as exc:  # torch raises many types (and unsafe advice) for foreign files
+        raise ValueError(f"not a wsi-psm segmenter or model file ({type(exc).__name__})") from exc
     if not isinstance(data, dict):
         raise ValueError("not a wsi-psm segmenter or model file")
     if data.get("format") == STATE_FORMAT:
