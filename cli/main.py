@@ -99,7 +99,9 @@ ConfigOpt = Annotated[
 TargetMppOpt = Annotated[
     float | None,
     typer.Option(
-        "--target-mpp", help="Processing resolution, µm/px (default 0.5).", callback=_positive
+        "--target-mpp",
+        help="Processing resolution, µm/px (default 0.5; 0.1 to 2).",
+        callback=_positive,
     ),
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]

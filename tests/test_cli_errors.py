@@ -326,3 +326,15 @@ def test_eval_refuses_photographs_as_ground_truth(tmp_path, capsys):
     Image.fromarray(photo).save(gt / "a.png")
     code, _, err = _run(["eval", str(pred), str(gt)], capsys)
     _assert_clean_failure(code, err, tmp_path / "none", "not an instance mask")
+
+
+def test_eval_names_a_file_given_for_a_folder(tmp_path, capsys):
+    f = tmp_path / "preds.txt"
+    f.write_text("")
+    (tmp_path / "gt").mkdir()
+    code, _, err = _run(["eval", str(f), str(tmp_path / "gt")], capsys)
+    _assert_clean_failure(code, err, tmp_path / "none", "prediction is a file, not a folder")
+    code, _, err = _run(["eval", str(tmp_path / "gt"), str(f)], capsys)
+    _assert_clean_failure(code, err, tmp_path / "none", "ground-truth is a file, not a folder")
+    code, _, err = _run(["eval", str(tmp_path / "nope"), str(tmp_path / "gt")], capsys)
+    _assert_clean_failure(code, err, tmp_path / "none", "prediction folder not found")

@@ -57,10 +57,16 @@ def _geojson_stem(path: Path) -> str | None:
     return None
 
 
+def _require_folder(path: Path, what: str) -> None:
+    """EvaluationError (one line) unless ``path`` is a folder; a file there is named as such."""
+    if not path.is_dir():
+        state = "is a file, not a folder" if path.exists() else "folder not found"
+        raise EvaluationError(f"{what} {state}: {path}")
+
+
 def _find_predictions(folder: Path, *, labels: bool = True) -> dict[str, Path]:
     """stem -> prediction file; a label image wins over polygons of the same stem."""
-    if not folder.is_dir():
-        raise EvaluationError(f"prediction folder not found: {folder}")
+    _require_folder(folder, "prediction")
     found: dict[str, Path] = {}
     for sub in sorted(
         p for p in folder.iterdir() if p.is_dir()
@@ -81,8 +87,7 @@ def _find_predictions(folder: Path, *, labels: bool = True) -> dict[str, Path]:
 
 def _find_segmentation_gt(folder: Path) -> dict[str, tuple[Path, str]]:
     """stem -> (annotation file, kind) with kind one of "xml", "mask", "labels"."""
-    if not folder.is_dir():
-        raise EvaluationError(f"ground-truth folder not found: {folder}")
+    _require_folder(folder, "ground-truth")
     if (folder / "images").is_dir() and (folder / "annotations").is_dir():
         try:
             cases = monuseg_cases(folder)
@@ -337,8 +342,7 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     "unmatched_gt"}``.
     """
     pred_dir, gt_dir = Path(pred), Path(gt)
-    if not gt_dir.is_dir():
-        raise EvaluationError(f"ground-truth folder not found: {gt_dir}")
+    _require_folder(gt_dir, "ground-truth")
     preds = _find_predictions(pred_dir, labels=False)
     ann_dir, stems = _bcdata_stems(gt_dir)
     common = _match(preds, dict.fromkeys(stems), pred_dir, gt_dir)
