@@ -98,6 +98,34 @@ def test_slide_cells_come_from_the_downstream_network(cmu_run, quick_model):
     assert summary["target_mpp"] == QUICK.target_mpp
 
 
+def test_run_fits_no_psm_stages_for_the_shipped_network(quick_model):
+    """`run` without --model on H&E: the shipped network needs no pseudo masks, so no activation
+    net is fitted (a third of a small slide's run on a CPU). What the run uses of the fit (stain,
+    stain vectors, segmenter, cell classes) is what the full fit of the same tiles gives."""
+    import numpy as np
+    import torch
+
+    from wsi_psm.errors import ModelError
+    from wsi_psm.fit import fit_model_on_context
+    from wsi_psm.model import ModelBundle
+    from wsi_psm.pipeline import prepare_slide
+
+    ctx = prepare_slide(data_path("wsi", "aperio-svs", "CMU-1-Small-Region.svs"), QUICK)
+    try:
+        light = fit_model_on_context(ctx, QUICK, device=torch.device("cpu"), all_stages=False)
+    finally:
+        ctx.slide.close()
+    full = ModelBundle.load(quick_model)  # fit_model_on_slides: the same tiles, all stages
+    assert light.net is None and light.pseudo is None and full.net is not None
+    assert light.provenance["segmenter"] == full.provenance["segmenter"] == "shipped"
+    assert light.stain == full.stain == "he"
+    np.testing.assert_array_equal(light.stain_matrix, full.stain_matrix)
+    assert light.component_meta["classes"] == full.component_meta["classes"]
+    with pytest.raises(ModelError, match="without its PSM stages"):
+        light.save(quick_model.parent / "light.pt")
+    assert not (quick_model.parent / "light.pt").exists()
+
+
 def test_geopandas_reads_the_same_cells(cmu_run):
     out = cmu_run.out_dir
     gj = gpd.read_file(out / "cells.geojson")

@@ -58,6 +58,21 @@ def test_pseudo_masks_find_blobs(bundle: ModelBundle) -> None:
     assert 2 * inter / (pred.sum() + mask.sum()) > 0.8
 
 
+def test_fit_without_psm_stages(bundle: ModelBundle, tmp_path) -> None:
+    """A route that uses no pseudo masks gets the stain and the same stain vectors, no net."""
+    tiles = [blob_tile(s, size=64)[0] for s in range(4)]
+    asked: list[str] = []
+    light = fit_model(tiles, bundle.config, device=CPU, psm_needed=lambda s: bool(asked.append(s)))
+    assert asked == ["he"] and light.net is None and light.pseudo is None
+    assert light.stain == bundle.stain and light.provenance["psm"].startswith("not fitted")
+    np.testing.assert_array_equal(light.stain_matrix, bundle.stain_matrix)
+    with pytest.raises(ModelError, match="without its PSM stages"):
+        light.pseudo_masks(tiles[0], CPU)
+    with pytest.raises(ModelError, match="without its PSM stages"):
+        light.save(tmp_path / "m.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_extra_components_round_trip(bundle: ModelBundle, tmp_path) -> None:
     bundle.components["segmenter"] = {"w": torch.arange(6.0).reshape(2, 3)}
     bundle.component_meta["segmenter"] = {"arch": "unet", "epochs": 2}

@@ -22,7 +22,7 @@ from .inference import CLASSES_COMPONENT, make_predictor
 from .model import ModelBundle, fit_model
 from .pipeline import SlideContext, prepare_slide, sample_tiles
 from .progress import NullProgress, ProgressHook
-from .segment import attach_segmenter
+from .segment import attach_segmenter, uses_shipped_network
 from .stain import detect_stain
 
 
@@ -33,19 +33,28 @@ def fit_bundle(
     device: torch.device,
     sources: Sequence[str] = (),
     progress: ProgressHook | None = None,
+    all_stages: bool = True,
 ) -> ModelBundle:
-    """Fit every stage on ``tiles`` (uint8 RGB at ``cfg.target_mpp``)."""
+    """Fit every stage on ``tiles`` (uint8 RGB at ``cfg.target_mpp``).
+
+    ``all_stages`` False (``run``): where the route is the shipped network (H&E), the activation
+    net and the pseudo-mask clustering are not fitted: nothing would use them (about a third of a
+    small slide's run on a CPU). A model file (``fit``) always gets them."""
     progress = progress or NullProgress()
-    stage = "fit: activation net"
-    progress.start(stage, cfg.psm.fit_steps)
+    stage, shown = "fit: activation net", []
+
+    def step(_step: int, _total: int, _loss: float) -> None:
+        if not shown:  # no bar for a net that is not fitted
+            progress.start(stage, cfg.psm.fit_steps)
+            shown.append(True)
+        progress.advance(stage, 1)
+
     bundle = fit_model(
-        tiles,
-        cfg,
-        device=device,
-        sources=sources,
-        progress=lambda step, total, loss: progress.advance(stage, 1),
-    )
-    progress.done(stage)
+        tiles, cfg, device=device, sources=sources, progress=step,
+        psm_needed=None if all_stages else lambda stain: not uses_shipped_network(stain, cfg),
+    )  # fmt: skip
+    if shown:
+        progress.done(stage)
     bundle.provenance["segmenter"] = attach_segmenter(
         bundle, tiles, cfg, device=device, progress=progress
     )
@@ -79,16 +88,25 @@ def fit_cell_classes(
     the bundle's stain and stain vectors."""
     return CellClassifier.fit(
         images, labels, mpp=mpp, stain=bundle.stain, cfg=cfg.classes, seed=cfg.seed,
-        matrix=bundle.pseudo.stain_matrix,
+        matrix=bundle.stain_matrix,
     )  # fmt: skip
 
 
 def fit_model_on_context(
-    ctx: SlideContext, cfg: RunConfig, *, device: torch.device, progress: ProgressHook | None = None
+    ctx: SlideContext,
+    cfg: RunConfig,
+    *,
+    device: torch.device,
+    progress: ProgressHook | None = None,
+    all_stages: bool = True,
 ) -> ModelBundle:
-    """Fit on tiles sampled from one prepared slide (``run`` without ``--model``)."""
+    """Fit on tiles sampled from one prepared slide (``run`` without ``--model``, which passes
+    ``all_stages`` False: see :func:`fit_bundle`)."""
     tiles = sample_tiles(ctx, cfg.psm.fit_tiles, cfg.seed, cfg)
-    return fit_bundle(tiles, cfg, device=device, sources=[ctx.slide.name], progress=progress)
+    return fit_bundle(
+        tiles, cfg, device=device, sources=[ctx.slide.name], progress=progress,
+        all_stages=all_stages,
+    )  # fmt: skip
 
 
 def fit_model_on_slides(

@@ -77,7 +77,7 @@ def make_predictor(
     """The predictor, the cell annotator and the summary-indices hook for a bundle."""
     net = bundle_segmenter(bundle)
     predictor: TilePredictor = (
-        PSMPredictor(bundle.net, bundle.pseudo, device, cfg)
+        PSMPredictor(*bundle.psm_stages(), device, cfg)
         if net is None
         else NetworkPredictor(net, device, cfg)
     )

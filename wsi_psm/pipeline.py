@@ -528,7 +528,10 @@ def process_slide(
         fitted_here = model is None
         if model is None:
             t = time.perf_counter()
-            model = fit_model_on_context(ctx, cfg, device=device, progress=progress)
+            # stages the route does not use are not fitted (the transient model is not saved)
+            model = fit_model_on_context(
+                ctx, cfg, device=device, progress=progress, all_stages=False
+            )
             extra["fit"] = time.perf_counter() - t
             model_info = {"source": "fitted on this slide"}
         else:

@@ -372,7 +372,7 @@ def attach_segmenter(
     sc = cfg.segmenter
     if sc.default_model == "none":
         return "none (segmenter.default_model = none)"
-    if sc.default_model == "shipped" and bundle.stain == "he" and shipped_matches(cfg):
+    if uses_shipped_network(bundle.stain, cfg):
         net, meta = read_segmenter_file(DEFAULT_MODEL)
         set_segmenter(bundle, net, **{k: v for k, v in meta.items() if k not in _STATE_KEYS})
         return "shipped"
@@ -468,6 +468,11 @@ def shipped_matches(cfg: RunConfig) -> bool:
     """Whether the shipped network was trained at ``cfg.target_mpp`` (else it cannot serve it)."""
     mpp = _shipped_mpp()  # read once per process: the file is part of the installation
     return mpp is not None and abs(mpp - cfg.target_mpp) < 1e-6
+
+
+def uses_shipped_network(stain: str, cfg: RunConfig) -> bool:
+    """Whether a bundle fitted for ``stain`` gets the shipped network (:func:`attach_segmenter`)."""
+    return cfg.segmenter.default_model == "shipped" and stain == "he" and shipped_matches(cfg)
 
 
 ImageLabeller = Callable[[np.ndarray, np.ndarray, float], np.ndarray]
@@ -684,4 +689,5 @@ __all__ = [
     "segment_array",
     "segment_images",
     "set_segmenter",
+    "uses_shipped_network",
 ]
