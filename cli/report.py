@@ -50,12 +50,16 @@ def print_eval(
     pred: Path, gt: Path, *, radius: float | None, json_out: Path | None
 ) -> dict[str, Any]:
     """Evaluate ``pred`` against ``gt`` (segmentation, or detection when ``gt`` holds BCData .h5 files)."""
-    from wsi_psm.errors import WsiPsmError
+    from wsi_psm.errors import OutputWriteError, WsiPsmError
     from wsi_psm.evaluation import evaluate_detection, evaluate_segmentation
     from wsi_psm.export import check_writable, write_error
 
-    if json_out is not None:
-        check_writable(json_out)  # before the scoring, not after it
+    if json_out is not None:  # before the scoring, not after it
+        if json_out.is_dir():
+            raise OutputWriteError(
+                f"--json {json_out} is a folder: give a file, e.g. {json_out / 'eval.json'}"
+            )
+        check_writable(json_out)
     if _is_detection_gt(gt):
         report = evaluate_detection(pred, gt, radius_px=10.0 if radius is None else radius)
         table = _det_table(report)

@@ -190,6 +190,7 @@ def test_unwritable_output_is_refused_before_the_fit(tmp_path, capsys, cmu_svs, 
         (["segment", "{slide}", "-o", "{out}", "--device", "gpu"], "error: invalid configuration"),
         (["run", "{slide}", "-o", "{out}", "--overwrite", "--skip-existing"], "contradict"),
         (["eval", "{out}", "{out}", "--radius", "3"], "error: a match radius is for detection"),
+        (["eval", "{out}", "{out}", "--json", "{out}"], "is a folder: give a file"),  # no scoring
     ],
 )
 def test_bad_option_values_are_one_line_and_leave_nothing(tmp_path, capsys, cmu_svs, argv, expect):

@@ -32,7 +32,7 @@ from wsi_psm.groundtruth import (
     load_monuseg_xml,
     monuseg_cases,
 )
-from wsi_psm.metrics import detection_scores, segmentation_scores
+from wsi_psm.metrics import detection_scores, prf, segmentation_scores
 
 SEGMENTATION_KEYS = ("pixel_f1", "object_dice", "aji", "pq", "dq", "sq")
 LABEL_SUFFIXES = (".tif", ".tiff", ".png")
@@ -370,13 +370,7 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     pooled: dict[str, Any] = {}
     for name, t in totals.items():
         tp, fp, fn = t["tp"], t["fp"], t["fn"]
-        pooled[name] = {
-            **t,
-            "precision": tp / (tp + fp) if tp + fp else float(fn == 0),
-            "recall": tp / (tp + fn) if tp + fn else 1.0,
-            "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0,
-            "count_error": t["n_pred"] - t["n_gt"],
-        }
+        pooled[name] = {**t, **prf(tp, fp, fn), "count_error": t["n_pred"] - t["n_gt"]}
     pooled["mean_f1"] = float(np.mean([pooled[c]["f1"] for c in BCDATA_CLASSES if c in pooled]))
     return {
         "task": "detection",

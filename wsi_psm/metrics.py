@@ -258,7 +258,8 @@ def match_points(
     return tp, len(p) - tp, len(g) - tp, out
 
 
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall and F1 of match counts (1.0 where a ratio has nothing to count)."""
     precision = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
@@ -284,7 +285,7 @@ def detection_scores(
             "tp": tp,
             "fp": fp,
             "fn": fn,
-            **_prf(tp, fp, fn),
+            **prf(tp, fp, fn),
             "n_pred": len(p),
             "n_gt": len(g),
             "count_error": len(p) - len(g),
@@ -297,7 +298,7 @@ def detection_scores(
         "tp": tp,
         "fp": fp,
         "fn": fn,
-        **_prf(tp, fp, fn),
+        **prf(tp, fp, fn),
         "n_pred": len(all_p),
         "n_gt": len(all_g),
     }
