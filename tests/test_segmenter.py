@@ -104,6 +104,23 @@ def test_cpu_forwards_in_chunks_give_the_batch_maps(monkeypatch: pytest.MonkeyPa
     np.testing.assert_allclose(chunked, whole, atol=1e-6)
 
 
+def test_cpu_forwards_run_channels_last_with_the_same_maps() -> None:
+    """On a CPU every dihedral variant reaches the net in the channels-last layout (a rotation
+    copies to the plain layout, so it is set after it), with the maps of the plain layout."""
+    net = tiny_net()
+    seen: list[bool] = []
+    net.register_forward_hook(
+        lambda _m, args, _out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    imgs = np.stack([synthetic_tile(64, seed=s)[0] for s in range(2)])
+    fast = network_maps(net, imgs, CPU, tta=True)
+    assert seen == [True] * 8
+    seen.clear()
+    plain = network_maps(net, imgs, CPU, tta=True, channels_last=False)
+    assert seen == [False] * 8
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+
+
 def test_distance_target_per_nucleus() -> None:
     labels = np.zeros((20, 30), np.int32)
     labels[5:15, 3:13] = 1

@@ -44,12 +44,19 @@ def network_maps(
     tta: bool = True,
     amp: bool = False,
     half: bool = False,
+    channels_last: bool = True,
 ) -> np.ndarray:
     """Probabilities (B, 2, H, W) of a (B, H, W, 3) uint8 batch; H and W any size (padded).
 
     float32, or float16 with ``half`` (rounded on the device: half the bytes back to the host).
+    ``channels_last``: on a CPU the batch goes through in that memory format, which oneDNN's
+    convolutions run 1.2-1.6x faster (same maps up to float rounding, ~1e-5); a GPU run is
+    unchanged (not measured there).
     """
     x = to_network_input(images, device)
+    layout = (
+        torch.channels_last if channels_last and device.type == "cpu" else torch.contiguous_format
+    )
     h, w = x.shape[-2:]
     m = net.multiple
     ph, pw = (-h) % m, (-w) % m
@@ -63,7 +70,8 @@ def network_maps(
     )
     for k in ks:
         with autocast if autocast is not None else contextlib.nullcontext():
-            y = forward_in_chunks(net, _dihedral(x, k))
+            # the layout last: a rotation or flip gives a plain contiguous copy
+            y = forward_in_chunks(net, _dihedral(x, k).contiguous(memory_format=layout))
         y = _undo_dihedral(torch.sigmoid(y.float()), k)
         acc = y if acc is None else acc + y
     assert acc is not None
@@ -96,17 +104,21 @@ def predict_maps(
     batch: int = 4,
     tta: bool = True,
     amp: bool = False,
+    channels_last: bool = True,
 ) -> np.ndarray:
     """(2, H, W) float32 probability maps of one uint8 RGB image of any size.
 
     Images up to ``window`` px a side go through whole; larger ones in ``window``-px windows that
     overlap by ``2 * margin`` px, of which only the centre is kept (no seams from border effects).
+    ``channels_last``: see :func:`network_maps`.
     """
     img = np.ascontiguousarray(image[..., :3])
     h, w = img.shape[:2]
     net.eval()
     if h <= window and w <= window:
-        return network_maps(net, img[None], device, tta=tta, amp=amp)[0]
+        return network_maps(net, img[None], device, tta=tta, amp=amp, channels_last=channels_last)[
+            0
+        ]
     out = np.zeros((2, h, w), np.float32)
     core = window - 2 * margin
     boxes = [(ys, yk0, yk1, xs, xk0, xk1) for ys, yk0, yk1 in _windows(h, window, core)
@@ -114,7 +126,7 @@ def predict_maps(
     for i in range(0, len(boxes), batch):
         chunk = boxes[i : i + batch]
         wins = np.stack([img[ys : ys + window, xs : xs + window] for ys, _, _, xs, _, _ in chunk])
-        maps = network_maps(net, wins, device, tta=tta, amp=amp)
+        maps = network_maps(net, wins, device, tta=tta, amp=amp, channels_last=channels_last)
         for (ys, yk0, yk1, xs, xk0, xk1), m in zip(chunk, maps, strict=True):
             out[:, yk0:yk1, xk0:xk1] = m[:, yk0 - ys : yk1 - ys, xk0 - xs : xk1 - xs]
     return out

@@ -438,7 +438,12 @@ def fit_on_pseudo_masks(
         if net is not None:
             samples = []
             for i, im in enumerate(images):
-                maps = predict_maps(net, im, device, window=sc.window_px, tta=True, amp=sc.amp)
+                # the teacher's maps in the layout the shipped model was fitted with: a fit on
+                # a CPU stays bit-reproducible (channels-last rounds differently, ~1e-5)
+                maps = predict_maps(
+                    net, im, device, window=sc.window_px, tta=True, amp=sc.amp,
+                    channels_last=False,
+                )  # fmt: skip
                 if sc.refine_points == "peaks":
                     pts = distance_peaks(
                         maps, mpp=mpp, fg_threshold=TEACHER_READOUT["fg_threshold"]
