@@ -191,7 +191,11 @@ class SegmenterConfig(_Frozen):
     )
     amp: bool = Field(True, description="float16 autocast at inference on CUDA")
     window_px: int = Field(
-        512, ge=64, description="inference window (processing px) for large images"
+        1024,
+        ge=64,
+        description="inference window (processing px) for large images: larger ones go in "
+        "windows overlapping by 64 px (1024: a 1000² image magnified 2x goes whole, where 512 "
+        "made 9 windows, 2.4x the pixels; peak memory on a CPU about 0.55 GB more)",
     )
     fg_threshold: float = Field(
         0.45,
