@@ -28,7 +28,10 @@ def layer_round():
 def rss_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-with large_blocks_reused() if mode == "scoped" else contextlib.nullcontext():
+with large_blocks_reused() if mode in ("scoped", "nested") else contextlib.nullcontext():
+    if mode == "nested":  # an inner scope left early must not end the outer one
+        with large_blocks_reused():
+            pass
     layer_round()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(5):
@@ -61,6 +64,8 @@ def test_large_blocks_are_reused_within_the_scope_and_returned_after() -> None:
     assert scoped < 100
     assert tuned > 10 * max(scoped, 100)
     assert rss < 6 * 96  # the 576 MiB kept for reuse went back to the system on leaving
+    nested, rss = _probe("nested", 96)
+    assert nested < 100 and rss < 6 * 96
 
 
 def test_tune_malloc_is_a_quiet_no_op_off_glibc() -> None:

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from wsi_psm.allocator import large_blocks_reused
 from wsi_psm.config import RunConfig
-from wsi_psm.preprocess import forward_in_chunks, to_network_input
+from wsi_psm.preprocess import CPU_FORWARD_PIXELS, forward_in_chunks, to_network_input
 from wsi_psm.segmenter.network import Segmenter
 from wsi_psm.segmenter.readout import MapsLabeller
 
@@ -68,8 +69,13 @@ def network_maps(
     autocast = (
         torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else None
     )
+    # a CPU forward of a large image allocates blocks over glibc's mmap ceiling: reuse them
+    big = device.type == "cpu" and h * w > CPU_FORWARD_PIXELS
     for k in ks:
-        with autocast if autocast is not None else contextlib.nullcontext():
+        with (
+            autocast if autocast is not None else contextlib.nullcontext(),
+            large_blocks_reused() if big else contextlib.nullcontext(),
+        ):
             # the layout last: a rotation or flip gives a plain contiguous copy
             y = forward_in_chunks(net, _dihedral(x, k).contiguous(memory_format=layout))
         y = _undo_dihedral(torch.sigmoid(y.float()), k)
