@@ -11,7 +11,7 @@ those blocks in the heap for reuse; the resident size stays bounded by the peak,
 Two arenas at most (``M_ARENA_MAX``): glibc gives threads up to 8 per core, each growing and
 fragmenting on its own, and the peak of a run then varied with the thread timing
 (`memory_scaling.py`, 9x the area: 1.17-1.24x the peak, one run of the older code 2.55 GB; with two
-arenas 1.01-1.08x).
+arenas 1.01-1.10x).
 
 Process-wide and idempotent; a no-op off glibc (macOS, musl). Called by the CLI, the pipeline's
 worker processes and the Dask slide task; Python API users call :func:`tune_malloc` themselves.
