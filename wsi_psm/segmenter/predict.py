@@ -69,17 +69,16 @@ def network_maps(
     autocast = (
         torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else None
     )
-    # a CPU forward of a large image allocates blocks over glibc's mmap ceiling: reuse them
+    # a CPU forward of a large image allocates blocks over glibc's mmap ceiling: reuse them, over
+    # all the dihedral variants (one scope: the heap is handed back once, not per variant)
     big = device.type == "cpu" and h * w > CPU_FORWARD_PIXELS
-    for k in ks:
-        with (
-            autocast if autocast is not None else contextlib.nullcontext(),
-            large_blocks_reused() if big else contextlib.nullcontext(),
-        ):
-            # the layout last: a rotation or flip gives a plain contiguous copy
-            y = forward_in_chunks(net, _dihedral(x, k).contiguous(memory_format=layout))
-        y = _undo_dihedral(torch.sigmoid(y.float()), k)
-        acc = y if acc is None else acc + y
+    with large_blocks_reused() if big else contextlib.nullcontext():
+        for k in ks:
+            with autocast if autocast is not None else contextlib.nullcontext():
+                # the layout last: a rotation or flip gives a plain contiguous copy
+                y = forward_in_chunks(net, _dihedral(x, k).contiguous(memory_format=layout))
+            y = _undo_dihedral(torch.sigmoid(y.float()), k)
+            acc = y if acc is None else acc + y
     assert acc is not None
     acc = acc[:, :, :h, :w] / len(ks)
     return (acc.half() if half else acc).cpu().numpy()
@@ -122,9 +121,8 @@ def predict_maps(
     h, w = img.shape[:2]
     net.eval()
     if h <= window and w <= window:
-        return network_maps(net, img[None], device, tta=tta, amp=amp, channels_last=channels_last)[
-            0
-        ]
+        maps = network_maps(net, img[None], device, tta=tta, amp=amp, channels_last=channels_last)
+        return maps[0]
     out = np.zeros((2, h, w), np.float32)
     core = window - 2 * margin
     boxes = [(ys, yk0, yk1, xs, xk0, xk1) for ys, yk0, yk1 in _windows(h, window, core)
