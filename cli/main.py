@@ -11,7 +11,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -83,9 +83,13 @@ MppOpt = Annotated[
         callback=_slide_mpp,
     ),
 ]
+# the reader names as wsi_psm.slide.BACKENDS (a test keeps the two equal; slide is not imported for --help)
 BackendOpt = Annotated[
-    str,
-    typer.Option("--backend", help="Slide reader: auto, openslide, tiffslide or image."),
+    Literal["auto", "openslide", "tiffslide", "image"],
+    typer.Option(
+        "--backend",
+        help="Slide reader (auto: OpenSlide, then tiffslide, then a plain image reader).",
+    ),
 ]
 ConfigOpt = Annotated[
     Path | None,
@@ -104,7 +108,10 @@ TargetMppOpt = Annotated[
         callback=_positive,
     ),
 ]
-DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option("--device", metavar="<device>", help="auto, cpu, cuda, cuda:N or mps."),
+]
 SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Random seed (fits are deterministic on CPU).")
 ]
@@ -121,7 +128,10 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existin
 SkipOpt = Annotated[
     bool, typer.Option("--skip-existing", help="Skip slides whose output folder exists.")
 ]
-StainOpt = Annotated[str | None, typer.Option("--stain", help="auto, he or ihc-dab.")]
+StainOpt = Annotated[
+    Literal["auto", "he", "ihc-dab"] | None,
+    typer.Option("--stain", help="Stain (auto: detected per slide or image)."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 GzipOpt = Annotated[bool | None, typer.Option("--gzip/--no-gzip", help="Write cells.geojson.gz.")]
 BatchOpt = Annotated[
@@ -150,24 +160,40 @@ def _config(
 
     from wsi_psm.config import RunConfig
 
+    given = {
+        "target_mpp": ("--target-mpp", target_mpp),
+        "device": ("--device", device),
+        "seed": ("--seed", seed),
+        "stain": ("--stain", stain),
+        "geojson_gzip": ("--gzip", gzip),
+        "tiles.batch_size": ("--batch-size", batch_size),
+        "tiles.decode_workers": ("--workers", workers),
+    }
     try:
         cfg = RunConfig.load(config) if config else RunConfig()
-        return cfg.with_updates(
-            target_mpp=target_mpp,
-            device=device,
-            seed=seed,
-            stain=stain,
-            geojson_gzip=gzip,
-            **{"tiles.batch_size": batch_size, "tiles.decode_workers": workers},
-        )
     except ValidationError as err:
-        problems = err.errors()
-        where = ".".join(str(part) for part in problems[0]["loc"])
-        what = problems[0]["msg"].removeprefix("Value error, ")
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise WsiPsmError(f"invalid configuration: {where}: {what}{more}") from err
+        raise WsiPsmError(f"invalid configuration {config}: {_first_problem(err)}") from err
     except ValueError as err:  # not JSON
         raise WsiPsmError(f"invalid configuration file {config}: {err}") from err
+    try:
+        return cfg.with_updates(**{key: value for key, (_, value) in given.items()})
+    except ValidationError as err:
+        where = ".".join(str(part) for part in err.errors()[0]["loc"])
+        if where not in given:  # a rule across settings
+            raise WsiPsmError(f"invalid configuration: {_first_problem(err)}") from err
+        raise WsiPsmError(
+            f"invalid value for {given[where][0]}: {_first_problem(err, where=False)}"
+        ) from err
+
+
+def _first_problem(err, *, where: bool = True) -> str:
+    """A pydantic ValidationError as one line: its first problem (and how many more)."""
+    problems = err.errors()
+    what = problems[0]["msg"].removeprefix("Value error, ")
+    if where:
+        what = ".".join(str(part) for part in problems[0]["loc"]) + ": " + what
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return what + more
 
 
 def _one_of(overwrite: bool, skip_existing: bool) -> None:
@@ -361,6 +387,9 @@ def batch(
     gzip: GzipOpt = None,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipOpt = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only failures and the end result.")
+    ] = False,
 ) -> None:
     """Process many slides on a Dask distributed cluster, one slide per task.
 
@@ -374,13 +403,23 @@ def batch(
     _one_of(overwrite, skip_existing)
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip)
     slides = find_slides(inputs)
+
+    def show(line: str) -> None:
+        console.print(line, highlight=False, soft_wrap=True)
+
     results = run_batch(
         slides, output, cfg, model_path=model, mpp=mpp, backend=backend, overwrite=overwrite,
         skip_existing=skip_existing, scheduler=scheduler, n_workers=n_workers,
         threads_per_worker=threads_per_worker,
-        report=lambda line: console.print(line, highlight=False, soft_wrap=True),
+        report=None if quiet else show,
     )  # fmt: skip
     failed = [r for r in results if r.error]
+    for r in failed if quiet else ():
+        show(f"{r.name}: error: {r.error}")
+    skipped = sum(r.skipped for r in results)
+    show(
+        f"{len(results) - len(failed) - skipped} slide(s) processed, {skipped} skipped -> {output}"
+    )
     if failed:
         raise WsiPsmError(
             f"{len(failed)} of {len(results)} slides failed: {', '.join(r.name for r in failed)}"
@@ -422,7 +461,7 @@ def segment(
     from .progress import progress_bars
 
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain)
-    paths = [s.path for s in find_slides(images)]
+    paths = [s.path for s in find_slides(images, tiles=True)]
     bundle = _load_model(model) if model else None
     trained = model_mpp(bundle)
     if trained is not None and abs(trained - cfg.target_mpp) > 1e-6:
@@ -516,10 +555,19 @@ def _is_usage_error(err: Exception) -> bool:
     return callable(getattr(err, "show", None)) and isinstance(exit_code, int) and exit_code != 0
 
 
+def _usage_message(err: Exception) -> str:
+    """Click's message without its pydantic prefix, with the command's --help to turn to."""
+    text = err.format_message() if hasattr(err, "format_message") else str(err)
+    text = " ".join(text.replace("Value error, ", "").split())
+    ctx = getattr(err, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return text[:1].lower() + text[1:].rstrip(".") + where
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn failures into one line and an exit code."""
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = app(args=argv, prog_name="wsi-psm", standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except typer.Abort:
@@ -534,8 +582,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except Exception as err:
-        if _is_usage_error(err):  # click's (typer's vendored click's) own usage errors
-            err.show()  # type: ignore[attr-defined]
+        if _is_usage_error(err):  # click's own usage errors, as one line like ours
+            print(f"error: {_usage_message(err)}", file=sys.stderr)
             sys.exit(err.exit_code)  # type: ignore[attr-defined]
         # a bug: say so in one line, with the way to see more
         if _DEBUG["on"]:

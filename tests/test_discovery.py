@@ -61,3 +61,20 @@ def test_real_data_folders(fixtures_dir):
     names = {s.name for s in find_slides([fixtures_dir])}
     # the slide files, plus boxes_0.dcm / boxes_1.dcm as one DICOM series named after the folder
     assert names == {"small", "boxes", "unreadable", "unopenable", fixtures_dir.name}
+
+
+def test_tiles_take_only_images_from_a_folder(tmp_path):
+    """`segment`'s folders: image tiles only (a whole slide there would be read whole), no DICOM,
+    and the error speaks of images."""
+    for name in ("a.png", "b.tif", "c.svs", "d.ndpi"):
+        (tmp_path / name).write_bytes(b"x")
+    dcm = tmp_path / "series"
+    dcm.mkdir()
+    (dcm / "f.dcm").write_bytes(b"x")
+    assert [s.name for s in find_slides([tmp_path], tiles=True)] == ["a", "b"]
+    assert {s.name for s in find_slides([tmp_path])} == {"a", "b", "c", "d", "series"}
+    only_slides = tmp_path / "slides"
+    only_slides.mkdir()
+    (only_slides / "e.svs").write_bytes(b"x")
+    with pytest.raises(SlideOpenError, match=r"no images in this folder \(looked for .jpeg, .jpg"):
+        find_slides([only_slides], tiles=True)

@@ -14,6 +14,8 @@ SLIDE_SUFFIXES = {
     ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
     ".qptiff", ".png", ".jpg", ".jpeg",
 }  # fmt: skip
+# Image tiles that ``segment`` takes from a folder (a whole slide there would be read whole).
+TILE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,17 @@ def _is_segment_output(q: Path) -> bool:
     return stem != q.name and q.with_name(stem + ".geojson").is_file()
 
 
-def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:
+def find_slides(inputs: Iterable[str | Path], *, tiles: bool = False) -> list[SlideInput]:
     """Slides named by ``inputs``: files as given; in a folder, its slide files and DICOM subfolders.
 
     A folder holding ``.dcm`` files is one DICOM slide (each file of the series opens the whole
     pyramid), beside any other slide files in it; ``segment``'s own label images in a folder are
-    skipped. Raises SlideOpenError for a missing path, a folder without slides, or two slides that
-    would write to the same output folder name.
+    skipped. With ``tiles`` (``segment``'s inputs) a folder yields only its image tiles
+    (TILE_SUFFIXES), no DICOM, and errors speak of images. Raises SlideOpenError for a missing
+    path, a folder without slides, or two slides that would write to the same output folder name.
     """
+    suffixes = TILE_SUFFIXES if tiles else SLIDE_SUFFIXES
+    noun = "images" if tiles else "slides"
     found: list[SlideInput] = []
     for raw in inputs:
         p = Path(raw)
@@ -65,22 +70,23 @@ def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:
             else:
                 found.append(SlideInput(p, _safe_name(p.stem)))
             continue
-        if _is_dicom_folder(p):
+        if not tiles and _is_dicom_folder(p):
             found.append(SlideInput(p, _safe_name(p.name)))
             continue
         inner = []
         for q in sorted(p.iterdir()):
             if q.name.startswith(".") or _is_segment_output(q):
                 continue
-            if q.is_file() and q.suffix.lower() in SLIDE_SUFFIXES:
+            if q.is_file() and q.suffix.lower() in suffixes:
                 inner.append(SlideInput(q, _safe_name(q.stem)))
-            elif _is_dicom_folder(q):
+            elif not tiles and _is_dicom_folder(q):
                 inner.append(SlideInput(q, _safe_name(q.name)))
-        if _has_dicom(p):  # a DICOM series beside other slides in the same folder
+        if not tiles and _has_dicom(p):  # a DICOM series beside other slides in the same folder
             inner.append(SlideInput(p, _safe_name(p.name)))
         if not inner:
+            dicom = "" if tiles else " and DICOM folders"
             raise SlideOpenError(
-                f"{p}: no slides in this folder (looked for {', '.join(sorted(SLIDE_SUFFIXES))} and DICOM folders)"
+                f"{p}: no {noun} in this folder (looked for {', '.join(sorted(suffixes))}{dicom})"
             )
         found.extend(inner)
     seen: dict[str, Path] = {}
@@ -90,7 +96,8 @@ def find_slides(inputs: Iterable[str | Path]) -> list[SlideInput]:
             if seen[s.name] == s.path:
                 continue
             raise SlideOpenError(
-                f"two slides would write to one output folder {s.name!r}: {seen[s.name]} and {s.path}"
+                f"two {noun} would write to one output {'name' if tiles else 'folder'} {s.name!r}: "
+                f"{seen[s.name]} and {s.path}"
             )
         seen[s.name] = s.path
         unique.append(s)

@@ -625,13 +625,13 @@ class Slide:
             dcms = sorted(p.glob("*.dcm"))
             if not dcms:
                 raise SlideOpenError(
-                    f"cannot open slide '{p}': it is a folder without DICOM (.dcm) files"
+                    f"cannot open '{p}': it is a folder without DICOM (.dcm) files"
                 )
             name, p = p.name, dcms[0]
         elif not p.exists():
-            raise SlideOpenError(f"cannot open slide '{p}': no such file")
+            raise SlideOpenError(f"cannot open '{p}': no such file")
         elif not p.is_file():
-            raise SlideOpenError(f"cannot open slide '{p}': not a regular file")
+            raise SlideOpenError(f"cannot open '{p}': not a regular file")
 
         if backend != "auto":
             order = [backend]
@@ -665,7 +665,7 @@ class Slide:
         if not attempts:
             tried = ", ".join(order)
             raise SlideOpenError(
-                f"cannot open slide '{p}': not a whole-slide image or image in a supported format (tried {tried})"
+                f"cannot open '{p}': not a whole-slide image or image in a supported format (tried {tried})"
             )
         # The first backend that recognised the format speaks for the file (OpenSlide's reason is the
         # most specific one; later backends usually fail the same way, less clearly).
@@ -674,9 +674,9 @@ class Slide:
         if first.stage == "read":
             hint = "" if "truncated" in reason else " (file corrupt or truncated?)"
             raise SlideReadError(
-                f"slide '{p}' opened ({first.backend}) but its pixels cannot be decoded: {reason}{hint}"
+                f"'{p}' opened ({first.backend}) but its pixels cannot be decoded: {reason}{hint}"
             )
-        raise SlideOpenError(f"cannot open slide '{p}' ({first.backend}): {reason}")
+        raise SlideOpenError(f"cannot open '{p}' ({first.backend}): {reason}")
 
     @staticmethod
     def _make_info(b: Any, p: Path, name: str, user_mpp: float | None) -> SlideInfo:
@@ -761,7 +761,7 @@ class Slide:
         """Level-0 micrometres per pixel; MissingMppError when neither the file nor the user gave one."""
         if self.info.mpp is None:
             raise MissingMppError(
-                f"slide '{self.info.name}' ({self.info.path}) has no usable resolution in its metadata; "
+                f"{self.info.path}: no usable resolution in its metadata; "
                 "give it with --mpp (micrometres per pixel at full resolution, e.g. --mpp 0.25 for 40x, 0.5 for 20x)"
             )
         return self.info.mpp
@@ -873,7 +873,7 @@ class Slide:
             raise
         except Exception as exc:  # decoder errors of any backend become one clear error
             raise SlideReadError(
-                f"cannot read slide '{self.info.path}' at level {level}, "
+                f"cannot read '{self.info.path}' at level {level}, "
                 f"pixels x={ix0}..{ix0 + w}, y={iy0}..{iy0 + h}: {_short(exc)}"
             ) from exc
 
