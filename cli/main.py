@@ -561,6 +561,9 @@ def _usage_message(err: Exception) -> str:
     text = " ".join(text.replace("Value error, ", "").split())
     ctx = getattr(err, "ctx", None)
     where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    if ctx is not None and text.startswith("No such option: --debug"):  # a root option
+        sub = ctx.command_path.split(" ", 1)[-1]
+        where = f" (it goes before the command: `wsi-psm --debug {sub} ...`)"
     return text[:1].lower() + text[1:].rstrip(".") + where
 
 

@@ -188,6 +188,7 @@ def test_unwritable_output_is_refused_before_the_fit(tmp_path, capsys, cmu_svs, 
         (["segment", "{slide}", "-o", "{out}", "--stain", "hne"], "'hne' is not one of 'auto'"),
         (["run", "{slide}", "-o", "{out}", "--workers", "0"], "'--workers'"),
         (["run", "{slide}", "-o", "{out}", "--frobnicate"], "no such option: --frobnicate"),
+        (["run", "{slide}", "-o", "{out}", "--debug"], "before the command: `wsi-psm --debug run"),
         (["run", "{slide}", "-o", "{out}", "--overwrite", "--skip-existing"], "contradict"),
         (["eval", "{out}", "{out}", "--radius", "3"], "error: a match radius is for detection"),
         (["eval", "{out}", "{out}", "--json", "{out}"], "is a folder: give a file"),  # no scoring
@@ -349,6 +350,7 @@ def test_reader_choices_match_the_library():
     import typing
 
     from wsi_psm.cli.main import BackendOpt
+
     from wsi_psm.slide import BACKENDS
 
     literal = typing.get_args(BackendOpt)[0]
