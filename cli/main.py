@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated, Literal
@@ -113,7 +114,8 @@ DeviceOpt = Annotated[
     typer.Option("--device", metavar="<device>", help="auto, cpu, cuda, cuda:N or mps."),
 ]
 SeedOpt = Annotated[
-    int | None, typer.Option("--seed", help="Random seed (fits are deterministic on CPU).")
+    int | None,
+    typer.Option("--seed", help="Random seed (fits are deterministic on CPU).", min=0),
 ]
 ModelOpt = Annotated[
     Path | None,
@@ -141,7 +143,8 @@ BatchOpt = Annotated[
     ),
 ]
 WorkersOpt = Annotated[
-    int | None, typer.Option("--workers", help="Threads decoding tiles / post-processing.", min=1)
+    int | None,
+    typer.Option("--workers", help="Threads decoding tiles (tiles.decode_workers).", min=1),
 ]
 
 
@@ -181,17 +184,19 @@ def _config(
         where = ".".join(str(part) for part in err.errors()[0]["loc"])
         if where not in given:  # a rule across settings
             raise WsiPsmError(f"invalid configuration: {_first_problem(err)}") from err
+        what = _first_problem(err, where=False)
         raise WsiPsmError(
-            f"invalid value for {given[where][0]}: {_first_problem(err, where=False)}"
+            f"invalid value for '{given[where][0]}': {what[:1].lower()}{what[1:]}"
         ) from err
 
 
 def _first_problem(err, *, where: bool = True) -> str:
     """A pydantic ValidationError as one line: its first problem (and how many more)."""
     problems = err.errors()
-    what = problems[0]["msg"].removeprefix("Value error, ")
-    if where:
-        what = ".".join(str(part) for part in problems[0]["loc"]) + ": " + what
+    what = problems[0]["msg"].removeprefix("Value error, ").replace(" or instance of RunConfig", "")
+    loc = ".".join(str(part) for part in problems[0]["loc"])
+    if where and loc:  # (a file that is not a JSON object has no field to name)
+        what = f"{loc}: {what}"
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return what + more
 
@@ -333,6 +338,8 @@ def fit(
 
     from .progress import progress_bars
 
+    if output.is_dir():
+        raise WsiPsmError(f"{output} is a folder: give a model file, e.g. {output / 'model.pt'}")
     if output.exists() and not overwrite:
         raise WsiPsmError(f"output exists: {output} (use --overwrite to replace it)")
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain)
@@ -415,7 +422,7 @@ def batch(
     )  # fmt: skip
     failed = [r for r in results if r.error]
     for r in failed if quiet else ():
-        show(f"{r.name}: error: {r.error}")
+        show(f"{r.name}: error: {(r.error or '').removeprefix(r.name + ': ')}")
     skipped = sum(r.skipped for r in results)
     show(
         f"{len(results) - len(failed) - skipped} slide(s) processed, {skipped} skipped -> {output}"
@@ -558,7 +565,7 @@ def _is_usage_error(err: Exception) -> bool:
 def _usage_message(err: Exception) -> str:
     """Click's message without its pydantic prefix, with the command's --help to turn to."""
     text = err.format_message() if hasattr(err, "format_message") else str(err)
-    text = " ".join(text.replace("Value error, ", "").split())
+    text = " ".join(text.replace("Value error, ", "").replace(": Input ", ": input ").split())
     ctx = getattr(err, "ctx", None)
     where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
     if ctx is not None and text.startswith("No such option: --debug"):  # a root option
@@ -567,24 +574,40 @@ def _usage_message(err: Exception) -> str:
     return text[:1].lower() + text[1:].rstrip(".") + where
 
 
+class Terminated(BaseException):
+    """SIGTERM (``timeout``, a cluster scheduler, ``docker stop``) as an exception, so that the
+    outputs' context managers remove their temporary files as they do on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn failures into one line and an exit code."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         rv = app(args=argv, prog_name="wsi-psm", standalone_mode=False)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        sys.exit(128 + 15)
     except WsiPsmError as err:
         if _DEBUG["on"]:
             traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
     except Exception as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `wsi-psm`: the help, as click shows it
+            err.show()  # type: ignore[attr-defined]
+            sys.exit(err.exit_code)  # type: ignore[attr-defined]
         if _is_usage_error(err):  # click's own usage errors, as one line like ours
             print(f"error: {_usage_message(err)}", file=sys.stderr)
             sys.exit(err.exit_code)  # type: ignore[attr-defined]
@@ -597,6 +620,8 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+    if rv == 130:  # typer returns Ctrl-C as this exit code when not standalone
+        print("error: interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -183,10 +183,14 @@ def test_unwritable_output_is_refused_before_the_fit(tmp_path, capsys, cmu_svs, 
         (["run", "{slide}", "-o", "{out}", "--target-mpp", "-1"], "greater than 0"),
         (["segment", "{slide}", "-o", "{out}", "--target-mpp", "1e5"], "less than or equal to 2"),
         (["info", "{slide}", "--backend", "foo"], "error: invalid value for '--backend': 'foo'"),
-        (["run", "{slide}", "-o", "{out}", "--device", "gpu"], "error: invalid value for --device"),
-        (["segment", "{slide}", "-o", "{out}", "--device", "gpu"], "invalid value for --device"),
+        (
+            ["run", "{slide}", "-o", "{out}", "--device", "gpu"],
+            "error: invalid value for '--device'",
+        ),
+        (["segment", "{slide}", "-o", "{out}", "--device", "gpu"], "invalid value for '--device'"),
         (["segment", "{slide}", "-o", "{out}", "--stain", "hne"], "'hne' is not one of 'auto'"),
         (["run", "{slide}", "-o", "{out}", "--workers", "0"], "'--workers'"),
+        (["fit", "{slide}", "-o", "{out}", "--seed", "-5"], "invalid value for '--seed'"),
         (["run", "{slide}", "-o", "{out}", "--frobnicate"], "no such option: --frobnicate"),
         (["run", "{slide}", "-o", "{out}", "--debug"], "before the command: `wsi-psm --debug run"),
         (["run", "{slide}", "-o", "{out}", "--overwrite", "--skip-existing"], "contradict"),
@@ -203,7 +207,7 @@ def test_bad_option_values_are_one_line_and_leave_nothing(tmp_path, capsys, cmu_
     assert code == 2, err
     assert expect in err and "Traceback" not in err and "internal error" not in err
     assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, click's included
-    if err.startswith("error: invalid value for '"):  # click's: points to the command's help
+    if "(see `" in err:  # click's own checks point to the command's help
         assert f"(see `wsi-psm {argv[0]} --help`)" in err
     if argv[0] != "eval":
         assert not out.exists()  # refused before any folder was made
@@ -355,3 +359,31 @@ def test_reader_choices_match_the_library():
 
     literal = typing.get_args(BackendOpt)[0]
     assert typing.get_args(literal) == BACKENDS
+
+
+def test_fit_into_a_folder_is_refused_before_fitting(tmp_path, capsys, cmu_svs, monkeypatch):
+    """`fit -o FOLDER` (even with --overwrite) names the mistake at once, not after the fit."""
+    import wsi_psm.fit
+
+    monkeypatch.setattr(wsi_psm.fit, "fit_bundle", lambda *a, **kw: pytest.fail("fitted"))
+    folder = tmp_path / "models"
+    folder.mkdir()
+    code, _, err = _run(["fit", str(cmu_svs), "-o", str(folder), "--overwrite", "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "is a folder: give a model file" in err and str(folder / "model.pt") in err
+    assert list(folder.iterdir()) == []
+
+
+def test_batch_with_a_bad_scheduler_address_leaves_no_folder(tmp_path, capsys, cmu_svs):
+    out = tmp_path / "out"
+    argv = ["batch", str(cmu_svs), "-o", str(out), "--scheduler", "no-port-here", "-q"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and err.startswith("error: cannot reach the Dask scheduler at 'no-port-here'")
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_bare_command_prints_the_help(capsys):
+    code, out, err = _run([], capsys)
+    text = out + err
+    assert code == 2  # click's code for a bare group (not a success: nothing ran)
+    assert "Usage: wsi-psm" in text and "Commands:" in text and text.count("\n") > 10

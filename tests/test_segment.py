@@ -342,3 +342,35 @@ def test_a_folder_of_mixed_stains_is_segmented_stain_by_stain(tmp_path, monuseg_
 
     assert names(ihc) <= {"Positive", "Negative"} and names(ihc)
     assert names(he) and not names(he) & {"Positive", "Negative"}
+
+
+def test_an_existing_read_only_output_folder_is_refused_before_any_work(
+    tmp_path, monkeypatch
+) -> None:
+    """An existing output folder that takes no files (read-only mount: simulated, since root may
+    write anywhere) stops `segment` with one OutputWriteError before a network runs or is fitted."""
+    import errno
+    import pathlib
+
+    import wsi_psm.segment
+    from wsi_psm.errors import OutputWriteError
+
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_mkdir = pathlib.Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.parent == out:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the output was checked")
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    monkeypatch.setattr(wsi_psm.segment, "resolve_labeller", no_work)
+    img, _ = synthetic_tile(64)
+    write_png(tmp_path / "a.png", img)
+    with pytest.raises(OutputWriteError, match="ro"):
+        segment_images([tmp_path / "a.png"], out, CFG, mpp=0.5)
+    assert list(out.iterdir()) == []

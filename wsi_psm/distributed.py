@@ -15,6 +15,7 @@ from typing import Any
 
 from .config import RunConfig
 from .discovery import SlideInput
+from .errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -92,21 +93,32 @@ def run_batch(
         else:
             todo.append((s, out_dir))
     if todo:
-        # made once here, not by the first task, so that concurrent slides never race to make it
-        # (or to remove it again after a probe: export.check_writable)
-        try:
-            out_root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            from .export import write_error
-
-            raise write_error(err, out_root) from err
         cluster = None
         if scheduler is None:
             cluster = LocalCluster(
                 n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                 dashboard_address=None,
             )  # fmt: skip
-        client = Client(cluster if cluster is not None else scheduler)
+        try:
+            client = Client(cluster if cluster is not None else scheduler)
+        except (OSError, ValueError, TypeError) as err:  # unreachable, or not an address
+            if cluster is not None:
+                cluster.close()
+            raise InvalidArgumentError(
+                f"cannot reach the Dask scheduler at {scheduler!r}: {err}"
+            ) from err
+        # made once here, not by the first task, so that concurrent slides never race to make it
+        # (or to remove it again after a probe: export.check_writable); after the connection, so
+        # a wrong address leaves no folder behind
+        try:
+            out_root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            from .export import write_error
+
+            client.close()
+            if cluster is not None:
+                cluster.close()
+            raise write_error(err, out_root) from err
         try:
             cfg_dict = cfg.to_dict()
             model = str(Path(model_path).resolve()) if model_path else None
@@ -141,7 +153,7 @@ def run_batch(
                     )
                 outcomes[s.name] = out
                 if out.error:
-                    report(f"{s.name}: error: {out.error}")
+                    report(f"{s.name}: error: {out.error.removeprefix(s.name + ': ')}")
                 else:
                     report(f"{s.name}: {out.cells} cells in {out.seconds:.0f} s -> {out.out_dir}")
         finally:

@@ -104,10 +104,13 @@ def _find_segmentation_gt(folder: Path) -> dict[str, tuple[Path, str]]:
     return found
 
 
-def _match(pred: dict[str, Any], gt: dict[str, Any], pred_dir: Path, gt_dir: Path) -> list[str]:
+def _match(
+    pred: dict[str, Any], gt: dict[str, Any], pred_dir: Path, gt_dir: Path, *, labels: bool = True
+) -> list[str]:
     if not pred:
+        expected = "<stem>_labels.tif, " if labels else "for detection, with cell classes: "
         raise EvaluationError(
-            f"no predictions in {pred_dir} (expected <stem>_labels.tif, <stem>.geojson[.gz] "
+            f"no predictions in {pred_dir} (expected {expected}<stem>.geojson[.gz] "
             "or <stem>/cells.geojson)"
         )
     if not gt:
@@ -345,7 +348,7 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     _require_folder(gt_dir, "ground-truth")
     preds = _find_predictions(pred_dir, labels=False)
     ann_dir, stems = _bcdata_stems(gt_dir)
-    common = _match(preds, dict.fromkeys(stems), pred_dir, gt_dir)
+    common = _match(preds, dict.fromkeys(stems), pred_dir, gt_dir, labels=False)
     images: dict[str, dict[str, Any]] = {}
     totals: dict[str, dict[str, int]] = {}
     for stem, p, g in _iter_detection(preds, ann_dir, common):

@@ -18,6 +18,7 @@ Model: a :class:`~wsi_psm.segmenter.network.SegNet` (or ensemble), a segmenter s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -216,8 +217,9 @@ def _write_outputs(
     except OSError as err:
         raise OutputWriteError(f"cannot write {geojson.parent}: {err.strerror or err}") from err
     finally:
-        tmp_json.unlink(missing_ok=True)
-        tmp_tif.unlink(missing_ok=True)
+        for tmp in (tmp_json, tmp_tif):
+            with contextlib.suppress(OSError):  # not there, or the disk went read-only: not ours
+                tmp.unlink(missing_ok=True)
     return len(cands)
 
 
@@ -619,7 +621,7 @@ def segment_images(
     # that fails (or is stopped) leaves no empty folder behind
     if out.exists() and not out.is_dir():
         raise OutputWriteError(f"cannot write into {out}: it is a file, not a folder")
-    check_writable(out)
+    check_writable(output_paths(paths[0], out)[0])  # the folder, and a file in it if it exists
     if len(groups) > 1:  # each stain its own route (network, classes), as if segmented apart
         log.info(
             "images of %d stains, segmented by stain: %s",

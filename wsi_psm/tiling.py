@@ -94,7 +94,7 @@ def check_slide_size(
         raise SlideTooSmallError(
             f"{name}: {width}x{height} px at {mpp:g} µm/px is smaller than one tile "
             f"({cfg.tiles.core_um:g} µm = {core_l0:.0f} px); use `wsi-psm segment` for image tiles "
-            f"or a smaller tile core"
+            f"or a smaller tile core (tiles.core_um in --config)"
         )
 
 
