@@ -228,26 +228,36 @@ def info(
     if as_json:
         print(json.dumps(d, indent=2))
         return
-    t = Table(show_header=False, box=None)
-    t.add_column(no_wrap=True)
-    t.add_column(overflow="fold")  # long paths wrap whole, not cut with an ellipsis
-    t.add_row("name", d["name"])
-    t.add_row("path", d["path"])
-    t.add_row("vendor", d["vendor"] or "- (plain image or generic TIFF)")
-    t.add_row("reader", d["backend"])
-    t.add_row("size", f"{d['width']} x {d['height']} px (level 0)")
-    mpp_s = f"{d['mpp']:.4g} µm/px ({d['mpp_source']})" if d["mpp"] else "unknown (pass --mpp)"
-    t.add_row("mpp", mpp_s)
+    rows = [
+        ("name", d["name"]),
+        ("path", d["path"]),
+        ("vendor", d["vendor"] or "- (plain image or generic TIFF)"),
+        ("reader", d["backend"]),
+        ("size", f"{d['width']} x {d['height']} px (level 0)"),
+        (
+            "mpp",
+            f"{d['mpp']:.4g} µm/px ({d['mpp_source']})" if d["mpp"] else "unknown (pass --mpp)",
+        ),
+    ]
     if d.get("objective_power"):
-        t.add_row("objective", f"{d['objective_power']:g}x")
+        rows.append(("objective", f"{d['objective_power']:g}x"))
     levels = ", ".join(
         f"{w}x{h} (/{ds:.4g})"
         for (w, h), ds in zip(d["level_dimensions"], d["level_downsamples"], strict=True)
     )
-    t.add_row("levels", f"{d['level_count']}: {levels}")
+    rows.append(("levels", f"{d['level_count']}: {levels}"))
     from rich.console import Console
 
-    Console().print(t)
+    out = Console()
+    if not out.is_terminal:  # piped: one unwrapped line per row, for grep and scripts
+        print("\n".join(f"{k:<10} {v}" for k, v in rows))
+        return
+    t = Table(show_header=False, box=None)
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")  # long paths wrap whole, not cut with an ellipsis
+    for k, v in rows:
+        t.add_row(k, v)
+    out.print(t)
 
 
 @app.command()

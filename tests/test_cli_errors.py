@@ -142,6 +142,9 @@ def test_info_on_a_copy_with_spaces_in_the_name(tmp_path, capsys, cmu_svs):
     shutil.copy(cmu_svs, target)
     code, out, _ = _run(["info", str(target)], capsys)
     assert code == 0 and "2220 x 2967" in out
+    # captured (not a terminal): one unwrapped line per field, so a long path stays greppable
+    assert f"path       {target}\n" in out
+    assert all(line == line.rstrip() for line in out.splitlines())
 
 
 def test_greyscale_slide_is_refused(tmp_path, capsys):
