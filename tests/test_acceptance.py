@@ -137,6 +137,12 @@ def test_geopandas_reads_the_same_cells(cmu_run):
         shapely.area(gp.geometry.values).sum(),
     )
     assert abs(area_gp - area_gj) < 1e-3 * area_gp
+    # no pixel belongs to two cells, at tile seams included (DESIGN: each cell written once)
+    cells = gp.geometry.values
+    a, b = shapely.STRtree(cells).query(cells, predicate="intersects")
+    pair = a < b
+    shared = shapely.area(shapely.intersection(cells[a[pair]], cells[b[pair]]))
+    assert shared.max(initial=0.0) <= 0.05, f"{int((shared > 0.05).sum())} overlapping pairs"
 
 
 def test_shared_checker_accepts_the_output(cmu_run):

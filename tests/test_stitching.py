@@ -219,6 +219,30 @@ def test_a_cell_reaching_the_seam_meets_a_shifted_view_of_it():
     assert out == [a] and res.duplicates_removed == 1
 
 
+def test_two_cells_sharing_seam_pixels_are_both_kept_without_overlap():
+    """Seen on CMU-1: two different nuclei touching across a seam, each tile drawing its own
+    boundary between them, so their outlines share a few pixels (under the duplicate threshold).
+    Both are written; the one decided later gives the shared pixels up and is marked trimmed."""
+    from shapely.geometry import box
+
+    from wsi_psm.stitching import Candidate, SeamResolver
+    from wsi_psm.tiling import make_grid
+
+    cfg = RunConfig().with_updates(**{"tiles.core_um": 64.0, "tiles.margin_um": 12.0})
+    grid = make_grid(256, 128, 0.5, cfg)  # two tiles side by side, seam at x = 128
+    t0, t1 = grid.tiles
+    a = Candidate(0, box(116, 52, 130, 68), 123, 60, True)  # tile 0's nucleus, reaching x = 130
+    b = Candidate(1, box(128, 50, 144, 70), 136, 60, True)  # tile 1's, from x = 128: 32 px shared
+    res = SeamResolver(grid, band=4.0)
+    out = res.add(t0, [a]) + res.add(t1, [b]) + res.finish()
+    assert sorted(c.tile for c in out) == [0, 1] and res.duplicates_removed == 0
+    first, second = sorted(out, key=lambda c: c.tile)
+    assert not first.trimmed and first.polygon.area == 14 * 16
+    assert second.trimmed and res.trimmed == 1
+    assert second.polygon.intersection(first.polygon).area == 0
+    assert second.polygon.area == 16 * 20 - 2 * 16  # only the shared pixels went
+
+
 def test_interior_cells_are_final_without_their_polygon():
     """Workers drop the polygon of cells no other tile can report (pipeline.process_tile): the
     resolver must pass those through untouched and keep comparing the seam cells."""

@@ -92,3 +92,13 @@ def test_stream_reraises_decode_errors_in_the_consumer():
     with pytest.raises(OSError, match="bad tile"):
         for _ in stream_batches(read, grid.tiles, batch_size=2, workers=2, prefetch=1):
             pass
+
+
+def test_tissue_area_counts_only_the_slide_part_of_edge_pixels():
+    """A thumbnail rounds up: a 1005 x 702 px slide at 10 px per mask pixel gives 101 x 71 mask
+    pixels, the last column holding 5 slide px and the last row 2. All tissue: the area is the
+    slide's, not the mask's 1010 x 710 px."""
+    mask = TissueMask(np.ones((71, 101), dtype=bool), 10.0)
+    mpp = 0.5
+    assert mask.area_mm2(mpp, (1005, 702)) == pytest.approx(1005 * 702 * mpp**2 / 1e6)
+    assert mask.area_mm2(mpp) == pytest.approx(1010 * 710 * mpp**2 / 1e6)  # the mask as drawn

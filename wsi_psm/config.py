@@ -253,6 +253,11 @@ class SegmenterConfig(_Frozen):
 
 
 class RunConfig(_Frozen):
+    """Every setting of a run, immutable: ``RunConfig()`` is the default, ``RunConfig.load(path)``
+    reads a JSON file (schemas/config.schema.json), ``cfg.with_updates(**{"tiles.batch_size": 8})``
+    returns a changed copy (dotted names reach the sections), ``cfg.to_dict()`` is what
+    summary.json records."""
+
     target_mpp: float = Field(
         0.5,
         ge=0.1,

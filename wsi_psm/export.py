@@ -90,7 +90,7 @@ def cell_id(slide_key: str, ring: np.ndarray) -> str:
     Reruns of the same slide with the same settings therefore give the same ids, so two runs can be
     joined or diffed cell by cell and a re-import into a QuPath project replaces objects instead of
     duplicating them. Two distinct cells of one slide cannot share centroid and area unless they
-    overlap, which the tile-ownership rule rules out. Use the slide's file name (not its path, so
+    overlap, which the tile-ownership rule rules out. Use the slide's name (its file stem, not its path, so
     moving a slide keeps its ids) as ``slide_key`` so ids also differ between slides.
     """
     x, y = ring[:, 0] - ring[0, 0], ring[:, 1] - ring[0, 1]

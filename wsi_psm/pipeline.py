@@ -22,7 +22,7 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from .export import (
     utc_now_iso,
     write_summary,
 )
-from .polygons import measurement_dicts
+from .polygons import measurement_dicts, polygon_measurements
 from .progress import NullProgress, ProgressHook
 from .slide import Slide
 from .stain import detect_stain
@@ -52,6 +52,9 @@ from .stitching import Candidate, SeamResolver, interior, tile_candidates
 from .stream import stream_batches
 from .tiling import Tile, TileGrid, check_slide_size, make_grid
 from .tissue import TissueMask, check_input_image, detect_tissue
+
+if TYPE_CHECKING:  # (model imports torch; the pipeline's light paths need not)
+    from .model import ModelBundle
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,7 @@ class SlideContext:
     tissue: TissueMask
     grid: TileGrid
     timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)  # for summary.json's total
 
 
 def prepare_slide(
@@ -128,7 +132,14 @@ def prepare_slide(
         slide.close()
         raise
     return SlideContext(
-        slide, slide_mpp, thumb, tscale, tissue, grid, {"open_and_tissue": time.perf_counter() - t0}
+        slide,
+        slide_mpp,
+        thumb,
+        tscale,
+        tissue,
+        grid,
+        {"open_and_tissue": time.perf_counter() - t0},
+        started=t0,
     )
 
 
@@ -270,6 +281,9 @@ def _stamp(done_at: dict[int, float], index: int, _fut: Future[Any]) -> None:
 
 @dataclass
 class SlideRun:
+    """A finished slide: its output folder, the number of cells, the cells per class name (in the
+    classes' display order) and summary.json's content."""
+
     out_dir: Path
     cells: int
     counts: dict[str, int]
@@ -332,6 +346,12 @@ def run_slide(
             def write(cells: list[Candidate]) -> None:
                 for c in cells:
                     rec: PreparedCell = c.payload
+                    if c.trimmed:  # gave seam pixels to a neighbour tile's cell: shape re-measured
+                        shape = polygon_measurements(c.polygon, ctx.mpp)
+                        cell = CellRecord(
+                            c.polygon, rec.class_name, rec.color, {**rec.measurements, **shape}
+                        )
+                        rec = prepare_cells([cell], ctx.slide.name, overlay_scale=overlay.scale)[0]
                     gj.write(rec)
                     gp.write(rec)
                     if rec.outline is not None:
@@ -411,10 +431,12 @@ def run_slide(
             t_post += time.perf_counter() - t
             write(resolver.finish())
             progress.done("cells")
+        tiles_total = time.perf_counter() - t_start
         overlay.save(tmp / "overlay.png")
         timings.update(
             {
-                "tiles_total": time.perf_counter() - t_start,
+                "tiles_total": tiles_total,
+                "overlay": time.perf_counter() - t_start - tiles_total,
                 "network": t_net,
                 "waiting_for_decode": t_wait,
                 "waiting_for_postprocessing": t_post,
@@ -426,7 +448,7 @@ def run_slide(
                 "postprocessing_from_worker": t_from_worker,
             }
         )
-        area = ctx.tissue.area_mm2(ctx.mpp)
+        area = ctx.tissue.area_mm2(ctx.mpp, (ctx.slide.width, ctx.slide.height))
         # classes in the annotator's display order (every class listed, even with no cells), then any other
         order = [name for name, _ in getattr(annotator, "classes", ())]
         for name, color in getattr(annotator, "classes", ()):
@@ -434,6 +456,8 @@ def run_slide(
         counts = Counter(
             {n: counts.get(n, 0) for n in [*order, *[n for n in counts if n not in order]]}
         )
+        # from opening the slide to here (its files' fsync and rename follow)
+        timings["total"] = time.perf_counter() - ctx.started
         summary = build_summary(ctx, cfg, counts, colors, area, timings, model_info)
         if requested_cfg is not None:
             summary["config"] = requested_cfg.to_dict()
@@ -441,6 +465,7 @@ def run_slide(
             "tiles": len(grid),
             "cells_dropped_cut": cut_dropped,
             "seam_duplicates_removed": resolver.duplicates_removed,
+            "seam_cells_trimmed": resolver.trimmed,
             "post_workers": n_post,
         }
         if summary_extras is not None:
@@ -495,14 +520,21 @@ def process_slide(
     out_dir: str | Path,
     cfg: RunConfig,
     *,
-    model: Any | None = None,
+    model: ModelBundle | None = None,
     mpp: float | None = None,
     backend: str = "auto",
     overwrite: bool = False,
     progress: ProgressHook | None = None,
 ) -> SlideRun:
     """A slide file to a finished output folder: prepare, fit on the slide unless ``model`` is given
-    (a ``ModelBundle``), then find every cell. The output folder is checked before any work."""
+    (a ``ModelBundle`` from ``wsi-psm fit``), then find every cell. The output folder is checked
+    before any work.
+
+    ``mpp``: the slide's µm per pixel when its file does not say (or says wrongly); ``backend``:
+    the reader (see :meth:`Slide.open`); ``overwrite``: replace an existing ``out_dir``;
+    ``progress``: a :class:`~wsi_psm.progress.ProgressHook` (the CLI's bars). Raises the
+    ``WsiPsmError`` subclasses of :mod:`wsi_psm.errors` for bad input; returns a :class:`SlideRun`.
+    """
     progress = progress or NullProgress()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:

@@ -7,8 +7,11 @@ its *candidates*: complete cells (not cut by the tile's read box) whose centroid
 ``band``. Candidates well inside the core are final at once. Candidates whose outline comes within
 ``2 * band`` of a shared core edge wait until every neighbouring tile has reported; then overlapping
 candidates of one cell (overlap > 30% of the smaller, the contract's duplicate threshold) are reduced
-to one: the one whose own core holds its centroid, ties to the lower tile index. Tiles arrive in grid order, so at most about two
-rows of tiles' seam cells wait in memory, whatever the slide size.
+to one: the one whose own core holds its centroid, ties to the lower tile index. Two *different*
+cells seen by two tiles can still share a few pixels at the seam (each tile drew its own boundary
+between them); the one decided later gives those pixels to the one decided earlier (``trimmed``),
+so no two written cells overlap. Tiles arrive in grid order, so at most about two rows of tiles'
+seam cells wait in memory, whatever the slide size.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .polygons import labels_to_polygons
 from .tiling import Tile, TileGrid
 
 DUPLICATE_OVERLAP = 0.3
+MIN_SHARED = 0.05  # level-0 px²: two cells sharing less than this are taken as only touching
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Candidate:
     own: bool  # centroid inside this tile's own core
     payload: Any = None  # measurements, class features... attached by the pipeline
     label: int = 0  # instance label in the tile array
+    trimmed: bool = False  # its polygon lost pixels to a cell of another tile (payload is stale)
 
 
 @dataclass
@@ -131,7 +136,9 @@ class SeamResolver:
         self._done = -1  # every tile with index <= _done has reported
         self._pending: dict[int, list[Candidate]] = {}  # tile index -> its undecided candidates
         self._wait: dict[int, int] = {}  # tile index -> the tile that must be done first
+        self._kept: dict[int, list[Polygon]] = {}  # tile index -> its seam cells already decided
         self.duplicates_removed = 0
+        self.trimmed = 0
 
     def _neighbours(self, tile: Tile) -> list[int]:
         """Indices of the tiles of this tile's 3 x 3 neighbourhood (itself included), ascending."""
@@ -184,8 +191,12 @@ class SeamResolver:
                 group = self._group(k, geoms, area, tree)
                 decided.update(group)
                 best = min(group, key=lambda j: (not allc[j].own, allc[j].tile, j))
-                winners.append(allc[best])
                 self.duplicates_removed += len(group) - 1
+                if self._trim(allc[best]):
+                    winners.append(allc[best])
+                    self._kept.setdefault(allc[best].tile, []).append(allc[best].polygon)
+                else:  # all but a sliver was another cell's: a duplicate after all
+                    self.duplicates_removed += 1
             gone = {id(allc[k]) for k in decided}
             for j in near:
                 left = [c for c in self._pending[j] if id(c) not in gone]
@@ -193,7 +204,38 @@ class SeamResolver:
                     self._pending[j] = left
                 else:
                     del self._pending[j], self._wait[j]
+        # a decided cell matters to the seam cells of its neighbours only: tiles that are done and
+        # whose neighbourhood holds no undecided tile can forget theirs
+        lowest = min(self._pending, default=self._done + 1)
+        reach = self.grid.cols + 1
+        for j in [j for j in self._kept if j < lowest - reach]:
+            del self._kept[j]
         return winners
+
+    def _trim(self, c: Candidate) -> bool:
+        """Take from ``c`` the pixels it shares with the cells of other tiles decided before it;
+        False if what is left is under half of it. Cells of one tile never overlap."""
+        near = self._neighbours(self.grid.tiles[c.tile])
+        others = [q for j in near if j != c.tile for q in self._kept.get(j, ())]
+        if not others:
+            return True
+        poly = c.polygon
+        # (tiles' pixel grids differ by a fraction of a level-0 pixel: outlines that only touch
+        # can share slivers far under a pixel, which are left alone)
+        hits = [q for q in others if q.intersects(poly) and q.intersection(poly).area > MIN_SHARED]
+        if not hits:
+            return True
+        rest = shapely.difference(poly, shapely.union_all(hits))
+        parts = [g for g in shapely.get_parts(rest) if isinstance(g, Polygon) and not g.is_empty]
+        if not parts:
+            return False
+        largest = max(parts, key=lambda g: g.area)
+        if largest.area < 0.5 * poly.area:
+            return False
+        c.polygon = Polygon(largest.exterior)
+        c.trimmed = True
+        self.trimmed += 1
+        return True
 
     @staticmethod
     def _group(i: int, geoms: np.ndarray, area: np.ndarray, tree: shapely.STRtree) -> set[int]:

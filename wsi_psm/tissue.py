@@ -31,9 +31,17 @@ class TissueMask:
     mask: np.ndarray
     scale: float
 
-    def area_mm2(self, mpp: float) -> float:
+    def area_mm2(self, mpp: float, extent: tuple[int, int] | None = None) -> float:
+        """Tissue area; with the slide's level-0 ``extent`` (width, height), the mask pixels of the
+        last column and row count only for the part inside the slide (the thumbnail rounds up)."""
         px_um = self.scale * mpp
-        return float(self.mask.sum()) * px_um * px_um / 1e6
+        if extent is None:
+            return float(self.mask.sum()) * px_um * px_um / 1e6
+        h, w = self.mask.shape
+        inside_x = np.clip(extent[0] / self.scale - np.arange(w), 0.0, 1.0)
+        inside_y = np.clip(extent[1] / self.scale - np.arange(h), 0.0, 1.0)
+        px = float(inside_y @ self.mask.astype(np.float64) @ inside_x)
+        return px * px_um * px_um / 1e6
 
     def fraction_in_box(self, x0: float, y0: float, x1: float, y1: float) -> float:
         """Fraction of tissue pixels inside a level-0 box (clipped to the mask)."""
