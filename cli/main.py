@@ -597,8 +597,17 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn failures into one line and an exit code."""
     import signal
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    if threading.current_thread() is not threading.main_thread():  # signals: main thread only
+        _main(argv)
+        return
+    before = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        _main(argv)
+    finally:  # (a caller that goes on, e.g. a test runner, keeps its own handler)
+        signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rv = app(args=argv, prog_name="wsi-psm", standalone_mode=False)
     except typer.Exit as e:
