@@ -390,3 +390,35 @@ def test_bare_command_prints_the_help(capsys):
     text = out + err
     assert code == 2  # click's code for a bare group (not a success: nothing ran)
     assert "Usage: wsi-psm" in text and "Commands:" in text and text.count("\n") > 10
+
+
+def test_sigterm_removes_the_temporary_output(tmp_path, capsys, cmu_svs, monkeypatch):
+    """SIGTERM (timeout, a scheduler, docker stop) mid-run: one line, exit 143, and the output's
+    temporary folder removed as on Ctrl-C; the test runner's own handler is back afterwards."""
+    import os
+    import signal
+    import time
+
+    import wsi_psm.pipeline
+    from wsi_psm.export import OutputFolder
+
+    def terminated_mid_write(path, out_dir, cfg, **kwargs):
+        with OutputFolder(out_dir) as tmp:
+            (tmp / "cells.geojson").write_text("{}")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        raise AssertionError("not terminated")
+
+    def no_handler(signum, frame):  # (not the default action: that would end the test run)
+        raise AssertionError("wsi-psm installed no SIGTERM handler")
+
+    monkeypatch.setattr(wsi_psm.pipeline, "process_slide", terminated_mid_write)
+    runner = signal.signal(signal.SIGTERM, no_handler)
+    try:
+        out = tmp_path / "out"
+        code, _, err = _run(["run", str(cmu_svs), "-o", str(out), "-q"], capsys)
+        assert signal.getsignal(signal.SIGTERM) is no_handler
+    finally:
+        signal.signal(signal.SIGTERM, runner)
+    assert code == 143 and err == "error: terminated\n"
+    assert not out.exists() or list(out.iterdir()) == []
