@@ -604,7 +604,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
     finally:  # (a caller that goes on, e.g. a test runner, keeps its own handler)
-        signal.signal(signal.SIGTERM, before)
+        if before is not None:  # (None: set outside Python, cannot be put back)
+            signal.signal(signal.SIGTERM, before)
 
 
 def _main(argv: list[str] | None) -> None:

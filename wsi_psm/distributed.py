@@ -104,6 +104,7 @@ def run_batch(
         except (OSError, ValueError, TypeError) as err:  # unreachable, or not an address
             if cluster is not None:
                 cluster.close()
+                raise
             raise InvalidArgumentError(
                 f"cannot reach the Dask scheduler at {scheduler!r}: {err}"
             ) from err

@@ -195,7 +195,7 @@ class SeamResolver:
                 if self._trim(allc[best]):
                     winners.append(allc[best])
                     self._kept.setdefault(allc[best].tile, []).append(allc[best].polygon)
-                else:  # all but a sliver was another cell's: a duplicate after all
+                else:  # all but a sliver was other cells': a duplicate after all
                     self.duplicates_removed += 1
             gone = {id(allc[k]) for k in decided}
             for j in near:
@@ -214,23 +214,26 @@ class SeamResolver:
 
     def _trim(self, c: Candidate) -> bool:
         """Take from ``c`` the pixels it shares with the cells of other tiles decided before it;
-        False if what is left is under half of it. Cells of one tile never overlap."""
+        False if only a sliver (under a tenth) is left. Cells of one tile never overlap."""
         near = self._neighbours(self.grid.tiles[c.tile])
-        others = [q for j in near if j != c.tile for q in self._kept.get(j, ())]
-        if not others:
+        others = np.array(
+            [q for j in near if j != c.tile for q in self._kept.get(j, ())], dtype=object
+        )
+        if not len(others):
             return True
         poly = c.polygon
+        others = others[shapely.intersects(others, poly)]
         # (tiles' pixel grids differ by a fraction of a level-0 pixel: outlines that only touch
         # can share slivers far under a pixel, which are left alone)
-        hits = [q for q in others if q.intersects(poly) and q.intersection(poly).area > MIN_SHARED]
-        if not hits:
+        hits = others[shapely.area(shapely.intersection(others, poly)) > MIN_SHARED]
+        if not len(hits):
             return True
         rest = shapely.difference(poly, shapely.union_all(hits))
         parts = [g for g in shapely.get_parts(rest) if isinstance(g, Polygon) and not g.is_empty]
         if not parts:
             return False
         largest = max(parts, key=lambda g: g.area)
-        if largest.area < 0.5 * poly.area:
+        if largest.area < 0.1 * poly.area:
             return False
         c.polygon = Polygon(largest.exterior)
         c.trimmed = True
