@@ -459,6 +459,15 @@ def segment(
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     stain: StainOpt = None,
+    save_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-model",
+            help="Also save the network fitted on the images (IHC, or another --target-mpp) to "
+            "this file, to segment more images with --model instead of fitting again.",
+            dir_okay=False,
+        ),
+    ] = None,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -488,9 +497,12 @@ def segment(
         )
     with progress_bars(not quiet) as prog:
         written = segment_images(
-            paths, output, cfg, model=bundle, mpp=mpp, overwrite=overwrite, progress=prog
-        )
+            paths, output, cfg, model=bundle, mpp=mpp, overwrite=overwrite, progress=prog,
+            save_model=save_model,
+        )  # fmt: skip
     console.print(f"{len(written) // 2} image(s) segmented -> {output}", highlight=False)
+    if save_model is not None:
+        console.print(f"fitted model saved -> {save_model} (reuse: --model)", highlight=False)
 
 
 @app.command(name="eval")

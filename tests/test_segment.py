@@ -244,9 +244,37 @@ def test_fit_on_the_given_images(tmp_path) -> None:
            "segmenter.fit_steps": 4, "segmenter.fit_batch": 2, "segmenter.fit_crop_px": 48,
            "psm.fit_steps": 2, "psm.fit_batch": 2, "psm.width": 4, "cluster.sample_pixels": 2000}
     )  # fmt: skip
-    written = segment_images(srcs, tmp_path / "o", cfg, mpp=0.5)
+    saved = tmp_path / "fitted.pt"
+    written = segment_images(srcs, tmp_path / "o", cfg, mpp=0.5, save_model=saved)
     assert len(written) == 4 and all(p.is_file() for p in written)
-    assert tifffile.imread(tmp_path / "o" / "img0_labels.tif").shape == (96, 192)
+    first = tifffile.imread(tmp_path / "o" / "img0_labels.tif")
+    assert first.shape == (96, 192)
+    # the fitted network, saved, segments the same images the same way without a fit
+    from wsi_psm.model import ModelBundle
+
+    again = segment_images(srcs, tmp_path / "o2", cfg, mpp=0.5, model=ModelBundle.load(saved))
+    np.testing.assert_array_equal(tifffile.imread(again[1]), first)
+
+
+def test_save_model_is_refused_before_any_work_when_nothing_is_fitted(
+    tmp_path, trained_net, monkeypatch
+) -> None:
+    import wsi_psm.segment
+    from wsi_psm.errors import InvalidArgumentError
+
+    monkeypatch.setattr(wsi_psm.segment, "resolve_labeller", lambda *a, **k: pytest.fail("work"))
+    img, _ = synthetic_tile(64)
+    write_png(tmp_path / "a.png", img)
+    out = tmp_path / "o"
+    with pytest.raises(
+        InvalidArgumentError, match=r"no network is fitted here \(--model was given\)"
+    ):
+        segment_images([tmp_path / "a.png"], out, CFG, model=trained_net, mpp=0.5,
+                       save_model=tmp_path / "m.pt")  # fmt: skip
+    he = CFG.with_updates(stain="he")  # the shipped network's route at its resolution
+    with pytest.raises(InvalidArgumentError, match="use the shipped network"):
+        segment_images([tmp_path / "a.png"], out, he, mpp=0.5, save_model=tmp_path / "m.pt")
+    assert not out.exists() and not (tmp_path / "m.pt").exists()
 
 
 def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:

@@ -34,7 +34,13 @@ import torch
 from torch.nn import functional as F
 
 from .config import RunConfig
-from .errors import ModelError, OutputExistsError, OutputWriteError, WsiPsmError
+from .errors import (
+    InvalidArgumentError,
+    ModelError,
+    OutputExistsError,
+    OutputWriteError,
+    WsiPsmError,
+)
 from .export import CellRecord, GeoJSONWriter, check_writable, prepare_cells
 from .instances import resize_labels
 from .magnification import zoom_resolves
@@ -423,9 +429,11 @@ def resolve_model(
     mpp: float | None,
     device: torch.device,
     progress: ProgressHook | None = None,
+    save_to: Path | None = None,
 ) -> Segmenter:
     """The net to segment with: ``model`` itself (SegNet or SegEnsemble), loaded from a file, taken from a model
-    bundle, or the default (``cfg.segmenter.default_model``: the shipped model, or a fit on ``paths``)."""
+    bundle, or the default (``cfg.segmenter.default_model``: the shipped model, or a fit on ``paths``).
+    ``save_to``: where a model fitted here is also saved (a ``ModelBundle`` file, for ``--model``)."""
     if isinstance(model, (SegNet, SegEnsemble)):
         return model
     if isinstance(model, (str, os.PathLike)):
@@ -440,6 +448,8 @@ def resolve_model(
         images = read_processing_images(sample, cfg, mpp)
         sources = [p.name for p in sample]
         bundle = fit_on_images(images, cfg, device=device, progress=progress, sources=sources)
+        if save_to is not None:
+            bundle.save(save_to)
         return resolve_model(bundle, paths=paths, cfg=cfg, mpp=mpp, device=device)
     return default_model()
 
@@ -499,6 +509,7 @@ def resolve_labeller(
     mpp: float | None,
     device: torch.device,
     progress: ProgressHook | None = None,
+    save_to: Path | None = None,
 ) -> ImageLabeller:
     """How ``segment`` turns an image into instances.
 
@@ -533,7 +544,9 @@ def resolve_labeller(
             cfg = cfg.with_updates(**{"segmenter.default_model": "fit"})
     # the magnification check was measured on the shipped network only
     zoom = sc.zoom_check and model is None and cfg.segmenter.default_model == "shipped"
-    net = resolve_model(model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress)
+    net = resolve_model(
+        model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, save_to=save_to
+    )
     net = net.to(device).eval()
 
     def network_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:
@@ -586,6 +599,47 @@ def fit_image_classes(
     )
 
 
+def _fits_a_network(stain: str, model: Any, cfg: RunConfig) -> bool:
+    """Whether ``segment`` fits a network for images of ``stain`` (see :func:`resolve_labeller`)."""
+    route = cfg.segmenter.default_model
+    if model is not None or route == "none":
+        return False
+    return route == "fit" or stain == "ihc-dab" or not shipped_matches(cfg)
+
+
+def _check_save_model(
+    save_model: str | os.PathLike[str] | None,
+    groups: dict[str, list[Path]],
+    model: Any,
+    cfg: RunConfig,
+    overwrite: bool,
+) -> Path | None:
+    """``--save-model`` judged before any work: one stain, a route that fits, a writable file."""
+    if save_model is None:
+        return None
+    path = Path(save_model)
+    if len(groups) > 1:
+        raise InvalidArgumentError(
+            f"--save-model: the images are of {len(groups)} stains ({', '.join(groups)}), each "
+            "fitted apart: segment them stain by stain to save each network"
+        )
+    stain = next(iter(groups))
+    if not _fits_a_network(stain, model, cfg.with_updates(stain=stain)):
+        why = "--model was given" if model is not None else (
+            "segmenter.default_model is none" if cfg.segmenter.default_model == "none"
+            else "H&E images at the shipped network's resolution use the shipped network"
+        )  # fmt: skip
+        raise InvalidArgumentError(f"--save-model: no network is fitted here ({why})")
+    if path.is_dir():
+        raise InvalidArgumentError(
+            f"--save-model {path} is a folder: give a file, e.g. {path / 'model.pt'}"
+        )
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output exists: {path} (use --overwrite to replace it)")
+    check_writable(path)
+    return path
+
+
 def segment_images(
     paths: Sequence[str | Path],
     out_dir: str | Path,
@@ -597,6 +651,7 @@ def segment_images(
     progress: ProgressHook | None = None,
     annotator: CellAnnotator | None = None,
     on_image: Callable[[Path, int, float], None] | None = None,
+    save_model: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
     """Segment every image of ``paths`` into ``out_dir``; returns the written files (two per image).
 
@@ -606,7 +661,9 @@ def segment_images(
     classes are fitted on the images' own cells first (:func:`fit_image_classes`), else one class
     "Nucleus". With ``cfg.stain`` "auto" each image's stain is detected, and images of different
     stains are segmented group by group (:func:`check_inputs`), each with its stain's route and
-    classes. ``on_image(path, n_cells, seconds)`` is called after each image.
+    classes. ``on_image(path, n_cells, seconds)`` is called after each image. ``save_model``: also
+    save the network fitted on the images (IHC, another ``target_mpp``, or ``default_model`` "fit")
+    there, as a model file for ``model`` next time; refused when nothing would be fitted.
     Outputs are checked before any work: an existing one raises OutputExistsError unless
     ``overwrite``. Unreadable images, missing mpp etc. raise the slide reader's WsiPsmError.
     """
@@ -622,6 +679,7 @@ def segment_images(
     if out.exists() and not out.is_dir():
         raise OutputWriteError(f"cannot write into {out}: it is a file, not a folder")
     check_writable(output_paths(paths[0], out)[0])  # the folder, and a file in it if it exists
+    save_to = _check_save_model(save_model, groups, model, cfg, overwrite)
     if len(groups) > 1:  # each stain its own route (network, classes), as if segmented apart
         log.info(
             "images of %d stains, segmented by stain: %s",
@@ -643,7 +701,7 @@ def segment_images(
         log.info("processing at %g µm/px, the resolution the model was trained at", trained_mpp)
         cfg = cfg.with_updates(target_mpp=trained_mpp)
     labeller = resolve_labeller(
-        model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress
+        model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, save_to=save_to
     )
     cache: dict[Path, np.ndarray] = {}
     if annotator is None:
