@@ -449,7 +449,12 @@ def resolve_model(
         sources = [p.name for p in sample]
         bundle = fit_on_images(images, cfg, device=device, progress=progress, sources=sources)
         if save_to is not None:
-            bundle.save(save_to)
+            from .export import write_error
+
+            try:
+                bundle.save(save_to)
+            except OSError as err:  # a disk that filled up during the fit: one line, not a trace
+                raise write_error(err, save_to) from err
         return resolve_model(bundle, paths=paths, cfg=cfg, mpp=mpp, device=device)
     return default_model()
 
