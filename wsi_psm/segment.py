@@ -41,7 +41,7 @@ from .errors import (
     OutputWriteError,
     WsiPsmError,
 )
-from .export import CellRecord, GeoJSONWriter, check_writable, prepare_cells
+from .export import CellRecord, GeoJSONWriter, check_writable, prepare_cells, write_error
 from .instances import resize_labels
 from .magnification import zoom_resolves
 from .pipeline import CellAnnotator, ShapeOnly
@@ -449,8 +449,6 @@ def resolve_model(
         sources = [p.name for p in sample]
         bundle = fit_on_images(images, cfg, device=device, progress=progress, sources=sources)
         if save_to is not None:
-            from .export import write_error
-
             try:
                 bundle.save(save_to)
             except OSError as err:  # a disk that filled up during the fit: one line, not a trace
