@@ -602,14 +602,6 @@ def fit_image_classes(
     )
 
 
-def _fits_a_network(stain: str, model: Any, cfg: RunConfig) -> bool:
-    """Whether ``segment`` fits a network for images of ``stain`` (see :func:`resolve_labeller`)."""
-    route = cfg.segmenter.default_model
-    if model is not None or route == "none":
-        return False
-    return route == "fit" or stain == "ihc-dab" or not shipped_matches(cfg)
-
-
 def _check_save_model(
     save_model: str | os.PathLike[str] | None,
     groups: dict[str, list[Path]],
@@ -626,8 +618,8 @@ def _check_save_model(
             f"--save-model: the images are of {len(groups)} stains ({', '.join(groups)}), each "
             "fitted apart: segment them stain by stain to save each network"
         )
-    stain = next(iter(groups))
-    if not _fits_a_network(stain, model, cfg.with_updates(stain=stain)):
+    fitted = model is None and cfg.segmenter.default_model != "none"
+    if not fitted or uses_shipped_network(next(iter(groups)), cfg):  # resolve_labeller's route
         why = "--model was given" if model is not None else (
             "segmenter.default_model is none" if cfg.segmenter.default_model == "none"
             else "H&E images at the shipped network's resolution use the shipped network"
