@@ -74,6 +74,9 @@ def agreement(slide: str, n_tiles: int, device: str) -> None:
             print(f"  {name:9s} {dt * 1000 / len(imgs):7.1f} ms/tile  max|dmap| {diff.max():.4f}  "
                   f"mean|dmap| {diff.mean():.5f}  AJI vs cpu {a:.4f}  pixel F1 vs cpu {f:.4f}  cells {cells}")  # fmt: skip
 
+        if gpu.type == "cuda":
+            memory_layouts(net, imgs, gpu)
+
         t = time.perf_counter()
         bundle = fit_model_on_context(ctx, cfg, device=gpu)
         if gpu.type == "cuda":
@@ -88,6 +91,34 @@ def agreement(slide: str, n_tiles: int, device: str) -> None:
               f"(maps in [0, 1]; shape {psm['cpu'].shape})")  # fmt: skip
     finally:
         ctx.slide.close()
+
+
+@torch.no_grad()
+def memory_layouts(net: torch.nn.Module, imgs: np.ndarray, device: torch.device) -> None:
+    """The segmenter's float16 forward on CUDA in NCHW and in channels-last, batch 8 and 32."""
+    from wsi_psm.segmenter.predict import to_network_input
+
+    x = to_network_input(np.concatenate([imgs] * (32 // len(imgs) + 1))[:32], device)
+    outs = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        net.to(memory_format=layout)
+        for bs in (8, 32):
+            xb = x[:bs].contiguous(memory_format=layout)
+            with torch.autocast("cuda", dtype=torch.float16):
+                for _ in range(3):
+                    y = net(xb)  # warm-up, cuDNN's algorithm choice
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(20):
+                    y = net(xb)
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t) / 20 / bs
+            outs[(layout, bs)] = torch.sigmoid(y.float())
+            print(f"  forward fp16 {str(layout).split('.')[-1]:18s} batch {bs:2d}: "
+                  f"{dt * 1000:6.2f} ms/tile")  # fmt: skip
+    d = (outs[(torch.channels_last, 32)] - outs[(torch.contiguous_format, 32)]).abs().max()
+    print(f"  channels-last vs NCHW max|d prob| {float(d):.5f}")
+    net.to(memory_format=torch.contiguous_format)
 
 
 def sampled(

@@ -181,6 +181,7 @@ class SeamResolver:
             near = [j for j in self._neighbours(self.grid.tiles[i]) if j in self._pending]
             allc = [c for j in near for c in self._pending[j]]
             geoms = np.array([c.polygon for c in allc], dtype=object)
+            tiles = np.array([c.tile for c in allc])
             tree = shapely.STRtree(geoms)
             area = shapely.area(geoms)
             decided: set[int] = set()
@@ -188,7 +189,7 @@ class SeamResolver:
             for k in range(first, first + len(self._pending[i])):
                 if k in decided:
                     continue
-                group = self._group(k, geoms, area, tree)
+                group = self._group(k, geoms, area, tiles, tree)
                 decided.update(group)
                 best = min(group, key=lambda j: (not allc[j].own, allc[j].tile, j))
                 self.duplicates_removed += len(group) - 1
@@ -241,13 +242,16 @@ class SeamResolver:
         return True
 
     @staticmethod
-    def _group(i: int, geoms: np.ndarray, area: np.ndarray, tree: shapely.STRtree) -> set[int]:
-        """Indices of the candidates that overlap candidate i (transitively) beyond the threshold."""
+    def _group(
+        i: int, geoms: np.ndarray, area: np.ndarray, tiles: np.ndarray, tree: shapely.STRtree
+    ) -> set[int]:
+        """Indices of the candidates that overlap candidate i (transitively) beyond the threshold.
+        Cells of one tile never overlap (they only touch), so only other tiles' are measured."""
         group, todo = {i}, [i]
         while todo:
             j = todo.pop()
             hits = tree.query(geoms[j], predicate="intersects")
-            hits = [h for h in hits if h not in group]
+            hits = [h for h in hits[tiles[hits] != tiles[j]] if h not in group]
             if not hits:
                 continue
             inter = shapely.area(shapely.intersection(geoms[j], geoms[hits]))
