@@ -402,6 +402,8 @@ def batch(
     seed: SeedOpt = None,
     stain: StainOpt = None,
     gzip: GzipOpt = None,
+    batch_size: BatchOpt = None,
+    workers: WorkersOpt = None,
     overwrite: OverwriteOpt = False,
     skip_existing: SkipOpt = False,
     quiet: Annotated[
@@ -418,7 +420,8 @@ def batch(
     from wsi_psm.distributed import run_batch
 
     _one_of(overwrite, skip_existing)
-    cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip)
+    cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip,
+                  batch_size=batch_size, workers=workers)  # fmt: skip
     slides = find_slides(inputs)
 
     def show(line: str) -> None:

@@ -75,6 +75,7 @@ def test_outputs_meet_the_contract(cmu_run):
     jsonschema.validate(fc, load_schema("cells"))
     summary = json.loads((out / "summary.json").read_text())
     jsonschema.validate(summary, load_schema("summary"))
+    assert sorted(summary["outputs"]) == sorted(p.name for p in out.iterdir())
     assert summary["cells_total"] == len(fc["features"]) == cmu_run.cells
     assert sum(c["count"] for c in summary["class_counts"].values()) == summary["cells_total"]
     assert summary["slide"]["mpp"] == pytest.approx(0.499)

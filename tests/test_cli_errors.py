@@ -422,3 +422,23 @@ def test_sigterm_removes_the_temporary_output(tmp_path, capsys, cmu_svs, monkeyp
         signal.signal(signal.SIGTERM, runner)
     assert code == 143 and err == "error: terminated\n"
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_batch_passes_the_tile_options_to_every_slide(tmp_path, capsys, cmu_svs, monkeypatch):
+    """`batch` takes --batch-size and --workers as `run` does (into the configuration the tasks
+    get); a bad value is a usage error before any cluster starts."""
+    import wsi_psm.distributed
+
+    seen = {}
+
+    def fake_run_batch(slides, output, cfg, **kw):
+        seen["cfg"] = cfg
+        return []
+
+    monkeypatch.setattr(wsi_psm.distributed, "run_batch", fake_run_batch)
+    argv = ["batch", str(cmu_svs), "-o", str(tmp_path / "out"), "-q"]
+    code, _, _ = _run([*argv, "--batch-size", "3", "--workers", "5"], capsys)
+    assert code == 0
+    assert (seen["cfg"].tiles.batch_size, seen["cfg"].tiles.decode_workers) == (3, 5)
+    code, _, err = _run([*argv, "--batch-size", "0"], capsys)
+    assert code == 2 and err.startswith("error: invalid value for '--batch-size'")

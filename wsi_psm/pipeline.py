@@ -470,6 +470,7 @@ def run_slide(
         }
         if summary_extras is not None:
             summary["indices"] = summary_extras(dict(counts))
+        summary["outputs"] = [geojson_name, "cells.parquet", "overlay.png", "summary.json"]
         write_summary(tmp / "summary.json", summary)
     return SlideRun(Path(out_dir), sum(counts.values()), dict(counts), summary)
 
