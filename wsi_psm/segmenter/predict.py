@@ -50,12 +50,14 @@ def network_maps(
     """Probabilities (B, 2, H, W) of a (B, H, W, 3) uint8 batch; H and W any size (padded).
 
     float32, or float16 with ``half`` (rounded on the device: half the bytes back to the host).
-    ``channels_last``: the batch goes through in that memory format, which oneDNN's convolutions
-    run 1.2-1.6x faster on a CPU (same maps up to float rounding, ~1e-5) and cuDNN's float16 ones
-    ~1.2x faster on an H100 (max |d| 4e-4).
+    ``channels_last``: on a CPU or CUDA device the batch goes through in that memory format, which
+    oneDNN's convolutions run 1.2-1.6x faster on a CPU (same maps up to float rounding, ~1e-5) and
+    cuDNN's float16 ones ~1.2x faster on an H100 (max |d| 4e-4); elsewhere (MPS: not measured) the
+    plain layout.
     """
     x = to_network_input(images, device)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
+    fast = channels_last and device.type in ("cpu", "cuda")
+    layout = torch.channels_last if fast else torch.contiguous_format
     h, w = x.shape[-2:]
     m = net.multiple
     ph, pw = (-h) % m, (-w) % m
