@@ -56,6 +56,20 @@ def test_network_predictor_labeller_is_picklable_and_agrees() -> None:
         np.testing.assert_array_equal(lab.labels(t, r), pred.labels(t, r))
 
 
+def test_fitted_networks_average_test_time_magnifications() -> None:
+    """A fitted network's predictor averages ``segmenter.fitted_scales``; the shipped network's
+    does not (it has the magnification check)."""
+    from wsi_psm.inference import make_predictor
+
+    cfg = RunConfig().with_updates(**{"classes.enabled": False})
+    for provenance, scales in (({"segmenter": "shipped"}, (1.0,)), ({}, (1.0, 1.41))):
+        b = SimpleNamespace(stain="he", components={}, component_meta={}, provenance=provenance)
+        attach_segmenter(b, [], RunConfig(), device=CPU)
+        pred, _, _ = make_predictor(b, device=CPU, cfg=cfg)
+        assert isinstance(pred, NetworkPredictor) and pred.scales == scales
+    assert tuple(RunConfig().segmenter.fitted_scales) == (1.0, 1.41)
+
+
 def test_worker_side_of_the_network_route_does_not_import_torch() -> None:
     # GPU runs spawn one post-processing process per core, each importing what the labeller needs:
     # torch (seconds per process) must not be among it

@@ -121,6 +121,26 @@ def test_cpu_forwards_run_channels_last_with_the_same_maps() -> None:
     np.testing.assert_allclose(fast, plain, atol=1e-5)
 
 
+def test_test_time_magnification_averages_the_magnified_maps() -> None:
+    """``scales``: the batch also goes through magnified (bilinear, 1.5x here) and those maps,
+    resampled back to the input's pixels, are averaged with the plain ones."""
+    from torch.nn.functional import interpolate
+
+    from wsi_psm.preprocess import to_network_input
+
+    net = tiny_net()
+    imgs = np.stack([synthetic_tile(64, seed=s)[0] for s in range(2)])
+    plain = network_maps(net, imgs, CPU, tta=False)
+    both = network_maps(net, imgs, CPU, tta=False, scales=(1.0, 1.5))
+    assert both.shape == plain.shape == (2, 2, 64, 64)
+    with torch.no_grad():  # 96 px: a multiple of the net's stride, so no padding to undo
+        x = interpolate(to_network_input(imgs, CPU), size=(96, 96), mode="bilinear")
+        up = interpolate(torch.sigmoid(net(x)), size=(64, 64), mode="bilinear").numpy()
+    np.testing.assert_allclose(both, (plain + up) / 2, atol=1e-5)
+    assert np.abs(both - plain).max() > 1e-4  # it changes them (an untrained net: nearly flat)
+    np.testing.assert_allclose(network_maps(net, imgs, CPU, tta=False, scales=(1.0, 1.0)), plain)
+
+
 def test_distance_target_per_nucleus() -> None:
     labels = np.zeros((20, 30), np.int32)
     labels[5:15, 3:13] = 1

@@ -76,10 +76,14 @@ def make_predictor(
 ) -> tuple[TilePredictor, CellAnnotator, Callable[[dict[str, int]], dict[str, Any]] | None]:
     """The predictor, the cell annotator and the summary-indices hook for a bundle."""
     net = bundle_segmenter(bundle)
+    # a fitted network averages its maps over test-time magnifications; the shipped one has the
+    # magnification check instead (pipeline.process_slide)
+    shipped = bundle.provenance.get("segmenter") == "shipped"
+    scales = (1.0,) if shipped else tuple(cfg.segmenter.fitted_scales)
     predictor: TilePredictor = (
         PSMPredictor(*bundle.psm_stages(), device, cfg)
         if net is None
-        else NetworkPredictor(net, device, cfg)
+        else NetworkPredictor(net, device, cfg, scales=scales)
     )
     state = bundle.component_meta.get(CLASSES_COMPONENT)
     if state is None or not cfg.classes.enabled:

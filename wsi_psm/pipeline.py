@@ -606,8 +606,9 @@ def process_slide(
 # keeps the rest (tiling, device, outputs, seed, instance sizes).
 MODEL_FIELDS = ("target_mpp", "stain", "psm", "cluster", "segmenter", "classes")
 # ... except how the network is applied, which is the run's choice: test-time augmentation, mixed
-# precision and the magnification check (e.g. `--set segmenter.tta=true` with `--model`)
-RUN_SEGMENTER_FIELDS = ("tta", "amp", "zoom_check")
+# precision, the magnification check and the test-time magnifications (e.g. `--set
+# segmenter.tta=true` with `--model`)
+RUN_SEGMENTER_FIELDS = ("tta", "amp", "zoom_check", "fitted_scales")
 
 
 def model_run_config(cfg: RunConfig, model_cfg: RunConfig) -> RunConfig:

@@ -167,8 +167,11 @@ def segment_array(
     cfg: RunConfig,
     *,
     zoom_check: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> np.ndarray:
     """Instance labels (int32) at the native image's pixels from its processing-resolution copy.
+
+    ``scales``: test-time magnifications whose maps are averaged (``segmenter.fitted_scales``).
 
     With ``zoom_check`` the net also sees the image magnified 2x (at half the processing
     mpp), read out as if at the processing mpp, and that result is kept when
@@ -176,7 +179,9 @@ def segment_array(
     :mod:`wsi_psm.magnification`; measured on the shipped H&E network only).
     """
     sc = cfg.segmenter
-    maps = predict_maps(net, rgb_processing, device, window=sc.window_px, tta=sc.tta, amp=sc.amp)
+    maps = predict_maps(
+        net, rgb_processing, device, window=sc.window_px, tta=sc.tta, amp=sc.amp, scales=scales
+    )
     shape = rgb_native.shape[:2]
     if sc.native_instances:
         mpp1, maps = native_mpp, _resize_maps(maps, shape)
@@ -521,7 +526,9 @@ def resolve_labeller(
     haematoxylin-only nuclei, and any ``target_mpp`` other than the one it was trained at, get a
     network fitted on the images themselves, label-free), "fit"
     (always fitted on the images), or "none" (no network: an activation net and clustering fitted
-    on a sample of the images, pseudo masks split by the watershed).
+    on a sample of the images, pseudo masks split by the watershed). The shipped network's route
+    has the magnification check (``segmenter.zoom_check``); any other network (fitted, or
+    ``model``) averages its maps over ``segmenter.fitted_scales``.
     """
     sc = cfg.segmenter
     if model is None and sc.default_model == "none":
@@ -545,15 +552,20 @@ def resolve_labeller(
             cfg = cfg.with_updates(stain="ihc-dab", **{"segmenter.default_model": "fit"})
         elif not shipped_matches(cfg):  # as `run`: another resolution needs its own network
             cfg = cfg.with_updates(**{"segmenter.default_model": "fit"})
-    # the magnification check was measured on the shipped network only
-    zoom = sc.zoom_check and model is None and cfg.segmenter.default_model == "shipped"
+    # the magnification check was measured on the shipped network only; other networks average
+    # their maps over test-time magnifications instead
+    shipped = model is None and cfg.segmenter.default_model == "shipped"
+    zoom = sc.zoom_check and shipped
+    scales = (1.0,) if shipped else tuple(sc.fitted_scales)
     net = resolve_model(
         model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, save_to=save_to
     )
     net = net.to(device).eval()
 
     def network_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:
-        return segment_array(native, proc, native_mpp, net, device, cfg, zoom_check=zoom)
+        return segment_array(
+            native, proc, native_mpp, net, device, cfg, zoom_check=zoom, scales=scales
+        )
 
     return network_labels
 

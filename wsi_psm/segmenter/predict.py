@@ -10,7 +10,7 @@ averaged (test-time augmentation) when asked.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,42 +46,56 @@ def network_maps(
     amp: bool = False,
     half: bool = False,
     channels_last: bool = True,
+    scales: Sequence[float] = (1.0,),
 ) -> np.ndarray:
     """Probabilities (B, 2, H, W) of a (B, H, W, 3) uint8 batch; H and W any size (padded).
 
     float32, or float16 with ``half`` (rounded on the device: half the bytes back to the host).
+    ``scales``: the batch is also shown magnified by each factor (bilinear, on the device) and
+    the maps, resampled back, are averaged with the others (test-time magnification; see
+    ``segmenter.fitted_scales``).
     ``channels_last``: on a CPU or CUDA device the batch goes through in that memory format, which
     oneDNN's convolutions run 1.2-1.6x faster on a CPU (same maps up to float rounding, ~1e-5) and
     cuDNN's float16 ones ~1.2x faster on an H100 (max |d| 4e-4); elsewhere (MPS: not measured) the
     plain layout.
     """
-    x = to_network_input(images, device)
+    x0 = to_network_input(images, device)
     fast = channels_last and device.type in ("cpu", "cuda")
     layout = torch.channels_last if fast else torch.contiguous_format
-    h, w = x.shape[-2:]
-    m = net.multiple
-    ph, pw = (-h) % m, (-w) % m
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
-    ks = range(8) if tta and x.shape[-1] == x.shape[-2] else ((0, 4) if tta else (0,))
-    acc = None
+    h, w = x0.shape[-2:]
     autocast = (
         torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else None
     )
     # a CPU forward of a large image allocates blocks over glibc's mmap ceiling: reuse them, over
-    # all the dihedral variants (one scope: the heap is handed back once, not per variant)
-    big = device.type == "cpu" and h * w > CPU_FORWARD_PIXELS
+    # all the variants (one scope: the heap is handed back once, not per variant)
+    big = device.type == "cpu" and h * w * max(scales) ** 2 > CPU_FORWARD_PIXELS
+    acc, n = None, 0
     with large_blocks_reused() if big else contextlib.nullcontext():
-        for k in ks:
-            with autocast if autocast is not None else contextlib.nullcontext():
-                # the layout last: a rotation or flip gives a plain contiguous copy
-                y = forward_in_chunks(net, _dihedral(x, k).contiguous(memory_format=layout))
-            y = _undo_dihedral(torch.sigmoid(y.float()), k)
-            acc = y if acc is None else acc + y
+        for scale in scales:
+            hs, ws = (h, w) if scale == 1 else (round(h * scale), round(w * scale))
+            x = x0 if (hs, ws) == (h, w) else _resample(x0, (hs, ws))
+            m = net.multiple
+            ph, pw = (-hs) % m, (-ws) % m
+            if ph or pw:
+                mode = "reflect" if ph < hs and pw < ws else "replicate"
+                x = torch.nn.functional.pad(x, (0, pw, 0, ph), mode=mode)
+            ks = range(8) if tta and x.shape[-1] == x.shape[-2] else ((0, 4) if tta else (0,))
+            for k in ks:
+                with autocast if autocast is not None else contextlib.nullcontext():
+                    # the layout last: a rotation or flip gives a plain contiguous copy
+                    y = forward_in_chunks(net, _dihedral(x, k).contiguous(memory_format=layout))
+                y = _undo_dihedral(torch.sigmoid(y.float()), k)[:, :, :hs, :ws]
+                y = y if (hs, ws) == (h, w) else _resample(y, (h, w))
+                acc = y if acc is None else acc + y
+                n += 1
     assert acc is not None
-    acc = acc[:, :, :h, :w] / len(ks)
+    acc = acc / n
     return (acc.half() if half else acc).cpu().numpy()
+
+
+def _resample(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resampling of a (B, C, H, W) batch to ``size`` (pixel-area geometry)."""
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _windows(n: int, win: int, core: int) -> Iterator[tuple[int, int, int]]:
@@ -110,18 +124,21 @@ def predict_maps(
     tta: bool = True,
     amp: bool = False,
     channels_last: bool = True,
+    scales: Sequence[float] = (1.0,),
 ) -> np.ndarray:
     """(2, H, W) float32 probability maps of one uint8 RGB image of any size.
 
     Images up to ``window`` px a side go through whole; larger ones in ``window``-px windows that
     overlap by ``2 * margin`` px, of which only the centre is kept (no seams from border effects).
-    ``channels_last``: see :func:`network_maps`.
+    ``channels_last``, ``scales``: see :func:`network_maps` (each window magnified whole).
     """
     img = np.ascontiguousarray(image[..., :3])
     h, w = img.shape[:2]
     net.eval()
     if h <= window and w <= window:
-        maps = network_maps(net, img[None], device, tta=tta, amp=amp, channels_last=channels_last)
+        maps = network_maps(
+            net, img[None], device, tta=tta, amp=amp, channels_last=channels_last, scales=scales
+        )
         return maps[0]
     out = np.zeros((2, h, w), np.float32)
     core = window - 2 * margin
@@ -130,7 +147,9 @@ def predict_maps(
     for i in range(0, len(boxes), batch):
         chunk = boxes[i : i + batch]
         wins = np.stack([img[ys : ys + window, xs : xs + window] for ys, _, _, xs, _, _ in chunk])
-        maps = network_maps(net, wins, device, tta=tta, amp=amp, channels_last=channels_last)
+        maps = network_maps(
+            net, wins, device, tta=tta, amp=amp, channels_last=channels_last, scales=scales
+        )
         for (ys, yk0, yk1, xs, xk0, xk1), m in zip(chunk, maps, strict=True):
             out[:, yk0:yk1, xk0:xk1] = m[:, yk0 - ys : yk1 - ys, xk0 - xs : xk1 - xs]
     return out
@@ -144,16 +163,25 @@ class SegmenterPredictor:
     (:func:`maps_to_instances` at the tile's processing resolution ``cfg.target_mpp``).
     """
 
-    def __init__(self, net: Segmenter, device: torch.device, cfg: RunConfig) -> None:
+    def __init__(
+        self,
+        net: Segmenter,
+        device: torch.device,
+        cfg: RunConfig,
+        *,
+        scales: Sequence[float] = (1.0,),
+    ) -> None:
         self.net = net.to(device).eval()
         self.device = device
         self.cfg = cfg
+        self.scales = tuple(scales)  # test-time magnifications (see network_maps)
 
     def network(self, images: np.ndarray) -> list[np.ndarray]:
         sc = self.cfg.segmenter
         maps = network_maps(
-            self.net, np.asarray(images), self.device, tta=sc.tta, amp=sc.amp, half=True
-        )
+            self.net, np.asarray(images), self.device, tta=sc.tta, amp=sc.amp, half=True,
+            scales=self.scales,
+        )  # fmt: skip
         return list(maps)
 
     def labels(self, image: np.ndarray, raw: np.ndarray) -> np.ndarray:
