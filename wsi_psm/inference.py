@@ -21,7 +21,7 @@ from .model import ModelBundle
 from .pipeline import CellAnnotator, ShapeOnly, TilePredictor
 from .psm.maps import compute_psm
 from .psm.network import ActivationNet
-from .segment import bundle_segmenter
+from .segment import bundle_segmenter, network_scales
 from .segmenter.predict import SegmenterPredictor
 from .segmenter.readout import MapsLabeller
 
@@ -76,10 +76,8 @@ def make_predictor(
 ) -> tuple[TilePredictor, CellAnnotator, Callable[[dict[str, int]], dict[str, Any]] | None]:
     """The predictor, the cell annotator and the summary-indices hook for a bundle."""
     net = bundle_segmenter(bundle)
-    # a fitted network averages its maps over test-time magnifications; the shipped one has the
-    # magnification check instead (pipeline.process_slide)
-    shipped = bundle.provenance.get("segmenter") == "shipped"
-    scales = (1.0,) if shipped else tuple(cfg.segmenter.fitted_scales)
+    # (the shipped network's magnification check runs in pipeline.process_slide)
+    scales = network_scales(bundle.provenance.get("segmenter") == "shipped", cfg)
     predictor: TilePredictor = (
         PSMPredictor(*bundle.psm_stages(), device, cfg)
         if net is None

@@ -490,6 +490,12 @@ def shipped_matches(cfg: RunConfig) -> bool:
     return mpp is not None and abs(mpp - cfg.target_mpp) < 1e-6
 
 
+def network_scales(shipped: bool, cfg: RunConfig) -> tuple[float, ...]:
+    """The test-time magnifications a network's maps are averaged over: none for the shipped
+    network (it has the magnification check instead), ``segmenter.fitted_scales`` for any other."""
+    return (1.0,) if shipped else tuple(cfg.segmenter.fitted_scales)
+
+
 def uses_shipped_network(stain: str, cfg: RunConfig) -> bool:
     """Whether a bundle fitted for ``stain`` gets the shipped network (:func:`attach_segmenter`)."""
     return cfg.segmenter.default_model == "shipped" and stain == "he" and shipped_matches(cfg)
@@ -556,7 +562,7 @@ def resolve_labeller(
     # their maps over test-time magnifications instead
     shipped = model is None and cfg.segmenter.default_model == "shipped"
     zoom = sc.zoom_check and shipped
-    scales = (1.0,) if shipped else tuple(sc.fitted_scales)
+    scales = network_scales(shipped, cfg)
     net = resolve_model(
         model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, save_to=save_to
     )
@@ -749,6 +755,7 @@ __all__ = [
     "fit_on_images",
     "load_segmenter",
     "model_mpp",
+    "network_scales",
     "output_paths",
     "pseudo_masks_per_image",
     "resolve_labeller",
