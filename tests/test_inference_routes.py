@@ -60,14 +60,38 @@ def test_fitted_networks_average_test_time_magnifications() -> None:
     """A fitted network's predictor averages ``segmenter.fitted_scales``; the shipped network's
     does not (it has the magnification check)."""
     from wsi_psm.inference import make_predictor
+    from wsi_psm.segment import set_segmenter
 
     cfg = RunConfig().with_updates(**{"classes.enabled": False})
-    for provenance, scales in (({"segmenter": "shipped"}, (1.0,)), ({}, (1.0, 1.41))):
-        b = SimpleNamespace(stain="he", components={}, component_meta={}, provenance=provenance)
-        attach_segmenter(b, [], RunConfig(), device=CPU)
+    shipped = SimpleNamespace(stain="he", components={}, component_meta={}, provenance={})
+    attach_segmenter(shipped, [], RunConfig(), device=CPU)
+    fitted = SimpleNamespace(stain="he", components={}, component_meta={}, provenance={})
+    set_segmenter(fitted, SegNet(width=4, depth=2).eval(), target_mpp=0.5)
+    for b, scales in ((shipped, (1.0,)), (fitted, (1.0, 1.41))):
         pred, _, _ = make_predictor(b, device=CPU, cfg=cfg)
         assert isinstance(pred, NetworkPredictor) and pred.scales == scales
     assert tuple(RunConfig().segmenter.fitted_scales) == (1.0, 1.41)
+
+
+def test_the_shipped_network_is_known_by_its_weights_however_it_arrives(tmp_path) -> None:
+    """``segment --model`` and ``run --model`` give the shipped network its own route (the
+    magnification check) whether it comes as the default, a copy of its file or a ``run`` bundle;
+    a network that differs in one weight is a fitted one."""
+    import shutil
+
+    from wsi_psm.segment import is_shipped_network, load_segmenter
+
+    copy = tmp_path / "copy.pt"
+    shutil.copy(DEFAULT_MODEL, copy)
+    b = _bundle("he")
+    attach_segmenter(b, [], RunConfig(), device=CPU)
+    for net in (default_model(), load_segmenter(copy), bundle_segmenter(b)):
+        assert is_shipped_network(net)
+    changed = default_model()
+    with torch.no_grad():
+        next(changed.parameters()).view(-1)[0] += 1e-3
+    assert not is_shipped_network(changed)
+    assert not is_shipped_network(SegNet(width=4, depth=2)) and not is_shipped_network(None)
 
 
 def test_worker_side_of_the_network_route_does_not_import_torch() -> None:

@@ -77,11 +77,10 @@ def make_predictor(
     """The predictor, the cell annotator and the summary-indices hook for a bundle."""
     net = bundle_segmenter(bundle)
     # (the shipped network's magnification check runs in pipeline.process_slide)
-    scales = network_scales(bundle.provenance.get("segmenter") == "shipped", cfg)
     predictor: TilePredictor = (
         PSMPredictor(*bundle.psm_stages(), device, cfg)
         if net is None
-        else NetworkPredictor(net, device, cfg, scales=scales)
+        else NetworkPredictor(net, device, cfg, scales=network_scales(net, cfg))
     )
     state = bundle.component_meta.get(CLASSES_COMPONENT)
     if state is None or not cfg.classes.enabled:

@@ -555,6 +555,7 @@ def process_slide(
         from .fit import fit_cell_classes, fit_model_on_context
         from .inference import make_predictor
         from .magnification import ScaleChoosingPredictor, check_slide_magnification, magnified_run
+        from .segment import is_shipped_network
 
         device = select_device(cfg.device)
         extra: dict[str, float] = {}
@@ -577,7 +578,7 @@ def process_slide(
         predictor, annotator, extras = make_predictor(model, device=device, cfg=cfg)
         run_ctx, run_cfg = ctx, cfg
         # the magnification check was measured on the shipped network only
-        if cfg.segmenter.zoom_check and model.provenance.get("segmenter") == "shipped":
+        if cfg.segmenter.zoom_check and is_shipped_network(getattr(predictor, "net", None)):
             t = time.perf_counter()
             mag = check_slide_magnification(ctx, predictor, cfg, progress)
             model_info["magnification"] = mag.summary()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -490,10 +491,34 @@ def shipped_matches(cfg: RunConfig) -> bool:
     return mpp is not None and abs(mpp - cfg.target_mpp) < 1e-6
 
 
-def network_scales(shipped: bool, cfg: RunConfig) -> tuple[float, ...]:
+def _weights_digest(net: Segmenter) -> str:
+    h = hashlib.sha1()
+    for name, t in net.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@functools.cache
+def _shipped_digest() -> str | None:
+    return (
+        _weights_digest(read_segmenter_file(DEFAULT_MODEL)[0]) if DEFAULT_MODEL.is_file() else None
+    )
+
+
+def is_shipped_network(net: Segmenter | None) -> bool:
+    """Whether ``net`` has the shipped network's weights, however it came (the default, a ``run``
+    bundle, a copy of the file given as ``--model``): the one rule for the routes measured on it
+    (the magnification check instead of ``segmenter.fitted_scales``). Weights, not provenance, so
+    ``segment`` and ``run`` agree on any model file."""
+    shipped = _shipped_digest()
+    return net is not None and shipped is not None and _weights_digest(net) == shipped
+
+
+def network_scales(net: Segmenter | None, cfg: RunConfig) -> tuple[float, ...]:
     """The test-time magnifications a network's maps are averaged over: none for the shipped
     network (it has the magnification check instead), ``segmenter.fitted_scales`` for any other."""
-    return (1.0,) if shipped else tuple(cfg.segmenter.fitted_scales)
+    return (1.0,) if is_shipped_network(net) else tuple(cfg.segmenter.fitted_scales)
 
 
 def uses_shipped_network(stain: str, cfg: RunConfig) -> bool:
@@ -533,8 +558,9 @@ def resolve_labeller(
     network fitted on the images themselves, label-free), "fit"
     (always fitted on the images), or "none" (no network: an activation net and clustering fitted
     on a sample of the images, pseudo masks split by the watershed). The shipped network's route
-    has the magnification check (``segmenter.zoom_check``); any other network (fitted, or
-    ``model``) averages its maps over ``segmenter.fitted_scales``.
+    has the magnification check (``segmenter.zoom_check``), also when ``model`` holds its weights
+    (:func:`is_shipped_network`); any other network averages its maps over
+    ``segmenter.fitted_scales``.
     """
     sc = cfg.segmenter
     if model is None and sc.default_model == "none":
@@ -558,14 +584,13 @@ def resolve_labeller(
             cfg = cfg.with_updates(stain="ihc-dab", **{"segmenter.default_model": "fit"})
         elif not shipped_matches(cfg):  # as `run`: another resolution needs its own network
             cfg = cfg.with_updates(**{"segmenter.default_model": "fit"})
-    # the magnification check was measured on the shipped network only; other networks average
-    # their maps over test-time magnifications instead
-    shipped = model is None and cfg.segmenter.default_model == "shipped"
-    zoom = sc.zoom_check and shipped
-    scales = network_scales(shipped, cfg)
     net = resolve_model(
         model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, save_to=save_to
     )
+    # the magnification check was measured on the shipped network only; other networks average
+    # their maps over test-time magnifications instead
+    zoom = sc.zoom_check and is_shipped_network(net)
+    scales = network_scales(net, cfg)
     net = net.to(device).eval()
 
     def network_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:
@@ -753,6 +778,7 @@ __all__ = [
     "default_model",
     "fit_image_classes",
     "fit_on_images",
+    "is_shipped_network",
     "load_segmenter",
     "model_mpp",
     "network_scales",
