@@ -126,6 +126,16 @@ ModelOpt = Annotated[
         dir_okay=False,
     ),
 ]
+SegmentModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="A model from `wsi-psm fit` or `segment --save-model`, or a segmenter file from "
+        "benchmarks/train_default_model.py (without it: the default route described above).",
+        exists=True,
+        dir_okay=False,
+    ),
+]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 SkipOpt = Annotated[
     bool, typer.Option("--skip-existing", help="Skip slides whose output folder exists.")
@@ -372,6 +382,23 @@ def _load_model(path: Path):
     return ModelBundle.load(path)
 
 
+def _segment_model(path: Path):
+    """``segment --model``: a model bundle (``fit``, ``--save-model``), or a bare segmenter file
+    such as ``benchmarks/train_default_model.py`` writes (given as its path: it records its
+    resolution). Anything else: the bundle loader's one-line error."""
+    from wsi_psm.errors import ModelError
+    from wsi_psm.segment import load_segmenter
+
+    try:
+        return _load_model(path)
+    except ModelError as not_bundle:
+        try:
+            load_segmenter(path)
+        except ModelError:
+            raise not_bundle from None
+        return str(path)
+
+
 @app.command()
 def batch(
     inputs: Annotated[
@@ -456,7 +483,7 @@ def segment(
         typer.Option("--output", "-o", help="Folder for <stem>.geojson and <stem>_labels.tif."),
     ],
     mpp: MppOpt = None,
-    model: ModelOpt = None,
+    model: SegmentModelOpt = None,
     config: ConfigOpt = None,
     target_mpp: TargetMppOpt = None,
     device: DeviceOpt = None,
@@ -491,7 +518,7 @@ def segment(
 
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain)
     paths = [s.path for s in find_slides(images, tiles=True)]
-    bundle = _load_model(model) if model else None
+    bundle = _segment_model(model) if model else None
     trained = model_mpp(bundle)
     if trained is not None and abs(trained - cfg.target_mpp) > 1e-6:
         console.print(

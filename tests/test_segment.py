@@ -231,6 +231,31 @@ def test_default_model_on_a_monuseg_crop(tmp_path, monuseg_dir) -> None:
     assert scores["pixel_f1"] > 0.6 and scores["aji"] > 0.3
 
 
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no default model shipped in this checkout")
+def test_the_shipped_file_as_model_gives_the_default_route(tmp_path, monuseg_dir) -> None:
+    """``segment --model`` takes a bare segmenter file (what train_default_model.py writes); the
+    shipped network's file given so is the default route, magnification check included."""
+    import shutil
+
+    from wsi_psm.cli.main import main
+
+    from wsi_psm.groundtruth import monuseg_cases
+
+    case = next(c for c in monuseg_cases(monuseg_dir) if c.has_xml)
+    src = tmp_path / "crop.png"
+    write_png(src, np.ascontiguousarray(tifffile.imread(case.image)[:192, :192, :3]))
+    copy = shutil.copy(DEFAULT_MODEL, tmp_path / "retrained.pt")
+    outs = {}
+    for name, extra in (("default", []), ("model", ["--model", str(copy)])):
+        argv = ["segment", str(src), "-o", str(tmp_path / name), "--mpp", "0.25", "-q", *extra]
+        with pytest.raises(SystemExit) as ex:
+            main(argv)
+        assert ex.value.code == 0
+        outs[name] = tifffile.imread(tmp_path / name / "crop_labels.tif")
+    assert outs["default"].max() > 10
+    np.testing.assert_array_equal(outs["model"], outs["default"])
+
+
 def test_fit_on_the_given_images(tmp_path) -> None:
     """segmenter.default_model = "fit": the whole label-free chain on the inputs (tiny settings)."""
     torch.set_num_threads(1)
