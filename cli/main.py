@@ -130,8 +130,9 @@ SegmentModelOpt = Annotated[
     Path | None,
     typer.Option(
         "--model",
-        help="A model from `wsi-psm fit` or `segment --save-model`, or a segmenter file from "
-        "benchmarks/train_default_model.py (without it: the default route described above).",
+        help="A model from `wsi-psm fit`, `segment --save-model` or "
+        "benchmarks/train_default_model.py, or a stand-alone segmenter file (without it: the "
+        "default route described above).",
         exists=True,
         dir_okay=False,
     ),
@@ -383,19 +384,18 @@ def _load_model(path: Path):
 
 
 def _segment_model(path: Path):
-    """``segment --model``: a model bundle (``fit``, ``--save-model``), or a bare segmenter file
-    such as ``benchmarks/train_default_model.py`` writes (given as its path: it records its
-    resolution). Anything else: the bundle loader's one-line error."""
+    """``segment --model``: a model bundle (``fit``, ``--save-model``, the shipped file), or a
+    stand-alone segmenter file (``save_segmenter``; given as its path: it records its resolution).
+    Anything else: the bundle loader's one-line error."""
     from wsi_psm.errors import ModelError
-    from wsi_psm.segment import load_segmenter
+    from wsi_psm.segmenter.network import is_segmenter_file
 
     try:
         return _load_model(path)
-    except ModelError as not_bundle:
-        try:
-            load_segmenter(path)
-        except ModelError:
-            raise not_bundle from None
+    except ModelError:
+        # (a bundle the loader refused, e.g. a newer format, is not used as a bare network)
+        if not is_segmenter_file(path):
+            raise
         return str(path)
 
 

@@ -323,6 +323,35 @@ def test_a_model_option_naming_another_file_says_so(tmp_path, capsys, cmu_svs, c
     assert "weights_only" not in err and "photo.png" in err
 
 
+def test_segment_does_not_take_a_refused_bundle_as_a_bare_network(tmp_path, capsys):
+    """A bundle of a newer format holds a segmenter too: refused as `run` refuses it, not used."""
+    import io
+    import json
+
+    import torch
+
+    from wsi_psm.segmenter.network import SegNet, segmenter_state
+
+    state = segmenter_state(SegNet(width=4, depth=2), target_mpp=0.5)
+    buf = io.BytesIO()
+    meta = json.dumps({"components": {"segmenter": state["meta"]}})
+    torch.save({"format": "wsi-psm-model", "version": 99, "meta": meta,
+                "components": {"segmenter": state["tensors"]}}, buf)  # fmt: skip
+    newer = tmp_path / "newer.pt"
+    newer.write_bytes(buf.getvalue())
+    img = _he_png(tmp_path / "a.png", 64)
+    argv = ["segment", str(img), "-o", str(tmp_path / "out"), "--mpp", "0.5", "--stain", "he",
+            "--model", str(newer), "-q"]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "format version 99")
+    # the same network as a stand-alone segmenter file is taken
+    from wsi_psm.segmenter.network import save_segmenter
+
+    bare = save_segmenter(tmp_path / "bare.pt", SegNet(width=4, depth=2), target_mpp=0.5)
+    code, _, err = _run([*argv[:-2], str(bare), "-q"], capsys)
+    assert code == 0 and (tmp_path / "out" / "a_labels.tif").is_file(), err
+
+
 def test_eval_refuses_photographs_as_ground_truth(tmp_path, capsys):
     """An image folder given as the ground truth: every colour would be a nucleus (nonsense scores,
     exit 0). A mask has a black background; a photograph has none."""

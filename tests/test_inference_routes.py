@@ -75,8 +75,8 @@ def test_fitted_networks_average_test_time_magnifications() -> None:
 
 def test_the_shipped_network_is_known_by_its_weights_however_it_arrives(tmp_path) -> None:
     """``segment --model`` and ``run --model`` give the shipped network its own route (the
-    magnification check) whether it comes as the default, a copy of its file or a ``run`` bundle;
-    a network that differs in one weight is a fitted one."""
+    magnification check) whether it comes as the default, a copy of its file or a ``wsi-psm fit``
+    bundle; a network that differs in one weight is a fitted one."""
     import shutil
 
     from wsi_psm.segment import is_shipped_network, load_segmenter

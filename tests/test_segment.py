@@ -233,8 +233,8 @@ def test_default_model_on_a_monuseg_crop(tmp_path, monuseg_dir) -> None:
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="no default model shipped in this checkout")
 def test_the_shipped_file_as_model_gives_the_default_route(tmp_path, monuseg_dir) -> None:
-    """``segment --model`` takes a bare segmenter file (what train_default_model.py writes); the
-    shipped network's file given so is the default route, magnification check included."""
+    """The shipped network's file given as ``segment --model`` (as a retrained one from
+    train_default_model.py would be) is the default route, magnification check included."""
     import shutil
 
     from wsi_psm.cli.main import main

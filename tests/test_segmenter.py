@@ -141,6 +141,23 @@ def test_test_time_magnification_averages_the_magnified_maps() -> None:
     np.testing.assert_allclose(network_maps(net, imgs, CPU, tta=False, scales=(1.0, 1.0)), plain)
 
 
+def test_magnified_views_of_a_thin_image_and_windows_that_keep_nothing() -> None:
+    from wsi_psm.config import RunConfig
+    from wsi_psm.segmenter.predict import network_maps, predict_maps
+
+    torch.manual_seed(0)
+    net = SegNet(width=4, depth=2).eval()
+    thin = np.full((1, 1, 40, 3), 128, np.uint8)  # a factor under 1 would round a side to 0 px
+    maps = network_maps(net, thin, torch.device("cpu"), tta=False, scales=(1.0, 0.3))
+    assert maps.shape == (1, 2, 1, 40) and np.isfinite(maps).all()
+    with pytest.raises(ValueError, match="nothing inside"):
+        predict_maps(net, np.zeros((100, 100, 3), np.uint8), torch.device("cpu"), window=64)
+    with pytest.raises(ValueError):
+        RunConfig().with_updates(**{"segmenter.window_px": 64})
+    with pytest.raises(ValueError, match="repeats"):
+        RunConfig().with_updates(**{"segmenter.fitted_scales": [1.0, 1.0]})
+
+
 def test_distance_target_per_nucleus() -> None:
     labels = np.zeros((20, 30), np.int32)
     labels[5:15, 3:13] = 1

@@ -192,7 +192,7 @@ class SegmenterConfig(_Frozen):
     amp: bool = Field(True, description="float16 autocast at inference on CUDA")
     window_px: int = Field(
         1024,
-        ge=64,
+        ge=128,  # windows overlap by 64 px: a 64-px window would keep nothing of itself
         description="inference window (processing px) for large images: larger ones go in "
         "windows overlapping by 64 px (1024: a 1000² image magnified 2x goes whole, where 512 "
         "made 9 windows, 2.4x the pixels; peak memory on a CPU about 0.55 GB more)",
@@ -248,9 +248,10 @@ class SegmenterConfig(_Frozen):
         [1.0, 1.41],
         min_length=1,
         description="networks other than the shipped one (fitted on IHC images or slides, or at "
-        "another resolution; --model): the tissue is also shown magnified by each factor and the "
-        "maps are averaged (a larger view parts touching nuclei; the shipped network has the "
-        "magnification check instead). [1.0, 1.41]: 3x the network time; a network fitted on the "
+        "another resolution; --model with other weights): the tissue is shown magnified by each "
+        "factor (1.0: as it is) and the maps are averaged (a larger view parts touching nuclei; "
+        "the shipped network has the magnification check instead). [1.0, 1.41]: 3x the network "
+        "time; a network fitted on the "
         "17 MoNuSeg dev images: AJI 0.440 -> 0.448; BCData: mean F1 0.729 -> 0.743 "
         "(benchmarks/README.md); [1.0]: off",
     )
@@ -259,6 +260,8 @@ class SegmenterConfig(_Frozen):
     def _scale_range(self) -> SegmenterConfig:
         if self.fit_scale[0] > self.fit_scale[1]:
             raise ValueError(f"segmenter.fit_scale must be (low, high), got {self.fit_scale}")
+        if len(set(self.fitted_scales)) < len(self.fitted_scales):  # the same maps twice: no gain
+            raise ValueError(f"segmenter.fitted_scales repeats a factor: {self.fitted_scales}")
         return self
 
 

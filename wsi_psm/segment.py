@@ -507,10 +507,10 @@ def _shipped_digest() -> str | None:
 
 
 def is_shipped_network(net: Segmenter | None) -> bool:
-    """Whether ``net`` has the shipped network's weights, however it came (the default, a ``run``
-    bundle, a copy of the file given as ``--model``): the one rule for the routes measured on it
-    (the magnification check instead of ``segmenter.fitted_scales``). Weights, not provenance, so
-    ``segment`` and ``run`` agree on any model file."""
+    """Whether ``net`` has the shipped network's weights, however it came (the default, a bundle
+    from ``wsi-psm fit``, a copy of the file given as ``--model``): the one rule for the routes
+    measured on it (the magnification check instead of ``segmenter.fitted_scales``). Weights, not
+    provenance, so ``segment`` and ``run`` route a given model file alike."""
     shipped = _shipped_digest()
     return net is not None and shipped is not None and _weights_digest(net) == shipped
 

@@ -163,6 +163,17 @@ def save_segmenter(path: str | Path, net: Segmenter, **meta: Any) -> Path:
     return torch_save_atomic(payload, path)
 
 
+def is_segmenter_file(path: str | Path) -> bool:
+    """Whether ``path`` is a stand-alone segmenter file (:func:`save_segmenter`), not a bundle."""
+    try:
+        data = torch.load(
+            io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True
+        )
+    except Exception:  # unreadable or foreign: not one
+        return False
+    return isinstance(data, dict) and data.get("format") == STATE_FORMAT
+
+
 def read_segmenter_file(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
     """Load a file written by :func:`save_segmenter`, or a model bundle (``wsi-psm-model``) holding a
     ``segmenter`` component. Returns the net (eval, CPU) and its meta; ValueError when it is neither."""

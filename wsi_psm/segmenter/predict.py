@@ -72,7 +72,7 @@ def network_maps(
     acc, n = None, 0
     with large_blocks_reused() if big else contextlib.nullcontext():
         for scale in scales:
-            hs, ws = (h, w) if scale == 1 else (round(h * scale), round(w * scale))
+            hs, ws = (h, w) if scale == 1 else (max(1, round(h * scale)), max(1, round(w * scale)))
             x = x0 if (hs, ws) == (h, w) else _resample(x0, (hs, ws))
             m = net.multiple
             ph, pw = (-hs) % m, (-ws) % m
@@ -142,6 +142,8 @@ def predict_maps(
         return maps[0]
     out = np.zeros((2, h, w), np.float32)
     core = window - 2 * margin
+    if core < 1:  # (the windows would not advance)
+        raise ValueError(f"window {window} px leaves nothing inside its {margin}-px margins")
     boxes = [(ys, yk0, yk1, xs, xk0, xk1) for ys, yk0, yk1 in _windows(h, window, core)
              for xs, xk0, xk1 in _windows(w, window, core)]  # fmt: skip
     for i in range(0, len(boxes), batch):
