@@ -471,3 +471,18 @@ def test_batch_passes_the_tile_options_to_every_slide(tmp_path, capsys, cmu_svs,
     assert (seen["cfg"].tiles.batch_size, seen["cfg"].tiles.decode_workers) == (3, 5)
     code, _, err = _run([*argv, "--batch-size", "0"], capsys)
     assert code == 2 and err.startswith("error: invalid value for '--batch-size'")
+
+
+def test_batch_says_so_when_no_local_cluster_starts(tmp_path, capsys, cmu_svs, monkeypatch):
+    """A local Dask cluster whose workers cannot start: one line, not an internal error, and no
+    output folder."""
+    import distributed
+
+    def no_cluster(*args, **kwargs):
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setattr(distributed, "LocalCluster", no_cluster)
+    argv = ["batch", str(cmu_svs), "-o", str(tmp_path / "out"), "-q"]
+    code, _, err = _run(argv, capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "cannot start a local Dask cluster")
+    assert "internal error" not in err and not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import RunConfig
 from .discovery import SlideInput
-from .errors import InvalidArgumentError
+from .errors import ClusterStartError, InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,15 @@ def run_batch(
     if todo:
         cluster = None
         if scheduler is None:
-            cluster = LocalCluster(
-                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                dashboard_address=None,
-            )  # fmt: skip
+            try:
+                cluster = LocalCluster(
+                    n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                    dashboard_address=None,
+                )  # fmt: skip
+            except (OSError, RuntimeError, TimeoutError) as err:  # e.g. a worker failed to start
+                raise ClusterStartError(
+                    f"cannot start a local Dask cluster of {n_workers} worker(s): {err}"
+                ) from err
         try:
             client = Client(cluster if cluster is not None else scheduler)
         except (OSError, ValueError, TypeError) as err:  # unreachable, or not an address

@@ -49,5 +49,9 @@ class MixedStainError(WsiPsmError):
     """One model was asked to fit slides of more than one stain (its stages assume one)."""
 
 
+class ClusterStartError(WsiPsmError):
+    """A local Dask cluster for a batch run could not be started."""
+
+
 class ModelError(WsiPsmError):
     """A model file is missing, unreadable, or incompatible."""
