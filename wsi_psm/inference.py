@@ -21,7 +21,7 @@ from .model import ModelBundle
 from .pipeline import CellAnnotator, ShapeOnly, TilePredictor
 from .psm.maps import compute_psm
 from .psm.network import ActivationNet
-from .segment import bundle_segmenter, network_scales
+from .segment import bundle_segmenter, is_shipped_network, network_scales
 from .segmenter.predict import SegmenterPredictor
 from .segmenter.readout import MapsLabeller
 
@@ -80,7 +80,7 @@ def make_predictor(
     predictor: TilePredictor = (
         PSMPredictor(*bundle.psm_stages(), device, cfg)
         if net is None
-        else NetworkPredictor(net, device, cfg, scales=network_scales(net, cfg))
+        else NetworkPredictor(net, device, cfg, scales=network_scales(is_shipped_network(net), cfg))
     )
     state = bundle.component_meta.get(CLASSES_COMPONENT)
     if state is None or not cfg.classes.enabled:

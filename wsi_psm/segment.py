@@ -515,10 +515,11 @@ def is_shipped_network(net: Segmenter | None) -> bool:
     return net is not None and shipped is not None and _weights_digest(net) == shipped
 
 
-def network_scales(net: Segmenter | None, cfg: RunConfig) -> tuple[float, ...]:
+def network_scales(shipped: bool, cfg: RunConfig) -> tuple[float, ...]:
     """The test-time magnifications a network's maps are averaged over: none for the shipped
-    network (it has the magnification check instead), ``segmenter.fitted_scales`` for any other."""
-    return (1.0,) if is_shipped_network(net) else tuple(cfg.segmenter.fitted_scales)
+    network (``shipped``: :func:`is_shipped_network`; it has the magnification check instead),
+    ``segmenter.fitted_scales`` for any other."""
+    return (1.0,) if shipped else tuple(cfg.segmenter.fitted_scales)
 
 
 def uses_shipped_network(stain: str, cfg: RunConfig) -> bool:
@@ -589,8 +590,9 @@ def resolve_labeller(
     )
     # the magnification check was measured on the shipped network only; other networks average
     # their maps over test-time magnifications instead
-    zoom = sc.zoom_check and is_shipped_network(net)
-    scales = network_scales(net, cfg)
+    shipped = is_shipped_network(net)  # (a digest of the weights: once)
+    zoom = sc.zoom_check and shipped
+    scales = network_scales(shipped, cfg)
     net = net.to(device).eval()
 
     def network_labels(native: np.ndarray, proc: np.ndarray, native_mpp: float) -> np.ndarray:

@@ -163,12 +163,15 @@ def save_segmenter(path: str | Path, net: Segmenter, **meta: Any) -> Path:
     return torch_save_atomic(payload, path)
 
 
+def _load_payload(path: str | Path) -> Any:
+    # weights only: no code runs on load
+    return torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True)
+
+
 def is_segmenter_file(path: str | Path) -> bool:
     """Whether ``path`` is a stand-alone segmenter file (:func:`save_segmenter`), not a bundle."""
     try:
-        data = torch.load(
-            io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True
-        )
+        data = _load_payload(path)
     except Exception:  # unreadable or foreign: not one
         return False
     return isinstance(data, dict) and data.get("format") == STATE_FORMAT
@@ -178,9 +181,7 @@ def read_segmenter_file(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
     """Load a file written by :func:`save_segmenter`, or a model bundle (``wsi-psm-model``) holding a
     ``segmenter`` component. Returns the net (eval, CPU) and its meta; ValueError when it is neither."""
     try:
-        data = torch.load(
-            io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True
-        )
+        data = _load_payload(path)
     except Exception as exc:  # torch raises many types (and unsafe advice) for foreign files
         raise ValueError(f"not a wsi-psm segmenter or model file ({type(exc).__name__})") from exc
     if not isinstance(data, dict):
