@@ -145,3 +145,14 @@ def test_a_model_file_keeps_its_training_and_read_out_but_the_run_chooses_how_to
     assert cfg.target_mpp == 0.25 and cfg.segmenter.fg_threshold == 0.6  # the model's
     assert cfg.segmenter.tta and not cfg.segmenter.zoom_check  # the run's
     assert cfg.tiles.batch_size == 3
+
+
+def test_the_shipped_file_as_run_model_keeps_todays_defaults() -> None:
+    """`run --model wsi_psm/models/default.pt` applies the model's stored settings: they must be the
+    defaults a plain `run` uses, or the same network gives two read-outs (a default changed without
+    the shipped file's settings following it)."""
+    from wsi_psm.model import ModelBundle
+    from wsi_psm.pipeline import model_run_config
+
+    stored = ModelBundle.load(DEFAULT_MODEL).config
+    assert model_run_config(RunConfig(), stored) == RunConfig()
