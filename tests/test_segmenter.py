@@ -156,6 +156,8 @@ def test_magnified_views_of_a_thin_image_and_windows_that_keep_nothing() -> None
         RunConfig().with_updates(**{"segmenter.window_px": 64})
     with pytest.raises(ValueError, match="repeats"):
         RunConfig().with_updates(**{"segmenter.fitted_scales": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="less than or equal to 2"):  # memory: the pixels squared
+        RunConfig().with_updates(**{"segmenter.fitted_scales": [1.0, 4.0]})
 
 
 def test_distance_target_per_nucleus() -> None:

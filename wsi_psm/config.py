@@ -244,7 +244,10 @@ class SegmenterConfig(_Frozen):
     native_instances: bool = Field(
         True, description="segment: separate instances at the input's resolution (maps upsampled)"
     )
-    fitted_scales: list[Annotated[float, Field(gt=0.25, le=4)]] = Field(
+    # at most 2x: magnified further the nets cut ordinary nuclei into pieces (2x already does,
+    # benchmarks/README.md), and a CPU forward of a 1024-px window costs a peak RSS of 3.7 GB at
+    # 2x but 13.9 GB at 4x (the pixels squared)
+    fitted_scales: list[Annotated[float, Field(gt=0.25, le=2)]] = Field(
         [1.0, 1.41],
         min_length=1,
         description="networks other than the shipped one (fitted on IHC images or slides, or at "
