@@ -69,8 +69,7 @@ def _slide_mpp(value: float | None) -> float | None:
     lo, hi = PLAUSIBLE_MPP
     if value is not None and not lo <= value <= hi:
         raise typer.BadParameter(
-            f"a slide's µm per pixel lies between {lo:g} and {hi:g} (0.25 is 40x, 0.5 is 20x), "
-            f"not {value:g}"
+            f"µm per pixel lies between {lo:g} and {hi:g} (0.25 is 40x, 0.5 is 20x), not {value:g}"
         )
     return value
 
@@ -115,7 +114,9 @@ DeviceOpt = Annotated[
 ]
 SeedOpt = Annotated[
     int | None,
-    typer.Option("--seed", help="Random seed (fits are deterministic on CPU).", min=0),
+    typer.Option(
+        "--seed", help="Random seed (fits are deterministic on CPU).", min=0, max=2**31 - 1
+    ),
 ]
 ModelOpt = Annotated[
     Path | None,
@@ -464,8 +465,11 @@ def batch(
     for r in failed if quiet else ():
         show(f"{r.name}: error: {(r.error or '').removeprefix(r.name + ': ')}")
     skipped = sum(r.skipped for r in results)
+    done = len(results) - len(failed) - skipped
+    # (a batch in which every slide failed leaves no folder: nothing points at one)
     show(
-        f"{len(results) - len(failed) - skipped} slide(s) processed, {skipped} skipped -> {output}"
+        f"{done} slide(s) processed, {skipped} skipped"
+        + (f" -> {output}" if done or skipped else "")
     )
     if failed:
         raise WsiPsmError(
@@ -559,7 +563,7 @@ def eval_(
         typer.Option(
             "--mpp",
             help="µm per pixel of the annotated images (for --radius-um).",
-            callback=_positive,
+            callback=_slide_mpp,
         ),
     ] = None,
     json_out: Annotated[

@@ -184,6 +184,10 @@ def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path):
     assert (out / "a" / "summary.json").exists() and not (out / "broken").exists()
     again = run_batch(slides, out, cfg, model_path=quick_model, skip_existing=True, n_workers=1)
     assert {r.name for r in again if r.skipped} == {"a", "b"}
+    # a batch in which every slide fails leaves no empty folder behind
+    broken = [s for s in slides if s.name == "broken"]
+    failed = run_batch(broken, tmp_path / "none" / "out", cfg, model_path=quick_model, n_workers=1)
+    assert failed[0].error and not (tmp_path / "none").exists()
 
 
 def test_a_model_on_a_slide_of_another_stain_is_flagged(cmu_run, quick_model, tmp_path, caplog):

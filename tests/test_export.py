@@ -454,6 +454,15 @@ def test_new_parent_folders_are_created(tmp_path):
     assert (final / "x").read_text() == "1"
 
 
+def test_a_failure_removes_the_parent_folders_it_made(tmp_path):
+    (tmp_path / "a").mkdir()
+    final = tmp_path / "a" / "b" / "c" / "slide"
+    with pytest.raises(KeyError), OutputFolder(final) as folder:
+        (folder / "x").write_text("1")
+        raise KeyError("stopped")
+    assert [p.name for p in tmp_path.iterdir()] == ["a"] and list((tmp_path / "a").iterdir()) == []
+
+
 def test_full_disk_inside_becomes_one_line_write_error(tmp_path):
     final = tmp_path / "slide"
     with pytest.raises(OutputWriteError) as info, OutputFolder(final):

@@ -280,7 +280,9 @@ class RunConfig(_Frozen):
         le=2.0,
         description="processing resolution, micrometres per pixel (beyond 2 a nucleus is a few pixels)",
     )
-    seed: int = 0
+    # below 2**31: per-image and per-round seeds are this plus an offset, and scikit-learn takes
+    # only seeds under 2**32
+    seed: int = Field(0, ge=0, lt=2**31, description="random seed (fits are deterministic on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     stain: Literal["auto", "he", "ihc-dab"] = "auto"
     geojson_gzip: bool = Field(False, description="write cells.geojson.gz instead of cells.geojson")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import make_dirs, remove_made
 from .config import RunConfig
 from .discovery import SlideInput
 from .errors import ClusterStartError, InvalidArgumentError
@@ -115,9 +116,9 @@ def run_batch(
             ) from err
         # made once here, not by the first task, so that concurrent slides never race to make it
         # (or to remove it again after a probe: export.check_writable); after the connection, so
-        # a wrong address leaves no folder behind
+        # a wrong address leaves no folder behind; removed at the end if no slide wrote into it
         try:
-            out_root.mkdir(parents=True, exist_ok=True)
+            made = make_dirs(out_root)
         except OSError as err:
             from .export import write_error
 
@@ -166,4 +167,5 @@ def run_batch(
             client.close()
             if cluster is not None:
                 cluster.close()
+            remove_made(made)  # (only where still empty: every slide failed, or was stopped)
     return [outcomes[s.name] for s in slides]

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from shapely.geometry import Polygon
 
 from wsi_psm import __version__
+from wsi_psm.atomic import make_dirs, remove_made
 from wsi_psm.config import RunConfig
 from wsi_psm.errors import OutputExistsError, OutputWriteError
 
@@ -924,16 +925,10 @@ def check_writable(final: str | os.PathLike[str]) -> None:
     not be created: a probe folder is made beside it and removed, as are any parent folders it
     needed (they are made again when the output is written). OutputWriteError (one line) if not."""
     final = Path(os.path.abspath(final))
-    missing, p = [], final.parent
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
     made: list[Path] = []
     probe = final.parent / f".{final.name}.probe-{uuid.uuid4().hex[:12]}"
     try:
-        for d in reversed(missing):
-            d.mkdir()
-            made.append(d)
+        made = make_dirs(final.parent)
         probe.mkdir()
         probe.rmdir()
     except OSError as err:
@@ -941,11 +936,7 @@ def check_writable(final: str | os.PathLike[str]) -> None:
             err.filename = None  # name the user's path, not the probe's
         raise write_error(err, final) from err
     finally:
-        for d in reversed(made):
-            try:
-                d.rmdir()
-            except OSError:
-                pass
+        remove_made(made)
 
 
 class OutputFolder:
@@ -966,6 +957,7 @@ class OutputFolder:
         self.final = Path(os.path.abspath(out_dir))
         self.overwrite = overwrite
         self.tmp: Path | None = None
+        self.made: list[Path] = []  # parent folders made for it: removed again if it fails
 
     def __enter__(self) -> Path:
         final = self.final
@@ -975,9 +967,10 @@ class OutputFolder:
             )
         tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            self.made = make_dirs(final.parent)
             tmp.mkdir()
         except OSError as err:
+            remove_made(self.made)
             raise write_error(err, final) from err
         self.tmp = tmp
         return tmp
@@ -993,6 +986,7 @@ class OutputFolder:
         self.tmp = None
         if exc is not None:
             _remove(tmp)
+            remove_made(self.made)
             if isinstance(exc, OSError) and _is_write_error(exc, tmp, final):
                 raise write_error(exc, final) from exc
             return  # re-raised by the with statement
@@ -1000,6 +994,7 @@ class OutputFolder:
             self._commit(tmp, final)
         except BaseException as err:
             _remove(tmp)
+            remove_made(self.made)
             if isinstance(err, OSError) and _is_write_error(err, tmp, final, final.parent):
                 raise write_error(err, final) from err
             raise

@@ -180,7 +180,7 @@ def merge_overlap_fragments(labels: np.ndarray, colours: np.ndarray, tol: int = 
 
 def _read_image(path: Path) -> np.ndarray:
     if not path.is_file():
-        raise AnnotationError(f"annotation image not found: {path}")
+        raise AnnotationError(f"label image not found: {path}")
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -193,7 +193,7 @@ def _read_image(path: Path) -> np.ndarray:
                 im = im.convert("RGB")
             return np.asarray(im)
     except Exception as err:  # any decoder failure is the same problem for the user
-        raise AnnotationError(f"cannot read annotation image {path}: {err}") from err
+        raise AnnotationError(f"cannot read label image {path}: {err}") from err
 
 
 def load_instance_png(path: str | Path, *, merge_overlaps: bool = False) -> np.ndarray:
