@@ -503,6 +503,14 @@ def segment(
         ),
     ] = None,
     overwrite: OverwriteOpt = False,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing",
+            help="Skip images whose two outputs exist (a stopped run goes on; the network and "
+            "classes are still fitted on all the images, so the outputs match one whole run).",
+        ),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Segment nuclei in image tiles; writes a GeoJSON and an instance-label TIFF per image.
@@ -520,6 +528,7 @@ def segment(
 
     from .progress import progress_bars
 
+    _one_of(overwrite, skip_existing)
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain)
     paths = [s.path for s in find_slides(images, tiles=True)]
     bundle = _segment_model(model) if model else None
@@ -532,9 +541,10 @@ def segment(
     with progress_bars(not quiet) as prog:
         written = segment_images(
             paths, output, cfg, model=bundle, mpp=mpp, overwrite=overwrite, progress=prog,
-            save_model=save_model,
+            save_model=save_model, skip_existing=skip_existing,
         )  # fmt: skip
-    console.print(f"{len(written) // 2} image(s) segmented -> {output}", highlight=False)
+    skipped = f", {len(paths) - len(written) // 2} skipped" if skip_existing else ""
+    console.print(f"{len(written) // 2} image(s) segmented{skipped} -> {output}", highlight=False)
     if save_model is not None:
         console.print(f"fitted model saved -> {save_model} (reuse: --model)", highlight=False)
 

@@ -107,6 +107,35 @@ def test_refuses_to_overwrite(tmp_path, trained_net) -> None:
     segment_images([src], out, CFG, model=trained_net, mpp=0.5, overwrite=True)
 
 
+def test_skip_existing_goes_on_where_a_stopped_run_ended(tmp_path, trained_net) -> None:
+    """A run stopped after image a, and inside image b (its labels written, its GeoJSON not):
+    --skip-existing leaves a as it is and writes b, the same bytes one whole run writes."""
+    srcs = []
+    for i, name in enumerate("abc"):
+        srcs.append(tmp_path / f"{name}.png")
+        write_png(srcs[-1], synthetic_tile(64, i)[0])
+    whole = tmp_path / "whole"
+    segment_images(srcs, whole, CFG, model=trained_net, mpp=0.5)
+    out = tmp_path / "o"
+    segment_images(srcs, out, CFG, model=trained_net, mpp=0.5)
+    for name in ("b.geojson", "c.geojson", "c_labels.tif"):  # what the stopped run had not written
+        (out / name).unlink()
+    a_time = (out / "a.geojson").stat().st_mtime_ns
+    with pytest.raises(OutputExistsError, match="--skip-existing"):
+        segment_images(srcs, out, CFG, model=trained_net, mpp=0.5)
+    written = segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True)
+    assert sorted(p.name for p in written) == [
+        "b.geojson",
+        "b_labels.tif",
+        "c.geojson",
+        "c_labels.tif",
+    ]
+    assert (out / "a.geojson").stat().st_mtime_ns == a_time
+    for f in sorted(whole.iterdir()):
+        assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    assert segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True) == []
+
+
 def test_bad_inputs(tmp_path, trained_net) -> None:
     img, _ = synthetic_tile(64)
     (tmp_path / "a").mkdir()

@@ -72,6 +72,8 @@ def output_paths(image: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _check_outputs(paths: Sequence[Path], out_dir: Path, overwrite: bool) -> None:
+    # (``overwrite`` here also stands for --skip-existing: finished images are skipped, and a
+    # leftover half pair of a stopped image is replaced)
     if not paths:
         raise SegmentInputError("no images to segment")
     stems: dict[str, Path] = {}
@@ -86,7 +88,15 @@ def _check_outputs(paths: Sequence[Path], out_dir: Path, overwrite: bool) -> Non
     for p in paths:
         for o in output_paths(p, out_dir):
             if o.exists():
-                raise OutputExistsError(f"output exists: {o} (use --overwrite to replace it)")
+                raise OutputExistsError(
+                    f"output exists: {o} (use --overwrite to replace it, or --skip-existing to "
+                    "segment only the images without outputs)"
+                )
+
+
+def _finished(path: Path, out_dir: Path) -> bool:
+    """Both outputs there: the GeoJSON is published last, so the pair is complete."""
+    return all(o.exists() for o in output_paths(path, out_dir))
 
 
 def _temp_name(final: Path) -> Path:
@@ -692,6 +702,7 @@ def segment_images(
     annotator: CellAnnotator | None = None,
     on_image: Callable[[Path, int, float], None] | None = None,
     save_model: str | os.PathLike[str] | None = None,
+    skip_existing: bool = False,
 ) -> list[Path]:
     """Segment every image of ``paths`` into ``out_dir``; returns the written files (two per image).
 
@@ -705,14 +716,19 @@ def segment_images(
     save the network fitted on the images (IHC, another ``target_mpp``, or ``default_model`` "fit")
     there, as a model file for ``model`` next time; refused when nothing would be fitted.
     Outputs are checked before any work: an existing one raises OutputExistsError unless
-    ``overwrite``. Unreadable images, missing mpp etc. raise the slide reader's WsiPsmError.
+    ``overwrite``, or ``skip_existing``: images whose two outputs exist are not written again (a
+    stopped run goes on; the network and classes are still fitted on all the images, so the
+    outputs are those of one uninterrupted run). Unreadable images, missing mpp etc. raise the slide reader's WsiPsmError.
     """
     from .device import select_device
 
     progress = progress or NullProgress()
     paths = [Path(p) for p in paths]
     out = Path(out_dir)
-    _check_outputs(paths, out, overwrite)
+    _check_outputs(paths, out, overwrite or skip_existing)
+    if skip_existing and all(_finished(p, out) for p in paths):
+        log.info("every image's outputs exist in %s: nothing to do", out)
+        return []
     groups = check_inputs(paths, mpp, cfg.stain, seed=cfg.seed, target_mpp=cfg.target_mpp)
     # writable? asked now, before the fit; the folder itself is made at the first write, so a fit
     # that fails (or is stopped) leaves no empty folder behind
@@ -731,6 +747,7 @@ def segment_images(
             files += segment_images(
                 group, out, cfg.with_updates(stain=stain), model=model, mpp=mpp,
                 overwrite=overwrite, progress=progress, annotator=annotator, on_image=on_image,
+                skip_existing=skip_existing,
             )  # fmt: skip
         return files
     cfg = cfg.with_updates(stain=next(iter(groups)))
@@ -755,13 +772,24 @@ def segment_images(
     except OSError as err:
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
     written: list[Path] = []
-    progress.start(SEGMENT_STAGE, len(paths))
-    for p in paths:
+    todo = [p for p in paths if not (skip_existing and _finished(p, out))]
+    progress.start(SEGMENT_STAGE, len(todo))
+    for p in todo:
         t0 = time.perf_counter()
         rgb, proc, native_mpp = _read_pair(p, cfg, mpp)
         labels = cache.pop(p) if p in cache else labeller(rgb, proc, native_mpp)
         geo, tif = output_paths(p, out)
-        n = _write_outputs(rgb, labels, native_mpp, geo, tif, annotator, overwrite, p.name)
+        try:
+            n = _write_outputs(
+                rgb, labels, native_mpp, geo, tif, annotator, overwrite or skip_existing, p.name
+            )
+        except OutputWriteError as err:  # e.g. a full disk: say what is kept, and how to go on
+            if not written:
+                raise
+            raise OutputWriteError(
+                f"{err} ({len(written) // 2} of {len(todo)} images were written before it: "
+                "--skip-existing goes on from there)"
+            ) from err
         written += [geo, tif]
         progress.advance(SEGMENT_STAGE, 1)
         if on_image is not None:
