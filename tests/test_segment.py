@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 import numpy as np
@@ -134,6 +135,40 @@ def test_skip_existing_goes_on_where_a_stopped_run_ended(tmp_path, trained_net) 
     for f in sorted(whole.iterdir()):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
     assert segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True) == []
+
+
+def test_a_write_that_fails_says_what_was_kept(tmp_path, trained_net, monkeypatch) -> None:
+    """A disk that fills up at the first image leaves no output folder; at the second, the first
+    image's outputs stay and the one line says so, and how to go on."""
+    import errno
+
+    import wsi_psm.segment
+    from wsi_psm.errors import OutputWriteError
+
+    srcs = []
+    for i in range(2):
+        srcs.append(tmp_path / f"{i}.png")
+        write_png(srcs[-1], synthetic_tile(64, i)[0])
+    real, calls = wsi_psm.segment._write_outputs, []
+
+    def full_at(k):
+        def write(*args):
+            calls.append(1)
+            if len(calls) == k:
+                raise OutputWriteError(f"cannot write out: {os.strerror(errno.ENOSPC)}")
+            return real(*args)
+
+        return write
+
+    monkeypatch.setattr(wsi_psm.segment, "_write_outputs", full_at(1))
+    with pytest.raises(OutputWriteError) as info:
+        segment_images(srcs, tmp_path / "new" / "o", CFG, model=trained_net, mpp=0.5)
+    assert "written before" not in str(info.value) and not (tmp_path / "new").exists()
+    calls.clear()
+    monkeypatch.setattr(wsi_psm.segment, "_write_outputs", full_at(2))
+    with pytest.raises(OutputWriteError, match="1 of 2 images were written before it"):
+        segment_images(srcs, tmp_path / "o", CFG, model=trained_net, mpp=0.5)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0.geojson", "0_labels.tif"]
 
 
 def test_bad_inputs(tmp_path, trained_net) -> None:

@@ -34,6 +34,7 @@ import tifffile
 import torch
 from torch.nn import functional as F
 
+from .atomic import make_dirs, remove_made
 from .config import RunConfig
 from .errors import (
     InvalidArgumentError,
@@ -685,7 +686,10 @@ def _check_save_model(
             f"--save-model {path} is a folder: give a file, e.g. {path / 'model.pt'}"
         )
     if path.exists() and not overwrite:
-        raise OutputExistsError(f"output exists: {path} (use --overwrite to replace it)")
+        raise OutputExistsError(
+            f"output exists: {path} (use --overwrite to replace it; to go on with "
+            "--skip-existing, give it as --model instead of fitting again)"
+        )
     check_writable(path)
     return path
 
@@ -718,7 +722,8 @@ def segment_images(
     Outputs are checked before any work: an existing one raises OutputExistsError unless
     ``overwrite``, or ``skip_existing``: images whose two outputs exist are not written again (a
     stopped run goes on; the network and classes are still fitted on all the images, so the
-    outputs are those of one uninterrupted run). Unreadable images, missing mpp etc. raise the slide reader's WsiPsmError.
+    outputs are those of one uninterrupted run). Unreadable images, missing mpp etc. raise the
+    slide reader's WsiPsmError.
     """
     from .device import select_device
 
@@ -768,11 +773,34 @@ def segment_images(
             else ShapeOnly()
         )
     try:  # the fits are done: only now the folder (a failed fit leaves none)
-        out.mkdir(parents=True, exist_ok=True)
+        made = make_dirs(out)
     except OSError as err:
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
     written: list[Path] = []
     todo = [p for p in paths if not (skip_existing and _finished(p, out))]
+    try:
+        _write_all(todo, out, cfg, mpp, labeller, annotator, cache, overwrite or skip_existing,
+                   written, progress, on_image)  # fmt: skip
+    except BaseException:
+        remove_made(made)  # (only if nothing is in it: the first image failed, or was stopped)
+        raise
+    return written
+
+
+def _write_all(
+    todo: list[Path],
+    out: Path,
+    cfg: RunConfig,
+    mpp: float | None,
+    labeller: ImageLabeller,
+    annotator: CellAnnotator,
+    cache: dict[Path, np.ndarray],
+    replace: bool,
+    written: list[Path],
+    progress: ProgressHook,
+    on_image: Callable[[Path, int, float], None] | None,
+) -> None:
+    """Segment and write each image of ``todo`` in turn, appending its two files to ``written``."""
     progress.start(SEGMENT_STAGE, len(todo))
     for p in todo:
         t0 = time.perf_counter()
@@ -780,9 +808,7 @@ def segment_images(
         labels = cache.pop(p) if p in cache else labeller(rgb, proc, native_mpp)
         geo, tif = output_paths(p, out)
         try:
-            n = _write_outputs(
-                rgb, labels, native_mpp, geo, tif, annotator, overwrite or skip_existing, p.name
-            )
+            n = _write_outputs(rgb, labels, native_mpp, geo, tif, annotator, replace, p.name)
         except OutputWriteError as err:  # e.g. a full disk: say what is kept, and how to go on
             if not written:
                 raise
@@ -795,7 +821,6 @@ def segment_images(
         if on_image is not None:
             on_image(p, n, time.perf_counter() - t0)
     progress.done(SEGMENT_STAGE)
-    return written
 
 
 __all__ = [
