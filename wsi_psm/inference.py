@@ -7,7 +7,7 @@ post-processing workers receive instead of the network.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ from .pipeline import CellAnnotator, ShapeOnly, TilePredictor
 from .psm.maps import compute_psm
 from .psm.network import ActivationNet
 from .segment import bundle_segmenter, is_shipped_network, network_scales
+from .segmenter.network import Segmenter
 from .segmenter.predict import SegmenterPredictor
 from .segmenter.readout import MapsLabeller
 
@@ -65,7 +66,21 @@ class PSMPredictor:
 
 
 class NetworkPredictor(SegmenterPredictor):
-    """Cells from the downstream network: maps on the device, watershed read-out on the CPU."""
+    """Cells from the downstream network: maps on the device, watershed read-out on the CPU.
+    ``shipped``: the net has the shipped network's weights (:func:`is_shipped_network`, judged
+    once by :func:`make_predictor`), so the slide gets the magnification check."""
+
+    def __init__(
+        self,
+        net: Segmenter,
+        device: torch.device,
+        cfg: RunConfig,
+        *,
+        scales: Sequence[float] = (1.0,),
+        shipped: bool = False,
+    ) -> None:
+        super().__init__(net, device, cfg, scales=scales)
+        self.shipped = shipped
 
     def labeller(self) -> MapsLabeller:
         return MapsLabeller(self.cfg)
@@ -76,12 +91,15 @@ def make_predictor(
 ) -> tuple[TilePredictor, CellAnnotator, Callable[[dict[str, int]], dict[str, Any]] | None]:
     """The predictor, the cell annotator and the summary-indices hook for a bundle."""
     net = bundle_segmenter(bundle)
-    # (the shipped network's magnification check runs in pipeline.process_slide)
-    predictor: TilePredictor = (
-        PSMPredictor(*bundle.psm_stages(), device, cfg)
-        if net is None
-        else NetworkPredictor(net, device, cfg, scales=network_scales(is_shipped_network(net), cfg))
-    )
+    predictor: TilePredictor
+    if net is None:
+        predictor = PSMPredictor(*bundle.psm_stages(), device, cfg)
+    else:
+        # (a digest of the weights, on the CPU: before the net goes to the device; the shipped
+        # network's magnification check runs in pipeline.process_slide)
+        shipped = is_shipped_network(net)
+        scales = network_scales(shipped, cfg)
+        predictor = NetworkPredictor(net, device, cfg, scales=scales, shipped=shipped)
     state = bundle.component_meta.get(CLASSES_COMPONENT)
     if state is None or not cfg.classes.enabled:
         return predictor, ShapeOnly(), None

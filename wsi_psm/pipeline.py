@@ -555,7 +555,6 @@ def process_slide(
         from .fit import fit_cell_classes, fit_model_on_context
         from .inference import make_predictor
         from .magnification import ScaleChoosingPredictor, check_slide_magnification, magnified_run
-        from .segment import is_shipped_network
 
         device = select_device(cfg.device)
         extra: dict[str, float] = {}
@@ -578,7 +577,7 @@ def process_slide(
         predictor, annotator, extras = make_predictor(model, device=device, cfg=cfg)
         run_ctx, run_cfg = ctx, cfg
         # the magnification check was measured on the shipped network only
-        if cfg.segmenter.zoom_check and is_shipped_network(getattr(predictor, "net", None)):
+        if cfg.segmenter.zoom_check and getattr(predictor, "shipped", False):
             t = time.perf_counter()
             mag = check_slide_magnification(ctx, predictor, cfg, progress)
             model_info["magnification"] = mag.summary()

@@ -778,49 +778,33 @@ def segment_images(
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
     written: list[Path] = []
     todo = [p for p in paths if not (skip_existing and _finished(p, out))]
+    progress.start(SEGMENT_STAGE, len(todo))
     try:
-        _write_all(todo, out, cfg, mpp, labeller, annotator, cache, overwrite or skip_existing,
-                   written, progress, on_image)  # fmt: skip
+        for p in todo:
+            t0 = time.perf_counter()
+            rgb, proc, native_mpp = _read_pair(p, cfg, mpp)
+            labels = cache.pop(p) if p in cache else labeller(rgb, proc, native_mpp)
+            geo, tif = output_paths(p, out)
+            try:
+                n = _write_outputs(
+                    rgb, labels, native_mpp, geo, tif, annotator, overwrite or skip_existing, p.name
+                )
+            except OutputWriteError as err:  # e.g. a full disk: say what is kept, and how to go on
+                if not written:
+                    raise
+                raise OutputWriteError(
+                    f"{err} ({len(written) // 2} of {len(todo)} images were written before it: "
+                    "--skip-existing goes on from there)"
+                ) from err
+            written += [geo, tif]
+            progress.advance(SEGMENT_STAGE, 1)
+            if on_image is not None:
+                on_image(p, n, time.perf_counter() - t0)
     except BaseException:
         remove_made(made)  # (only if nothing is in it: the first image failed, or was stopped)
         raise
-    return written
-
-
-def _write_all(
-    todo: list[Path],
-    out: Path,
-    cfg: RunConfig,
-    mpp: float | None,
-    labeller: ImageLabeller,
-    annotator: CellAnnotator,
-    cache: dict[Path, np.ndarray],
-    replace: bool,
-    written: list[Path],
-    progress: ProgressHook,
-    on_image: Callable[[Path, int, float], None] | None,
-) -> None:
-    """Segment and write each image of ``todo`` in turn, appending its two files to ``written``."""
-    progress.start(SEGMENT_STAGE, len(todo))
-    for p in todo:
-        t0 = time.perf_counter()
-        rgb, proc, native_mpp = _read_pair(p, cfg, mpp)
-        labels = cache.pop(p) if p in cache else labeller(rgb, proc, native_mpp)
-        geo, tif = output_paths(p, out)
-        try:
-            n = _write_outputs(rgb, labels, native_mpp, geo, tif, annotator, replace, p.name)
-        except OutputWriteError as err:  # e.g. a full disk: say what is kept, and how to go on
-            if not written:
-                raise
-            raise OutputWriteError(
-                f"{err} ({len(written) // 2} of {len(todo)} images were written before it: "
-                "--skip-existing goes on from there)"
-            ) from err
-        written += [geo, tif]
-        progress.advance(SEGMENT_STAGE, 1)
-        if on_image is not None:
-            on_image(p, n, time.perf_counter() - t0)
     progress.done(SEGMENT_STAGE)
+    return written
 
 
 __all__ = [
