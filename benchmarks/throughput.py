@@ -5,7 +5,10 @@
 1. decodes every tissue tile of the slide at the processing resolution through the same Dask stream
    the pipeline uses (same threads, batches, prefetch), doing nothing else: the raw decode time;
 2. runs the whole pipeline on the same tiles (a model is fitted on the slide first unless --model is
-   given; the fit is timed separately) and reads its stage timings from summary.json.
+   given; the fit is timed separately) and reads its stage timings from summary.json. With --model
+   one batch goes through the network first, so that a run with a model file starts as warm as a
+   run after a fit (CUDA's kernels loaded, cuDNN's choices made: about a second on a GPU, which
+   made an older code with its own fit look ~11% faster; benchmarks/README.md, "Sixth GPU check").
 
 Printed ratios (machine-independent enough to compare runs): pipeline / decode (1.0 would mean the
 network and post-processing are free), the share of pipeline time the network waited for decoded
@@ -99,6 +102,11 @@ def main() -> None:
         )
         t_fit = time.perf_counter() - t
         predictor, annotator, extras = make_predictor(bundle, device=device, cfg=cfg)
+        if args.model:  # a fit has already run the device's kernels; a model file has not
+            import numpy as np
+
+            first = tiles[: cfg.tiles.batch_size]
+            predictor.network(np.stack([read_tile(ctx.slide, t, cfg.target_mpp) for t in first]))
         clock = TileClock()
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
