@@ -396,6 +396,37 @@ def test_no_network_route_fits_on_the_images(tmp_path) -> None:
     assert tifffile.imread(output_paths(src, tmp_path / "out")[1]).max() > 100
 
 
+def test_images_without_nuclei_are_refused_before_the_network_fit(tmp_path, monkeypatch) -> None:
+    """An image of one flat colour is taken for IHC (blue OD over green) and went through a
+    four-minute fit of a network on empty pseudo masks; now it stops, in one line, once the
+    pseudo masks show nothing to learn from, and leaves no output folder."""
+    import wsi_psm.segmenter.train
+    from wsi_psm.errors import NoNucleiError
+
+    monkeypatch.setattr(wsi_psm.segmenter.train, "fit_segmenter", lambda *a, **k: pytest.fail())
+    src = tmp_path / "flat.png"
+    write_png(src, np.full((128, 128, 3), (200, 180, 60), np.uint8))
+    cfg = CFG.with_updates(**{"psm.fit_steps": 2, "psm.fit_batch": 2, "psm.width": 4})
+    out = tmp_path / "o"
+    with pytest.raises(NoNucleiError, match=r"1 image\(s\) hold \d nucleus-like object"):
+        segment_images([src], out, cfg, mpp=0.5)
+    assert not out.exists()
+
+
+def test_pseudo_instances_count_the_nuclei_of_all_images() -> None:
+    from wsi_psm.errors import NoNucleiError
+    from wsi_psm.segmenter.train import MIN_PSEUDO_NUCLEI, pseudo_instances
+
+    _, labels = synthetic_tile(96)  # separate discs of nucleus size
+    n = int(labels.max())
+    assert 0 < n < MIN_PSEUDO_NUCLEI <= 2 * n  # one tile is too few, two together are enough
+    mask = labels > 0
+    with pytest.raises(NoNucleiError, match=f"hold {n} nucleus-like"):
+        pseudo_instances([mask], mpp=0.5)
+    found = pseudo_instances([mask, mask], mpp=0.5)
+    assert [int(lab.max()) for lab in found] == [n, n]
+
+
 def test_inputs_are_checked_before_any_work(tmp_path, trained_net) -> None:
     """A greyscale or unreadable image among good ones stops `segment` before anything is written
     (not after a fit or half the images)."""

@@ -125,6 +125,18 @@ def test_bcdata_detected_as_dab(bcdata_dir) -> None:
     assert detect_stain([_read_rgb(p) for p in paths]) == "ihc-dab"
 
 
+def test_an_image_of_one_colour_gets_the_fixed_vectors() -> None:
+    """A brown square on white: every stained pixel has the same OD, so both Macenko vectors came
+    out the same and the deconvolution matrix did not invert (LinAlgError in a user's fit)."""
+    img = np.full((64, 64, 3), 235, np.uint8)
+    img[16:48, 16:48] = (120, 90, 60)
+    for stain in ("he", "ihc-dab"):
+        m = estimate_stain_matrix(img, stain)
+        np.testing.assert_array_equal(m, default_stain_matrix(stain))
+        ch = stain_channels(img, stain, m)
+        assert all(np.isfinite(v).all() for v in ch.values())
+
+
 def test_detect_stain_blank_is_he() -> None:
     assert detect_stain(np.full((32, 32, 3), 250, np.uint8)) == "he"
 

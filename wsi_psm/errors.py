@@ -33,6 +33,10 @@ class NoTissueError(WsiPsmError):
     """The tissue detector found nothing to process."""
 
 
+class NoNucleiError(WsiPsmError):
+    """A label-free fit found too few nucleus-like objects in its pseudo masks to learn from."""
+
+
 class SlideTooSmallError(WsiPsmError):
     """The slide (at the processing resolution) is smaller than the network's minimum input."""
 

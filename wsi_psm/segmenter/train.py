@@ -31,6 +31,7 @@ from scipy import ndimage as ndi
 from torch.nn import functional as F
 
 from wsi_psm.config import InstanceConfig, RunConfig
+from wsi_psm.errors import NoNucleiError
 from wsi_psm.instances import split_instances
 from wsi_psm.preprocess import to_network_input
 from wsi_psm.psm.train import one_cycle
@@ -285,12 +286,26 @@ def fit_segmenter(
 # ------------------------------------------------------------------------- pseudo masks -> network
 
 
-def pseudo_instance_sample(
-    image: np.ndarray, mask: np.ndarray, *, mpp: float, instance_cfg: InstanceConfig | None = None
-) -> Sample:
-    """Round-0 targets: a boolean pseudo mask split into nuclei (distance watershed), full weight."""
-    labels = split_instances(mask, mpp=mpp, cfg=instance_cfg)
-    return sample_from_labels(image, labels)
+# Fewer pseudo nuclei than this in all the images together is nothing to learn nuclei from: an
+# image of one colour, or no stained tissue (a 128 µm field of tissue holds tens of them).
+MIN_PSEUDO_NUCLEI = 10
+
+
+def pseudo_instances(
+    masks: Sequence[np.ndarray], *, mpp: float, instance_cfg: InstanceConfig | None = None
+) -> list[np.ndarray]:
+    """Round-0 targets: each boolean pseudo mask split into nuclei (distance watershed).
+
+    Raises NoNucleiError when all of them together hold fewer than ``MIN_PSEUDO_NUCLEI``."""
+    labels = [split_instances(m, mpp=mpp, cfg=instance_cfg) for m in masks]
+    found = sum(int(lab.max()) for lab in labels)
+    if found < MIN_PSEUDO_NUCLEI:
+        raise NoNucleiError(
+            f"nothing to fit a network on: the pseudo masks of {len(masks)} image(s) hold "
+            f"{found} nucleus-like object(s), {MIN_PSEUDO_NUCLEI} are needed (stained tissue, "
+            "at the right --mpp?)"
+        )
+    return labels
 
 
 def label_centroids(labels: np.ndarray) -> np.ndarray:
@@ -427,10 +442,9 @@ def fit_on_pseudo_masks(
     device = device or torch.device("cpu")
     mpp = cfg.target_mpp
     t0 = time.perf_counter()
-    samples = [
-        pseudo_instance_sample(im, m, mpp=mpp, instance_cfg=cfg.instances)
-        for im, m in zip(images, masks, strict=True)
-    ]
+    labels = pseudo_instances(masks, mpp=mpp, instance_cfg=cfg.instances)
+    samples = [sample_from_labels(im, lab) for im, lab in zip(images, labels, strict=True)]
+    del labels
     nets: list[SegNet] = []
     net: SegNet | None = None
     for rnd in range(sc.refine_rounds + 1):
