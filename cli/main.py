@@ -233,9 +233,10 @@ def info(
 
     from rich.table import Table
 
-    from wsi_psm.slide import Slide
+    from wsi_psm.slide import Slide, warn_mpp_override
 
     with Slide.open(slide, backend=backend, mpp=mpp) as s:
+        warn_mpp_override(s.info)
         d = s.info.to_dict()
     if as_json:
         print(json.dumps(d, indent=2))
@@ -451,9 +452,12 @@ def batch(
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip,
                   batch_size=batch_size, workers=workers)  # fmt: skip
     slides = find_slides(inputs)
+    # a batch of one slide fails as `run` does: its error is the one line, said once at exit
+    alone = slides[0].name if len(slides) == 1 else None
 
     def show(line: str) -> None:
-        console.print(line, highlight=False, soft_wrap=True)
+        if alone is None or not line.startswith(f"{alone}: error: "):
+            console.print(line, highlight=False, soft_wrap=True)
 
     results = run_batch(
         slides, output, cfg, model_path=model, mpp=mpp, backend=backend, overwrite=overwrite,
@@ -462,6 +466,8 @@ def batch(
         report=None if quiet else show,
     )  # fmt: skip
     failed = [r for r in results if r.error]
+    if alone is not None and failed:
+        raise WsiPsmError(f"{alone}: {(failed[0].error or '').removeprefix(alone + ': ')}")
     for r in failed if quiet else ():
         show(f"{r.name}: error: {(r.error or '').removeprefix(r.name + ': ')}")
     skipped = sum(r.skipped for r in results)

@@ -113,6 +113,10 @@ def test_fluorescence_is_refused(tmp_path, capsys):
     ndpi = data_path("wsi", "hamamatsu-ndpi-fluorescence", "test3-DAPI-2-(387).ndpi")
     code, _, err = _run(["run", str(ndpi), "-o", str(tmp_path / "out"), "-q"], capsys)
     _assert_clean_failure(code, err, tmp_path / "out", "fluorescence")
+    # an --mpp that differs from the file's: the error alone (the override warning came first)
+    for cmd in ("run", "segment"):
+        code, _, err = _run([cmd, str(ndpi), "-o", str(tmp_path / "out"), "--mpp", "0.5"], capsys)
+        _assert_clean_failure(code, err, tmp_path / "out", "fluorescence")
 
 
 def test_existing_output_is_refused_and_kept(tmp_path, capsys, cmu_svs):
@@ -452,6 +456,17 @@ def test_sigterm_removes_the_temporary_output(tmp_path, capsys, cmu_svs, monkeyp
         signal.signal(signal.SIGTERM, runner)
     assert code == 143 and err == "error: terminated\n"
     assert not out.exists()  # nor the folder made for it
+
+
+def test_a_batch_of_one_bad_slide_fails_in_one_line(tmp_path, capsys):
+    """`batch` on one file fails as `run` does: its error once, no end-of-batch line, no folder
+    (it printed the slide's error, "0 slide(s) processed" and "1 of 1 slides failed")."""
+    bad = tmp_path / "notes.svs"
+    bad.write_text("this is not a slide\n")
+    out = tmp_path / "out"
+    code, stdout, err = _run(["batch", str(bad), "-o", str(out)], capsys)
+    _assert_clean_failure(code, err, out, "notes: cannot open")
+    assert stdout.strip() == "" and not out.exists()
 
 
 def test_batch_passes_the_tile_options_to_every_slide(tmp_path, capsys, cmu_svs, monkeypatch):

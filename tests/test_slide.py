@@ -279,15 +279,19 @@ def test_user_mpp_overrides(cmu_svs: Path, fixtures_dir: Path, caplog) -> None:
     slide._warn_mpp_override.cache_clear()  # said once per process: not before this test
     with caplog.at_level("WARNING", logger="wsi_psm"), Slide.open(cmu_svs, mpp=0.25) as s:
         assert s.mpp == 0.25 and s.info.mpp_source == "user"
+        assert s.info.overridden_mpp == (pytest.approx(0.499), "metadata")
         assert s.read_at_mpp(0, 0, 1000, 1000, 0.5).shape == (500, 500, 3)
-    with caplog.at_level("WARNING", logger="wsi_psm"), Slide.open(cmu_svs, mpp=0.25):
-        pass  # segment opens an image up to three times: one warning
+        assert "overrides" not in caplog.text  # said once the input has passed its checks
+        slide.warn_mpp_override(s.info)
+    with caplog.at_level("WARNING", logger="wsi_psm"), Slide.open(cmu_svs, mpp=0.25) as s:
+        slide.warn_mpp_override(s.info)  # segment opens an image up to three times: one warning
     assert caplog.text.count("--mpp 0.25 overrides the file's own 0.499") == 1
     caplog.clear()
     with caplog.at_level("WARNING", logger="wsi_psm"), Slide.open(cmu_svs, mpp=0.4995) as s:
-        assert s.mpp == 0.4995
+        assert s.mpp == 0.4995 and s.info.overridden_mpp is None
+        slide.warn_mpp_override(s.info)
     with Slide.open(fixtures_dir / "boxes.tiff", mpp=2.0) as s:
-        assert s.mpp == 2.0 and s.info.mpp_source == "user"
+        assert s.mpp == 2.0 and s.info.mpp_source == "user" and s.info.overridden_mpp is None
         assert s.best_level(4.0) == 1  # its pyramid is used once it has an mpp
     assert "overrides" not in caplog.text  # the same value, or a file that says nothing: no warning
     for bad in (-1, 0, 25, 1e-6):

@@ -8,6 +8,7 @@ lost mid-slide leaves no finished-looking output, and the scheduler retries the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,12 @@ def run_batch(
         cluster = None
         if scheduler is None:
             try:
+                # the workers' own log lines off (CRITICAL only): a slide's failure comes back
+                # with its task and is reported once, and at the cluster's close a heartbeat in
+                # flight logged a traceback ("Failed to communicate with scheduler", 1 run in 7)
                 cluster = LocalCluster(
                     n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                    dashboard_address=None,
+                    dashboard_address=None, silence_logs=logging.CRITICAL,
                 )  # fmt: skip
             except (OSError, RuntimeError, TimeoutError) as err:  # e.g. a worker failed to start
                 raise ClusterStartError(

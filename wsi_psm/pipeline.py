@@ -46,7 +46,7 @@ from .export import (
 )
 from .polygons import measurement_dicts, polygon_measurements
 from .progress import NullProgress, ProgressHook
-from .slide import Slide
+from .slide import Slide, warn_mpp_override
 from .stain import detect_stain
 from .stitching import Candidate, SeamResolver, interior, tile_candidates
 from .stream import stream_batches
@@ -126,6 +126,7 @@ def prepare_slide(
         check_slide_size(slide.width, slide.height, slide_mpp, cfg, slide.name)
         thumb, tscale = slide.thumbnail(max(cfg.tissue.thumb_mpp, slide_mpp))
         check_input_image(thumb, slide.name)
+        warn_mpp_override(slide.info)
         tissue = detect_tissue(thumb, tscale, slide_mpp, cfg.tissue, slide.name)
         grid = make_grid(slide.width, slide.height, slide_mpp, cfg, tissue, name=slide.name)
     except BaseException:

@@ -52,7 +52,7 @@ from .progress import NullProgress, ProgressHook
 from .segmenter.network import SegEnsemble, Segmenter, SegNet, read_segmenter_file
 from .segmenter.predict import predict_maps
 from .segmenter.readout import finished_instances, separated_from_maps
-from .slide import Slide
+from .slide import Slide, warn_mpp_override
 from .stitching import Candidate
 from .tissue import check_input_image
 
@@ -165,6 +165,7 @@ def check_inputs(
                 )
             thumb, _ = slide.thumbnail(max(slide.mpp, side_um / INPUT_CHECK_SIDE))
         check_input_image(thumb, p.name)
+        warn_mpp_override(slide.info)
         key = detect_stain(thumb, seed=seed) if stain == "auto" else stain
         groups.setdefault(key, []).append(p)
     return groups

@@ -78,6 +78,8 @@ class SlideInfo:
     vendor: str | None
     backend: str  # "openslide" | "tiffslide" | "image"
     objective_power: float | None
+    # the file's own (mpp, source) where a user's --mpp differs from it (warn_mpp_override)
+    overridden_mpp: tuple[float, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -267,6 +269,13 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
 # backends: each exposes the pyramid and ``read(level, ix0, iy0, w, h)`` returning an RGB PIL image
 # that covers level pixels [ix0, ix0+w) x [iy0, iy0+h) and its origin (ox, oy) in level pixels,
 # with ix0 - 1 < ox <= ix0 (OpenSlide can start at a fractional level pixel). Outside the slide: white.
+
+
+def warn_mpp_override(info: SlideInfo) -> None:
+    """Warn that --mpp overrides the file's own resolution, where it does. Called once the input
+    has passed its checks, so that a refused file (fluorescence, greyscale) gets only its error."""
+    if info.overridden_mpp is not None and info.mpp is not None:
+        _warn_mpp_override(info.path, info.name, info.mpp, *info.overridden_mpp)
 
 
 @functools.cache
@@ -685,10 +694,11 @@ class Slide:
         if mpp is not None and not _plausible(mpp):
             log.info("%s: ignoring implausible resolution %.4g µm/px (%s)", p, mpp, source)
             mpp, source = None, "none"
+        overridden = None
         if user_mpp is not None:
-            # the user's value wins (metadata can be wrong), but never silently
+            # the user's value wins (metadata can be wrong), but never silently (warn_mpp_override)
             if mpp is not None and abs(user_mpp - mpp) > 0.02 * mpp:
-                _warn_mpp_override(str(p), name, float(user_mpp), mpp, source)
+                overridden = (mpp, source)
             mpp, source = float(user_mpp), "user"
         w, h = b.level_dimensions[0]
         return SlideInfo(
@@ -704,6 +714,7 @@ class Slide:
             vendor=meta.vendor,
             backend=b.name,
             objective_power=meta.objective_power,
+            overridden_mpp=overridden,
         )
 
     def _probe(self) -> None:
