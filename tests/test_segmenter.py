@@ -357,32 +357,36 @@ def test_batch_does_not_depend_on_the_jitter_threads() -> None:
     assert one.jobs == three.jobs == 3 * 6  # every crop was jittered on the pool
 
 
+def two_tiles() -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Two synthetic tiles: 10 nuclei, what a label-free fit needs at least (MIN_PSEUDO_NUCLEI)."""
+    tiles = [synthetic_tile(96, seed) for seed in (0, 1)]
+    return [img for img, _ in tiles], [labels > 0 for _, labels in tiles]
+
+
 def test_fit_on_pseudo_masks_runs_refinement() -> None:
-    img, labels = synthetic_tile(96)
+    imgs, masks = two_tiles()
     cfg = RunConfig().with_updates(
         **{"segmenter.width": 4, "segmenter.depth": 2, "segmenter.fit_steps": 5,
            "segmenter.fit_batch": 2, "segmenter.fit_crop_px": 48, "segmenter.refine_rounds": 1}
     )  # fmt: skip
     stages = []
-    net = fit_on_pseudo_masks([img], [labels > 0], cfg, progress=lambda s, i, n: stages.append(s))
+    net = fit_on_pseudo_masks(imgs, masks, cfg, progress=lambda s, i, n: stages.append(s))
     assert isinstance(net, SegEnsemble) and len(net.members) == 2  # pseudo-mask net + refined net
     assert len(stages) == 10 and stages[0] != stages[-1]
-    single = fit_on_pseudo_masks(
-        [img], [labels > 0], cfg.with_updates(**{"segmenter.ensemble": False})
-    )
+    single = fit_on_pseudo_masks(imgs, masks, cfg.with_updates(**{"segmenter.ensemble": False}))
     assert isinstance(single, SegNet)
 
 
 def test_fit_on_pseudo_masks_warm_start_per_member() -> None:
     """With ``init``, round r starts from a copy of member r: a tiny learning rate stays near it."""
-    img, labels = synthetic_tile(96)
+    imgs, masks = two_tiles()
     cfg = RunConfig().with_updates(
         **{"segmenter.fit_steps": 2, "segmenter.fit_batch": 2, "segmenter.fit_crop_px": 48,
            "segmenter.lr": 1e-7, "segmenter.refine_rounds": 1}
     )  # fmt: skip
     start = SegEnsemble([tiny_net(1), tiny_net(2)])
     before = {k: v.clone() for k, v in start.state_dict().items()}
-    net = fit_on_pseudo_masks([img], [labels > 0], cfg, init=start)
+    net = fit_on_pseudo_masks(imgs, masks, cfg, init=start)
     assert isinstance(net, SegEnsemble) and len(net.members) == 2
     for got, ref in zip(net.members, start.members, strict=True):
         w, r = got.head.weight, ref.head.weight
