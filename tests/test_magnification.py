@@ -84,6 +84,25 @@ def test_crowded_small_nuclei_are_processed_magnified(monuseg_dir, tmp_path) -> 
     assert x0 >= 0 and y0 >= 0 and x1 <= 2000 and y1 <= 2000  # level-0 px of the slide
 
 
+def test_the_check_stops_once_the_rest_cannot_change_its_verdict() -> None:
+    """Worked by hand: a slide goes to both scales when more than half of the judged tiles are
+    resolved; a tile left can add at most one resolved tile to the judged ones."""
+    from wsi_psm.magnification import SlideMagnification
+
+    cut = (100, 300)  # ordinary nuclei cut into pieces at 2x: judged, not resolved
+    parted = (100, 150)  # crowded nuclei parted at 2x: resolved
+    sparse = (5, 6)  # too few nuclei to judge
+    assert not SlideMagnification([cut] * 3).stays_1x(remaining=5)  # 5 resolved of 8: 2x
+    assert SlideMagnification([cut] * 4).stays_1x(remaining=4)  # at best 4 of 8: stays 1x
+    assert not SlideMagnification([cut] * 4).stays_1x(remaining=5)  # 5 of 9 could be resolved
+    assert SlideMagnification([parted, cut, cut]).stays_1x(remaining=1)  # at best 2 of 4
+    assert not SlideMagnification([parted, cut, cut]).stays_1x(remaining=2)  # 3 of 5
+    assert not SlideMagnification([sparse] * 7).stays_1x(remaining=1)  # one judged, resolved
+    assert SlideMagnification([sparse] * 8).stays_1x(remaining=0)  # nothing judged: 1x
+    # the full sample's verdict agrees wherever the check stopped early
+    assert not SlideMagnification([cut] * 4 + [parted] * 4).per_tile
+
+
 def test_each_tile_keeps_the_scale_the_rule_picks() -> None:
     """The labeller of a run at both scales: a tile where 2x finds twice the nuclei (crowded pairs
     parted) keeps the 2x labels; one where 2x finds four times as many (every nucleus cut in
