@@ -97,12 +97,20 @@ def test_label_quantile_matches_numpy() -> None:
     rng = np.random.default_rng(0)
     lab = rng.integers(1, 30, size=5000)
     lab[lab == 7] = 8  # an absent label in the middle
-    v = rng.normal(size=5000)
+    v = np.abs(rng.normal(size=5000)).astype(np.float32)  # stain amounts: float32, >= 0
+    v[:40] = 0.0
+    v[40:50] = -0.0  # (np.maximum(x, 0) can give -0.0; it must sort as 0)
+    v[50:60] = v[60:70]  # ties
     counts = np.bincount(lab, minlength=30)
     got = _label_quantile(v, lab, counts, 0.9)
     for k in range(1, 30):
-        want = np.percentile(v[lab == k], 90) if counts[k] else 0.0
-        assert got[k - 1] == pytest.approx(want)
+        want = np.percentile(v[lab == k].astype(np.float64), 90) if counts[k] else 0.0
+        assert got[k - 1] == pytest.approx(want, rel=1e-12, abs=1e-12)
+    for q in (0.0, 0.5, 1.0):  # the ends and the middle: min, median, max per label
+        want = [np.quantile(v[lab == k].astype(np.float64), q) for k in range(1, 30) if counts[k]]
+        np.testing.assert_allclose(_label_quantile(v, lab, counts, q)[counts[1:] > 0], want)
+    with pytest.raises(ValueError, match="float32"):
+        _label_quantile(v.astype(np.float64), lab, counts, 0.9)
 
 
 def test_features_of_an_empty_tile() -> None:

@@ -94,10 +94,16 @@ def _label_quantile(
 ) -> np.ndarray:
     """Per-label q-quantile (linear interpolation) of ``values`` grouped by ``lab`` (1..n, all > 0).
 
-    One sort of (label, value) pairs for the whole tile; ``counts[k]`` = pixels of label k.
+    ``values``: float32 and >= 0 (stain amounts). One sort of (label, value) pairs for the whole
+    tile, as one uint64 key: the label above the value's bits, which a non-negative float32 orders
+    as its value does (the same order as a two-key lexsort, ~10x faster); ``counts[k]`` = pixels
+    of label k.
     """
-    order = np.lexsort((values, lab))
-    v = values[order]
+    if values.dtype != np.float32 or not (values >= 0).all():
+        raise ValueError("values must be float32 and >= 0")
+    bits = (values + np.float32(0)).view(np.uint32)  # (+0: a -0.0 would sort after every value)
+    order = np.argsort((lab.astype(np.uint64) << np.uint64(32)) | bits)
+    v = values[order].astype(np.float64)
     starts = np.concatenate([[0], np.cumsum(counts[1:])[:-1]])
     n = np.maximum(counts[1:], 1)
     pos = q * (n - 1)
@@ -163,12 +169,13 @@ def cell_features(
     cols: list[np.ndarray] = []
     means = []
     for c in chans:
-        v = c[inside].astype(np.float64)
+        v32 = c[inside]
+        v = v32.astype(np.float64)
         s1 = np.bincount(lab_in, weights=v, minlength=n + 1)
         s2 = np.bincount(lab_in, weights=v * v, minlength=n + 1)
         mean = s1 / cnt
         std = np.sqrt(np.maximum(s2 / cnt - mean * mean, 0.0))
-        p90 = np.concatenate([[0.0], _label_quantile(v, lab_in, counts, 0.9)])
+        p90 = np.concatenate([[0.0], _label_quantile(v32, lab_in, counts, 0.9)])
         cols += [mean, std, p90]
         means.append(mean)
     for c, mean in zip(chans, means, strict=True):
