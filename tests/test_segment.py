@@ -386,6 +386,29 @@ def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:
     assert set(names) == {"Positive", "Negative"}
 
 
+def test_blank_tiles_beside_ihc_tiles_get_no_cells(tmp_path) -> None:
+    """A glass-only tile among IHC ones (common when a slide is cut into tiles) is given an empty
+    pseudo mask, not a clustering of no pixels (was: internal error, "no stained pixels"); glass
+    alone is refused in one line, before anything is written."""
+    from skimage import data
+
+    from wsi_psm.errors import NoTissueError
+
+    write_png(tmp_path / "ihc.png", data.immunohistochemistry())
+    write_png(tmp_path / "white.png", np.full((256, 256, 3), 250, np.uint8))
+    cfg = CFG.with_updates(
+        stain="ihc-dab",
+        **{"psm.fit_steps": 5, "segmenter.fit_steps": 5, "segmenter.refine_rounds": 0},
+    )
+    segment_images([tmp_path / "ihc.png", tmp_path / "white.png"], tmp_path / "out", cfg, mpp=0.5)
+    ihc, white = (tifffile.imread(output_paths(tmp_path / n, tmp_path / "out")[1]) for n in
+                  ("ihc.png", "white.png"))  # fmt: skip
+    assert ihc.max() > 0 and white.max() == 0
+    with pytest.raises(NoTissueError, match="no stained pixel"):
+        segment_images([tmp_path / "white.png"], tmp_path / "alone", cfg, mpp=0.5)
+    assert not (tmp_path / "alone").exists()
+
+
 def test_no_network_route_fits_on_the_images(tmp_path) -> None:
     from skimage import data
 

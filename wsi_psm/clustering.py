@@ -41,6 +41,7 @@ from scipy import ndimage as ndi
 from sklearn.cluster import KMeans
 
 from wsi_psm.config import ClusterConfig
+from wsi_psm.errors import NoTissueError
 from wsi_psm.stain import (
     TISSUE_OD,
     Stain,
@@ -260,7 +261,10 @@ class PseudoMaskModel:
             samples.append(f.reshape(-1, f.shape[-1])[pick])
         x_all = np.concatenate(samples)
         if not len(x_all):
-            raise ValueError("no stained pixels in the fit tiles")
+            raise NoTissueError(
+                f"nothing to fit on: no stained pixel in the {len(rgb_tiles)} image(s) or tile(s) "
+                "of the label-free fit (glass or blank only)"
+            )
         stages: list[_Stage] = []
         left = np.ones(len(x_all), bool)  # each stage is fitted on the pixels earlier stages left
         for s, cols in enumerate(stage_cols):

@@ -53,6 +53,7 @@ from .segmenter.network import SegEnsemble, Segmenter, SegNet, read_segmenter_fi
 from .segmenter.predict import predict_maps
 from .segmenter.readout import finished_instances, separated_from_maps
 from .slide import Slide, warn_mpp_override
+from .stain import TISSUE_OD, rgb_to_od
 from .stitching import Candidate
 from .tissue import check_input_image
 
@@ -290,6 +291,10 @@ def read_processing_images(
     return out
 
 
+# fewer stained pixels than this (about 5 nuclei at 0.5 µm/px) are not clustered: no pseudo nuclei
+MIN_STAINED_PX = 1000
+
+
 def pseudo_masks_per_image(
     bundle: Any, images: Sequence[np.ndarray], cfg: RunConfig, *, device: torch.device
 ) -> list[np.ndarray]:
@@ -300,6 +305,10 @@ def pseudo_masks_per_image(
 
     masks = []
     for im in images:
+        # glass or a blank tile (e.g. from a tiled slide): no nuclei, and nothing to cluster
+        if np.count_nonzero(rgb_to_od(im).sum(axis=-1) > TISSUE_OD) < MIN_STAINED_PX:
+            masks.append(np.zeros(im.shape[:2], bool))
+            continue
         psm = bundle.psm(im[None], device)[0]
         pm = PseudoMaskModel.fit(
             [im], [psm], cfg.cluster, mpp=cfg.target_mpp, seed=cfg.seed, stain=bundle.stain
