@@ -50,7 +50,7 @@ from .slide import Slide, warn_mpp_override
 from .stain import detect_stain
 from .stitching import Candidate, SeamResolver, interior, tile_candidates
 from .stream import stream_batches
-from .tiling import Tile, TileGrid, check_slide_size, make_grid
+from .tiling import Tile, TileGrid, check_input_resolution, check_slide_size, make_grid
 from .tissue import TissueMask, check_input_image, detect_tissue
 
 if TYPE_CHECKING:  # (model imports torch; the pipeline's light paths need not)
@@ -123,6 +123,7 @@ def prepare_slide(
     slide = Slide.open(path, backend=backend, mpp=mpp)
     try:
         slide_mpp = slide.mpp
+        check_input_resolution(slide_mpp, cfg.target_mpp, slide.name)
         check_slide_size(slide.width, slide.height, slide_mpp, cfg, slide.name)
         thumb, tscale = slide.thumbnail(max(cfg.tissue.thumb_mpp, slide_mpp))
         check_input_image(thumb, slide.name)

@@ -55,6 +55,7 @@ from .segmenter.readout import finished_instances, separated_from_maps
 from .slide import Slide, warn_mpp_override
 from .stain import TISSUE_OD, rgb_to_od
 from .stitching import Candidate
+from .tiling import check_input_resolution
 from .tissue import check_input_image
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ def check_inputs(
     for p in paths:
         with Slide.open(p, mpp=mpp) as slide:
             side_um = max(slide.width, slide.height) * slide.mpp
+            if target_mpp is not None:
+                check_input_resolution(slide.mpp, target_mpp, p.name)
             if target_mpp is not None and min(slide.width, slide.height) * slide.mpp < target_mpp:
                 raise SegmentInputError(
                     f"{p}: image too small: {slide.width} x {slide.height} px at {slide.mpp:g} "

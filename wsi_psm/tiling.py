@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import RunConfig
-from .errors import SlideTooSmallError
+from .errors import SlideTooSmallError, UnsupportedSlideError
 from .tissue import TissueMask
 
 
@@ -83,6 +83,23 @@ class TileGrid:
         if tile.y + tile.h < self.slide_height:
             m[-margin_px:, :] = True
         return m
+
+
+# the most a slide or image is enlarged to the processing resolution: coarser than 4x the target mpp
+# (2 µm/px for the default 0.5) a nucleus is a few pixels wide, and the enlarged image holds nothing
+# the network can resolve (and many times the tiles: --mpp 20 on a 1000² image, 40x each side)
+MAX_ENLARGEMENT = 4.0
+
+
+def check_input_resolution(mpp: float, target_mpp: float, name: str = "slide") -> None:
+    """Refuse an input so coarse that the processing resolution would enlarge it over 4x; most
+    often a magnification given as --mpp (20 for a 20x scan)."""
+    if mpp > MAX_ENLARGEMENT * target_mpp:
+        raise UnsupportedSlideError(
+            f"{name}: {mpp:g} µm/px is too coarse for nuclei (processing at {target_mpp:g} µm/px "
+            f"would enlarge it {mpp / target_mpp:.3g}x, at most {MAX_ENLARGEMENT:g}x is done); "
+            "--mpp is micrometres per pixel, not a magnification: 40x is about 0.25, 20x about 0.5"
+        )
 
 
 def check_slide_size(
