@@ -452,6 +452,8 @@ def batch(
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip,
                   batch_size=batch_size, workers=workers)  # fmt: skip
     slides = find_slides(inputs)
+    if model is not None:  # a bad model file: one line now, not one per slide after a cluster start
+        _load_model(model)
     # a batch of one slide fails as `run` does: its error is the one line, said once at exit
     alone = slides[0].name if len(slides) == 1 else None
 

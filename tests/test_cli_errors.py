@@ -472,6 +472,21 @@ def test_a_batch_of_one_bad_slide_fails_in_one_line(tmp_path, capsys):
     assert stdout.strip() == "" and not out.exists()
 
 
+def test_a_batch_with_a_bad_model_file_says_so_once(tmp_path, capsys, cmu_svs, monkeypatch):
+    """The model is checked before any cluster starts: one line (it was one per slide, after
+    the start)."""
+    import wsi_psm.distributed
+
+    monkeypatch.setattr(wsi_psm.distributed, "run_batch", lambda *a, **k: pytest.fail("started"))
+    bad = tmp_path / "model.pt"
+    bad.write_text("not a model\n")
+    out = tmp_path / "out"
+    code, _, err = _run(["batch", str(cmu_svs), str(cmu_svs.parent), "-o", str(out), "--model",
+                         str(bad)], capsys)  # fmt: skip
+    _assert_clean_failure(code, err, out, "model.pt")
+    assert not out.exists()
+
+
 def test_batch_passes_the_tile_options_to_every_slide(tmp_path, capsys, cmu_svs, monkeypatch):
     """`batch` takes --batch-size and --workers as `run` does (into the configuration the tasks
     get); a bad value is a usage error before any cluster starts."""
