@@ -375,6 +375,10 @@ def test_eval_refuses_photographs_as_ground_truth(tmp_path, capsys):
     Image.fromarray(photo).save(gt / "a.png")
     code, _, err = _run(["eval", str(pred), str(gt)], capsys)
     _assert_clean_failure(code, err, tmp_path / "none", "not an instance mask")
+    photo[0, :5] = 0  # a few black pixels (BCData's PNGs have some) do not make it a mask
+    Image.fromarray(photo).save(gt / "a.png")
+    code, _, err = _run(["eval", str(pred), str(gt)], capsys)
+    _assert_clean_failure(code, err, tmp_path / "none", "0.49% black background")
 
 
 def test_eval_names_a_file_given_for_a_folder(tmp_path, capsys):
