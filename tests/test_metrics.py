@@ -335,6 +335,12 @@ def test_evaluate_segmentation_label_images_and_polygons(tmp_path: Path) -> None
     for stem in ("a", "b"):
         for key in ("pixel_f1", "object_dice", "aji", "pq"):
             assert r2["images"][stem][key] == pytest.approx(r["images"][stem][key]), (stem, key)
+    # polygons of a larger image (another image's, or another scale's): refused, not cut off
+    big = np.zeros((gt.shape[0] * 2, gt.shape[1] * 2), gt.dtype)
+    big[-gt.shape[0] :, -gt.shape[1] :] = gt
+    _write_geojson(tmp_path / "gj" / "a.geojson", _square_features(big))
+    with pytest.raises(EvaluationError, match="outside the ground truth image"):
+        evaluate_segmentation(tmp_path / "gj", tmp_path / "gt")
 
 
 def test_evaluate_segmentation_exported_cells_round_trip(tmp_path: Path) -> None:

@@ -165,6 +165,28 @@ def rasterise_features(features: list[dict[str, Any]], shape: tuple[int, int]) -
     return rasterize(shapes, out_shape=shape, fill=0, dtype="int32")
 
 
+def _check_inside(features: list[dict[str, Any]], shape: tuple[int, int], path: Path) -> None:
+    """Polygons that reach past the ground truth image are another image's (or scale's): scored,
+    they would be cut off silently (a label image of another shape is refused the same way)."""
+    import shapely.geometry
+
+    polys = [
+        shapely.geometry.shape(f["geometry"])
+        for f in features
+        if f["geometry"].get("type") in ("Polygon", "MultiPolygon")
+    ]
+    if not polys:
+        return
+    x1 = max(p.bounds[2] for p in polys)
+    y1 = max(p.bounds[3] for p in polys)
+    h, w = shape
+    if x1 > w + 1 or y1 > h + 1:  # (1 px of slack for outlines along the image's edge)
+        raise EvaluationError(
+            f"{path}: cells reach x {x1:.0f}, y {y1:.0f} px, outside the ground truth image "
+            f"({w} x {h} px): predictions of another image, or at another scale?"
+        )
+
+
 def load_prediction_labels(path: Path, shape: tuple[int, int]) -> np.ndarray:
     """Prediction instance labels of one image, from a label TIFF or a GeoJSON of polygons."""
     if _geojson_stem(path) is not None:
@@ -173,6 +195,7 @@ def load_prediction_labels(path: Path, shape: tuple[int, int]) -> np.ndarray:
             f["geometry"].get("type") in ("Polygon", "MultiPolygon") for f in feats
         ):
             raise EvaluationError(f"{path} holds no polygons (points? use detection evaluation)")
+        _check_inside(feats, shape, path)
         return rasterise_features(feats, shape)
     try:
         labels = load_label_image(path)
