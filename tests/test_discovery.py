@@ -36,6 +36,8 @@ def test_same_slide_twice_is_listed_once_but_name_clash_is_an_error(tmp_path):
     (tmp_path / "x" / "s.svs").write_bytes(b"x")
     (tmp_path / "y" / "s.tif").write_bytes(b"x")
     assert len(find_slides([tmp_path / "x" / "s.svs", tmp_path / "x"])) == 1
+    # the same file by another path (relative and absolute, `x/../x`): one slide too
+    assert len(find_slides([tmp_path / "x" / "s.svs", tmp_path / "x" / ".." / "x" / "s.svs"])) == 1
     with pytest.raises(SlideOpenError, match="one output folder"):
         find_slides([tmp_path / "x", tmp_path / "y"])
 

@@ -93,7 +93,7 @@ def find_slides(inputs: Iterable[str | Path], *, tiles: bool = False) -> list[Sl
     unique = []
     for s in found:
         if s.name in seen:
-            if seen[s.name] == s.path:
+            if seen[s.name].resolve() == s.path.resolve():  # one file, named twice (a.png ./a.png)
                 continue
             raise SlideOpenError(
                 f"two {noun} would write to one output {'name' if tiles else 'folder'} {s.name!r}: "

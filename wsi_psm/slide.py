@@ -237,7 +237,9 @@ def _to_rgb_image(arr: np.ndarray) -> Image.Image:
         elif arr.dtype == bool:
             arr = arr.astype(np.uint8) * 255
         else:
-            raise ValueError(f"unsupported pixel type {arr.dtype}")
+            raise ValueError(
+                f"unsupported pixel type {arr.dtype} (8- or 16-bit RGB or grey images are read)"
+            )
     if arr.ndim == 2:
         return Image.fromarray(arr).convert("RGB")
     if arr.shape[2] == 3:
@@ -681,7 +683,8 @@ class Slide:
         first = attempts[0]
         reason = _short(first.error)
         if first.stage == "read":
-            hint = "" if "truncated" in reason else " (file corrupt or truncated?)"
+            known = "truncated" in reason or "unsupported pixel type" in reason
+            hint = "" if known else " (file corrupt or truncated?)"
             raise SlideReadError(
                 f"'{p}' opened ({first.backend}) but its pixels cannot be decoded: {reason}{hint}"
             )
