@@ -9,6 +9,7 @@ import pytest
 
 from wsi_psm.clustering import PseudoMaskModel
 from wsi_psm.config import ClusterConfig
+from wsi_psm.errors import NoTissueError
 from wsi_psm.stain import stain_channels
 
 
@@ -143,7 +144,7 @@ def test_fit_errors() -> None:
         PseudoMaskModel.fit(
             [_disc_tile(False)], None, ClusterConfig(features="psm+h"), mpp=0.5, seed=0
         )
-    with pytest.raises(ValueError, match="stained"):
+    with pytest.raises(NoTissueError, match="no stained pixel"):  # one line in the CLI
         PseudoMaskModel.fit(
             [np.full((32, 32, 3), 255, np.uint8)],
             None,
