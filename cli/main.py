@@ -57,9 +57,14 @@ def _root(
 # Shared options --------------------------------------------------------------------------------
 
 
-def _positive(value: float | None) -> float | None:
-    if value is not None and not value > 0:
-        raise typer.BadParameter(f"must be greater than 0, not {value:g}")
+def _target_mpp(value: float | None) -> float | None:
+    from wsi_psm.config import TARGET_MPP_RANGE  # light: pydantic, no torch
+
+    lo, hi = TARGET_MPP_RANGE
+    if value is not None and not lo <= value <= hi:
+        raise typer.BadParameter(
+            f"{value:g} µm/px: the processing resolution lies between {lo:g} and {hi:g}"
+        )
     return value
 
 
@@ -105,7 +110,7 @@ TargetMppOpt = Annotated[
     typer.Option(
         "--target-mpp",
         help="Processing resolution, µm/px (default 0.5; 0.1 to 2).",
-        callback=_positive,
+        callback=_target_mpp,
     ),
 ]
 DeviceOpt = Annotated[

@@ -268,6 +268,10 @@ class SegmenterConfig(_Frozen):
         return self
 
 
+# the processing resolutions a run may take (µm/px): beyond 2 a nucleus is a few pixels wide
+TARGET_MPP_RANGE = (0.1, 2.0)
+
+
 class RunConfig(_Frozen):
     """Every setting of a run, immutable: ``RunConfig()`` is the default, ``RunConfig.load(path)``
     reads a JSON file (schemas/config.schema.json), ``cfg.with_updates(**{"tiles.batch_size": 8})``
@@ -276,8 +280,8 @@ class RunConfig(_Frozen):
 
     target_mpp: float = Field(
         0.5,
-        ge=0.1,
-        le=2.0,
+        ge=TARGET_MPP_RANGE[0],
+        le=TARGET_MPP_RANGE[1],
         description="processing resolution, micrometres per pixel (beyond 2 a nucleus is a few pixels)",
     )
     # below 2**31: per-image and per-round seeds are this plus an offset, and scikit-learn takes
