@@ -41,7 +41,10 @@ class RichProgress:
         task = self._tasks.pop(stage, None)
         if task is not None:
             t = self._p.tasks[task]
-            self._p.update(task, completed=t.total if t.total is not None else t.completed)
+            if t.total is None:  # a stage of unknown length ends as a full bar, 1/1 (not 0/?)
+                self._p.update(task, total=max(t.completed, 1), completed=max(t.completed, 1))
+            else:
+                self._p.update(task, completed=t.total)
             self._p.stop_task(task)
 
 

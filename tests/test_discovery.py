@@ -30,6 +30,17 @@ def test_a_dcm_file_names_its_whole_series(tmp_path):
     assert found.path == dcm and found.name == "series"
 
 
+def test_a_broken_or_looping_link_is_named_so(tmp_path):
+    loop = tmp_path / "loop.svs"
+    loop.symlink_to(loop)
+    (tmp_path / "gone.svs").symlink_to(tmp_path / "moved.svs")
+    for link in (loop, tmp_path / "gone.svs"):
+        with pytest.raises(SlideOpenError, match="a broken or looping symbolic link"):
+            find_slides([link])
+    with pytest.raises(SlideOpenError, match="no such file or folder"):
+        find_slides([tmp_path / "nope.svs"])
+
+
 def test_same_slide_twice_is_listed_once_but_name_clash_is_an_error(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()

@@ -63,7 +63,10 @@ def find_slides(inputs: Iterable[str | Path], *, tiles: bool = False) -> list[Sl
     for raw in inputs:
         p = Path(raw)
         if not p.exists():
-            raise SlideOpenError(f"{p}: no such file or folder")
+            what = (
+                "a broken or looping symbolic link" if p.is_symlink() else "no such file or folder"
+            )
+            raise SlideOpenError(f"{p}: {what}")
         if p.is_file():
             if p.suffix.lower() == ".dcm":
                 found.append(SlideInput(p.parent, _safe_name(p.parent.name)))
