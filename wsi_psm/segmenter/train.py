@@ -265,20 +265,25 @@ def fit_segmenter(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = init if init is not None else SegNet(width=width, depth=depth)
-    net = net.to(device).train()
+    # channels-last on a CPU: oneDNN's convolutions train ~1.35x faster in it (one step at batch 8
+    # of 128² crops, 2 cores: 175 -> 125 ms); another float path than the plain layout, so a fit's
+    # weights are not bit-identical across the two (the shipped file predates it). CUDA keeps the
+    # plain layout (training in it not measured there; the GPU fit waits on the crops anyway).
+    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    net = net.to(device).to(memory_format=layout).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = one_cycle(opt, lr, steps)
     t0 = time.perf_counter()
     for step in range(steps):
         x, y = sample_batch(samples, rng, batch, crop, colour=colour, scale=scale, device=device)
-        loss = segmentation_loss(net(x), y)
+        loss = segmentation_loss(net(x.contiguous(memory_format=layout)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if progress is not None:
             progress(step + 1, steps, float(loss.detach()))
-    net.eval()
+    net = net.to(memory_format=torch.contiguous_format).eval()  # (saved and used as before)
     net.fit_seconds = time.perf_counter() - t0  # type: ignore[attr-defined]
     return net
 
