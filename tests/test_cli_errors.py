@@ -107,16 +107,23 @@ def test_slide_smaller_than_a_tile(tmp_path, capsys, fixtures_dir):
     _assert_clean_failure(code, err, tmp_path / "out", "smaller than one tile")
 
 
-def test_fluorescence_is_refused(tmp_path, capsys):
+def test_fluorescence_is_refused(tmp_path, capsys, caplog):
     from conftest import data_path
+
+    from wsi_psm import slide
 
     ndpi = data_path("wsi", "hamamatsu-ndpi-fluorescence", "test3-DAPI-2-(387).ndpi")
     code, _, err = _run(["run", str(ndpi), "-o", str(tmp_path / "out"), "-q"], capsys)
     _assert_clean_failure(code, err, tmp_path / "out", "fluorescence")
     # an --mpp that differs from the file's: the error alone (the override warning came first)
     for cmd in ("run", "segment"):
-        code, _, err = _run([cmd, str(ndpi), "-o", str(tmp_path / "out"), "--mpp", "0.5"], capsys)
+        slide._warn_mpp_override.cache_clear()  # said once per process: not before this command
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="wsi_psm"):
+            argv = [cmd, str(ndpi), "-o", str(tmp_path / "out"), "--mpp", "0.5"]
+            code, _, err = _run(argv, capsys)
         _assert_clean_failure(code, err, tmp_path / "out", "fluorescence")
+        assert "overrides" not in caplog.text, caplog.text
 
 
 def test_existing_output_is_refused_and_kept(tmp_path, capsys, cmu_svs):

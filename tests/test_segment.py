@@ -221,6 +221,25 @@ def test_model_file_runs_at_its_training_resolution(tmp_path, trained_net, monke
     assert seen and all(s[:2] == (96, 96) for s in seen)  # not 48 x 48
 
 
+def test_inputs_are_judged_at_the_resolution_the_model_runs_at(tmp_path, trained_net) -> None:
+    """A model file trained at 1 µm/px runs there: a 2.5 µm/px image is enlarged 2.5x, not the 5x
+    of the config's 0.5 (it was refused); one trained at 0.25 refuses 1.5 µm/px (6x, passed)."""
+    from wsi_psm.errors import UnsupportedSlideError
+
+    img, _ = synthetic_tile(96)
+    src = tmp_path / "t.png"
+    write_png(src, img)
+    coarse = save_segmenter(tmp_path / "m1.pt", trained_net, target_mpp=1.0)
+    segment_images([src], tmp_path / "o", CFG, model=coarse, mpp=2.5)
+    assert output_paths(src, tmp_path / "o")[1].is_file()
+    fine = save_segmenter(tmp_path / "m025.pt", trained_net, target_mpp=0.25)
+    with pytest.raises(
+        UnsupportedSlideError, match=r"processing at 0.25 µm/px would enlarge it 6x"
+    ):
+        segment_images([src], tmp_path / "o2", CFG, model=fine, mpp=1.5)
+    assert not (tmp_path / "o2").exists()
+
+
 def _disc_maps(shape: tuple[int, int], centres: list[tuple[int, int]], r: float) -> np.ndarray:
     """Network-like maps: foreground discs and their normalised distance."""
     yy, xx = np.mgrid[: shape[0], : shape[1]]

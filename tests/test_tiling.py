@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from wsi_psm.config import RunConfig
-from wsi_psm.errors import SlideTooSmallError
+from wsi_psm.errors import SlideTooSmallError, UnsupportedSlideError
 from wsi_psm.stream import stream_batches
-from wsi_psm.tiling import make_grid
+from wsi_psm.tiling import check_input_resolution, make_grid
 from wsi_psm.tissue import TissueMask
 
 CFG = RunConfig().with_updates(**{"tiles.core_um": 64.0, "tiles.margin_um": 8.0})
@@ -102,3 +102,11 @@ def test_tissue_area_counts_only_the_slide_part_of_edge_pixels():
     mpp = 0.5
     assert mask.area_mm2(mpp, (1005, 702)) == pytest.approx(1005 * 702 * mpp**2 / 1e6)
     assert mask.area_mm2(mpp) == pytest.approx(1010 * 710 * mpp**2 / 1e6)  # the mask as drawn
+
+
+def test_an_input_over_4x_coarser_than_processing_is_refused_with_the_right_hint() -> None:
+    check_input_resolution(2.0, 0.5)  # 4x: the most that is done
+    with pytest.raises(UnsupportedSlideError, match="not a magnification"):  # --mpp 20 for 20x
+        check_input_resolution(20.0, 0.5, "a", "user")
+    with pytest.raises(UnsupportedSlideError, match=r"the file says so \(tiff-resolution\)"):
+        check_input_resolution(5.0, 0.5, "b", "tiff-resolution")  # nothing the user typed

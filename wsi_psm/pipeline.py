@@ -123,7 +123,7 @@ def prepare_slide(
     slide = Slide.open(path, backend=backend, mpp=mpp)
     try:
         slide_mpp = slide.mpp
-        check_input_resolution(slide_mpp, cfg.target_mpp, slide.name)
+        check_input_resolution(slide_mpp, cfg.target_mpp, slide.name, slide.info.mpp_source)
         check_slide_size(slide.width, slide.height, slide_mpp, cfg, slide.name)
         thumb, tscale = slide.thumbnail(max(cfg.tissue.thumb_mpp, slide_mpp))
         check_input_image(thumb, slide.name)

@@ -161,7 +161,7 @@ def check_inputs(
         with Slide.open(p, mpp=mpp) as slide:
             side_um = max(slide.width, slide.height) * slide.mpp
             if target_mpp is not None:
-                check_input_resolution(slide.mpp, target_mpp, p.name)
+                check_input_resolution(slide.mpp, target_mpp, p.name, slide.info.mpp_source)
             if target_mpp is not None and min(slide.width, slide.height) * slide.mpp < target_mpp:
                 raise SegmentInputError(
                     f"{p}: image too small: {slide.width} x {slide.height} px at {slide.mpp:g} "
@@ -294,8 +294,8 @@ def read_processing_images(
     return out
 
 
-# fewer stained pixels than this (about 5 nuclei at 0.5 µm/px) are not clustered: no pseudo nuclei
-MIN_STAINED_PX = 1000
+# an image with less stained area than this (about 5 nuclei) is not clustered: no pseudo nuclei
+MIN_STAINED_UM2 = 250.0
 
 
 def pseudo_masks_per_image(
@@ -309,7 +309,8 @@ def pseudo_masks_per_image(
     masks = []
     for im in images:
         # glass or a blank tile (e.g. from a tiled slide): no nuclei, and nothing to cluster
-        if np.count_nonzero(rgb_to_od(im).sum(axis=-1) > TISSUE_OD) < MIN_STAINED_PX:
+        stained = np.count_nonzero(rgb_to_od(im).sum(axis=-1) > TISSUE_OD)
+        if stained * cfg.target_mpp**2 < MIN_STAINED_UM2:
             masks.append(np.zeros(im.shape[:2], bool))
             continue
         psm = bundle.psm(im[None], device)[0]
@@ -747,7 +748,11 @@ def segment_images(
     if skip_existing and all(_finished(p, out) for p in paths):
         log.info("every image's outputs exist in %s: nothing to do", out)
         return []
-    groups = check_inputs(paths, mpp, cfg.stain, seed=cfg.seed, target_mpp=cfg.target_mpp)
+    # a given model works at the resolution it was trained at (as `run --model` does): the
+    # inputs are judged against that one
+    trained_mpp = model_mpp(model)
+    processing_mpp = cfg.target_mpp if trained_mpp is None else trained_mpp
+    groups = check_inputs(paths, mpp, cfg.stain, seed=cfg.seed, target_mpp=processing_mpp)
     # writable? asked now, before the fit; the folder itself is made at the first write, so a fit
     # that fails (or is stopped) leaves no empty folder behind
     if out.exists() and not out.is_dir():
@@ -770,9 +775,7 @@ def segment_images(
         return files
     cfg = cfg.with_updates(stain=next(iter(groups)))
     device = select_device(cfg.device)
-    trained_mpp = model_mpp(model)
     if trained_mpp is not None and abs(trained_mpp - cfg.target_mpp) > 1e-6:
-        # a given model works at the resolution it was trained at (as `run --model` does)
         log.info("processing at %g µm/px, the resolution the model was trained at", trained_mpp)
         cfg = cfg.with_updates(target_mpp=trained_mpp)
     labeller = resolve_labeller(

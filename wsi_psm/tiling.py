@@ -91,14 +91,22 @@ class TileGrid:
 MAX_ENLARGEMENT = 4.0
 
 
-def check_input_resolution(mpp: float, target_mpp: float, name: str = "slide") -> None:
+def check_input_resolution(
+    mpp: float, target_mpp: float, name: str = "slide", source: str = "user"
+) -> None:
     """Refuse an input so coarse that the processing resolution would enlarge it over 4x; most
-    often a magnification given as --mpp (20 for a 20x scan)."""
+    often a magnification given as --mpp (20 for a 20x scan). ``source``: where ``mpp`` came from
+    (``SlideInfo.mpp_source``: "user" for --mpp), so the message says what to correct."""
     if mpp > MAX_ENLARGEMENT * target_mpp:
+        hint = (
+            "--mpp is micrometres per pixel, not a magnification: 40x is about 0.25, 20x about 0.5"
+            if source == "user"
+            else f"the file says so ({source}); give --mpp if that is wrong"
+        )
         raise UnsupportedSlideError(
             f"{name}: {mpp:g} µm/px is too coarse for nuclei (processing at {target_mpp:g} µm/px "
             f"would enlarge it {mpp / target_mpp:.3g}x, at most {MAX_ENLARGEMENT:g}x is done); "
-            "--mpp is micrometres per pixel, not a magnification: 40x is about 0.25, 20x about 0.5"
+            + hint
         )
 
 
