@@ -463,14 +463,13 @@ def batch(
     alone = slides[0].name if len(slides) == 1 else None
 
     def show(line: str) -> None:
-        if alone is None or not line.startswith(f"{alone}: error: "):
-            console.print(line, highlight=False, soft_wrap=True)
+        console.print(line, highlight=False, soft_wrap=True)
 
     results = run_batch(
         slides, output, cfg, model_path=model, mpp=mpp, backend=backend, overwrite=overwrite,
         skip_existing=skip_existing, scheduler=scheduler, n_workers=n_workers,
         threads_per_worker=threads_per_worker,
-        report=None if quiet else show,
+        report=None if quiet else show, report_failures=alone is None,
     )  # fmt: skip
     failed = [r for r in results if r.error]
     if alone is not None and failed:

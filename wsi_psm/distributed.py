@@ -76,10 +76,13 @@ def run_batch(
     threads_per_worker: int = 2,
     retries: int = 1,
     report: Callable[[str], None] | None = None,
+    report_failures: bool = True,
 ) -> list[SlideOutcome]:
     """Process ``slides`` on a Dask cluster (``scheduler`` address, or a local cluster of processes).
 
     Outputs go to ``out_root/<slide name>``. Returns one outcome per slide, in input order.
+    ``report`` gets a line per slide as it finishes; ``report_failures`` False leaves failures to
+    the caller (the CLI's one-slide batch says its error once, at exit).
     """
     from distributed import Client, LocalCluster, as_completed
 
@@ -164,7 +167,8 @@ def run_batch(
                     )
                 outcomes[s.name] = out
                 if out.error:
-                    report(f"{s.name}: error: {out.error.removeprefix(s.name + ': ')}")
+                    if report_failures:
+                        report(f"{s.name}: error: {out.error.removeprefix(s.name + ': ')}")
                 else:
                     report(f"{s.name}: {out.cells} cells in {out.seconds:.0f} s -> {out.out_dir}")
         finally:
