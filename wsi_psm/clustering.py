@@ -43,12 +43,11 @@ from sklearn.cluster import KMeans
 from wsi_psm.config import ClusterConfig
 from wsi_psm.errors import NoTissueError
 from wsi_psm.stain import (
-    TISSUE_OD,
     Stain,
     detect_stain,
     estimate_stain_matrix,
-    rgb_to_od,
     stain_channels,
+    stained_pixels,
 )
 
 STATE_VERSION = 2
@@ -255,7 +254,7 @@ class PseudoMaskModel:
             f = tile_features(i, all_cols)
             # Fit on stained pixels only: glass would otherwise claim a cluster and move the nucleus
             # boundary with the amount of glass in the sample.
-            idx = np.flatnonzero(rgb_to_od(rgb).sum(axis=-1).ravel() > TISSUE_OD)
+            idx = np.flatnonzero(stained_pixels(rgb).ravel())
             pick = rng.choice(idx, min(per_tile, len(idx)), replace=False) if len(idx) else idx
             picks.append(pick)
             samples.append(f.reshape(-1, f.shape[-1])[pick])

@@ -53,7 +53,7 @@ from .segmenter.network import SegEnsemble, Segmenter, SegNet, read_segmenter_fi
 from .segmenter.predict import predict_maps
 from .segmenter.readout import finished_instances, separated_from_maps
 from .slide import Slide, warn_mpp_override
-from .stain import TISSUE_OD, rgb_to_od
+from .stain import stained_pixels
 from .stitching import Candidate
 from .tiling import check_input_resolution
 from .tissue import check_input_image
@@ -309,7 +309,7 @@ def pseudo_masks_per_image(
     masks = []
     for im in images:
         # glass or a blank tile (e.g. from a tiled slide): no nuclei, and nothing to cluster
-        stained = np.count_nonzero(rgb_to_od(im).sum(axis=-1) > TISSUE_OD)
+        stained = np.count_nonzero(stained_pixels(im))
         if stained * cfg.target_mpp**2 < MIN_STAINED_UM2:
             masks.append(np.zeros(im.shape[:2], bool))
             continue

@@ -50,6 +50,11 @@ def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
     return _OD_OF_UINT8[a] if a.dtype == np.uint8 else _od(a)
 
 
+def stained_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Boolean (..., H, W): the pixels of uint8 RGB whose OD sum is over ``TISSUE_OD`` (not glass)."""
+    return rgb_to_od(rgb).sum(axis=-1) > TISSUE_OD
+
+
 def default_stain_matrix(stain: Stain = "he") -> np.ndarray:
     """The fixed Ruifrok (2, 3) matrix of unit OD vectors: [haematoxylin, eosin|dab]."""
     if stain not in _NAMES:

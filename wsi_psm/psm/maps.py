@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from wsi_psm.preprocess import forward_in_chunks, to_network_input
 from wsi_psm.psm.network import ActivationNet
-from wsi_psm.stain import TISSUE_OD, Stain, rgb_to_od, stain_channels
+from wsi_psm.stain import Stain, stain_channels, stained_pixels
 
 
 def _block_cams(net: ActivationNet, x: torch.Tensor) -> torch.Tensor:
@@ -73,10 +73,6 @@ def _haematoxylin(rgb: np.ndarray, stain: Stain) -> np.ndarray:
     return stain_channels(rgb, stain)["haematoxylin"]
 
 
-def _tissue(rgb: np.ndarray) -> np.ndarray:
-    return rgb_to_od(rgb).sum(axis=-1) > TISSUE_OD
-
-
 @torch.no_grad()
 def _to_device(rgb_batch: np.ndarray, device: torch.device) -> torch.Tensor:
     return to_network_input(rgb_batch, device)
@@ -106,7 +102,7 @@ def compute_psm(
     outs = np.empty((b, h, w), np.float32)
     for i in range(b):
         hema = _haematoxylin(rgb[i], stain).ravel()
-        sign = _polarity(up[i].reshape(up.shape[1], -1), hema, _tissue(rgb[i]).ravel())
+        sign = _polarity(up[i].reshape(up.shape[1], -1), hema, stained_pixels(rgb[i]).ravel())
         m = _minmax(torch.from_numpy(up[i] * sign[:, None, None])).mean(dim=0, keepdim=True)
         outs[i] = _minmax(m)[0].numpy()
     return outs
@@ -144,7 +140,7 @@ def calibrate_psm(
             idx = rng.choice(up.shape[1], min(max_pixels_per_tile, up.shape[1]), replace=False)
             raws.append(up[:, idx])
             hemas.append(hema[idx])
-            tissues.append(_tissue(t).ravel()[idx])
+            tissues.append(stained_pixels(t).ravel()[idx])
     raw = np.concatenate(raws, axis=1).astype(np.float64)
     hema = np.concatenate(hemas).astype(np.float64)
     sign = _polarity(raw, hema, np.concatenate(tissues))
