@@ -239,6 +239,30 @@ def test_cells_prepared_together_equal_cells_prepared_one_by_one(cells):
         prepare_cells([few[0], CellRecord(Polygon(), "stroma", COLORS["stroma"])], "a.svs")
 
 
+def test_rounding_never_writes_an_invalid_polygon():
+    """A cell trimmed at a seam between tiles whose pixel grids differ by a fraction of a pixel can
+    hold vertices closer than the written precision (DICOM CMU-1 at 0.2499 µm/px: two such cells).
+    Rounding them alone folds the ring into a spike, which QuPath and check_cells reject: they are
+    snapped to the grid instead, and a cell whose rounding is harmless is written as before."""
+    import shapely
+
+    # a 10 x 10 square with a slit 0.002 px wide down to its middle: valid, but 2-decimal rounding
+    # collapses the slit to a zero-width spike
+    slit = Polygon([(0, 0), (10, 0), (10, 10), (5.003, 10), (5.003, 5), (5.001, 5), (5.001, 10),
+                    (0, 10)])  # fmt: skip
+    assert slit.is_valid
+    assert not shapely.set_precision(slit, 0.01, mode="pointwise").is_valid
+    plain = Polygon([(20.004, 0), (30, 0), (30, 10.006), (20.004, 10.006)])
+    recs = prepare_cells([CellRecord(plain, "a", (1, 2, 3)), CellRecord(slit, "a", (1, 2, 3))], "s")
+    for rec, src in zip(recs, (plain, slit), strict=True):
+        wkb = shapely.from_wkb(rec.wkb)
+        geo = shapely.geometry.shape(json.loads(rec.feature)["geometry"])
+        assert wkb.is_valid and geo.is_valid and geo.equals(wkb)
+        assert abs(geo.area - src.area) < 0.2  # rounding moves each edge by <= 0.005 px
+    assert shapely.get_coordinates(shapely.from_wkb(recs[0].wkb)).tolist()[0] == [20.0, 0.0]
+    assert recs[0] == prepare_cell(CellRecord(plain, "a", (1, 2, 3)), "s")
+
+
 def test_blocks_write_the_same_files_as_their_cells(tmp_path, cells):
     """The pipeline's workers pack a tile's final cells into one block (pack_cells); blocks mixed
     with single cells must give the very bytes of writing every cell one by one, across row groups,

@@ -20,7 +20,7 @@ import platform
 import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
@@ -105,6 +105,17 @@ def cell_id(slide_key: str, ring: np.ndarray) -> str:
     return str(uuid.uuid5(CELL_ID_NAMESPACE, f"{slide_key}|{cx:.2f}|{cy:.2f}|{abs(a2) / 2:.2f}"))
 
 
+def snap_polygon(polygon: Polygon, decimals: int) -> Polygon:
+    """``polygon`` with its vertices on the grid of ``decimals`` decimal places and still valid
+    (GEOS's snap-rounding), as its largest part where snapping parts it. Its rounded coordinates
+    are then the same, so it stays valid when written."""
+    snapped = shapely.set_precision(polygon, 10.0**-decimals)
+    parts = [g for g in shapely.get_parts(snapped) if isinstance(g, Polygon) and not g.is_empty]
+    if not parts:  # thinner than the grid everywhere: nothing to write but what there was
+        return polygon
+    return max(parts, key=lambda g: g.area)
+
+
 def _check_colour(seen: dict[str, tuple[int, int, int]], name: str, color: Sequence[int]) -> None:
     """One colour per class (QuPath keeps one per class), each three ints in 0..255."""
     known = seen.get(name)
@@ -133,6 +144,7 @@ def prepare_cells(
     slide_key: str,
     decimals: int = 2,
     overlay_scale: float | None = None,
+    _snapped: bool = False,
 ) -> list[PreparedCell]:
     """Encode cells for :class:`GeoJSONWriter` and :class:`GeoParquetWriter` (which accept the
     results as they are when their ``slide_key`` and ``decimals`` match), and with ``overlay_scale``
@@ -166,6 +178,17 @@ def prepare_cells(
     }
     for i, rings in inner.items():
         rounded[i] = Polygon(xy[starts[i] : ends[i]], rings)
+    folded = np.flatnonzero(~shapely.is_valid(rounded))
+    if folded.size:
+        # rounding folded these rings: vertices closer than the rounding step (a cell trimmed at a
+        # seam between two tiles whose pixel grids differ by a fraction of a pixel) merged into a
+        # spike. Snapped to the step by GEOS instead, which keeps them valid; again at most once.
+        if _snapped:
+            raise ValueError(f"cell {int(folded[0])}: no valid polygon at {decimals} decimals")
+        cells = list(cells)
+        for i in folded.tolist():
+            cells[i] = replace(cells[i], polygon=snap_polygon(cells[i].polygon, decimals))
+        return prepare_cells(cells, slide_key, decimals, overlay_scale, _snapped=True)
     wkbs = shapely.to_wkb(rounded)
     lo, hi = _ring_bounds(xy, starts)
     outlines = (
