@@ -130,6 +130,24 @@ def test_run_fits_no_psm_stages_for_the_shipped_network(quick_model):
     assert not (quick_model.parent / "light.pt").exists()
 
 
+def test_stroma_fragments_are_dropped_and_groups_follow_size(cmu_run, quick_model):
+    """On CMU-1 the network also outlines fragments of dark-pink collagen (a sixth of its objects,
+    a quarter of the nuclei's haematoxylin): the classes' pale rule drops them, so no written cell
+    is that pale, and the nucleus groups, fitted on nuclei only, rise in mean area with their rank."""
+    from wsi_psm.classes import H_MEAN, CellClassifier
+    from wsi_psm.model import ModelBundle
+
+    summary = json.loads((cmu_run.out_dir / "summary.json").read_text())
+    assert summary["counters"]["objects_dropped_not_nuclei"] > 0.05 * cmu_run.cells
+    clf = CellClassifier.from_state(ModelBundle.load(quick_model).component_meta["classes"])
+    assert clf.pale is not None and clf.pale.means[1] > 3 * clf.pale.means[0]
+    cells = gpd.read_parquet(cmu_run.out_dir / "cells.parquet")
+    assert cells[H_MEAN].min() >= clf.pale.threshold - 1e-3  # (written to 6 significant digits)
+    area = cells.groupby("class")["Area µm^2"].mean()
+    names = [n for n, _ in clf.classes]
+    assert len(names) >= 2 and list(area[names]) == sorted(area[names])
+
+
 def test_geopandas_reads_the_same_cells(cmu_run):
     out = cmu_run.out_dir
     gj = gpd.read_file(out / "cells.geojson")

@@ -21,6 +21,7 @@ from wsi_psm.classes import (
     cell_features,
     dab_threshold,
     he_groups,
+    pale_threshold,
     stain_feature_names,
 )
 from wsi_psm.config import ClassConfig, RunConfig
@@ -135,6 +136,70 @@ def test_dab_rule_splits_two_modes_and_keeps_the_floor() -> None:
     assert np.mean(neg > only.threshold) < 0.05
     # the mixture never goes below the floor
     assert dab_threshold(np.r_[neg, pos], floor=0.7).threshold == 0.7
+
+
+def test_pale_rule_needs_a_separate_pale_minority() -> None:
+    """CMU-1's case: 15% of the objects at a quarter of the nuclei's haematoxylin get a rule whose
+    threshold lies between the modes; modes 1.8x apart (the most any MoNuSeg image's nuclei
+    show), a pale majority, or a stricter ratio give none."""
+    rng = np.random.default_rng(0)
+
+    def modes(low: float, high: float, w_low: float, n: int = 2000) -> np.ndarray:
+        k = int(w_low * n)
+        return np.exp(
+            np.r_[rng.normal(np.log(low), 0.25, k), rng.normal(np.log(high), 0.25, n - k)]
+        )
+
+    cmu = modes(0.16, 0.68, 0.15)
+    rule = pale_threshold(cmu)
+    assert rule is not None and 0.2 < rule.threshold < 0.5
+    assert rule.means == pytest.approx((0.16, 0.68), rel=0.1)
+    assert rule.weights[0] == pytest.approx(0.15, abs=0.03)
+    assert pale_threshold(modes(0.3, 0.55, 0.4)) is None  # pale and dark nuclei, 1.8x apart
+    assert pale_threshold(modes(0.16, 0.68, 0.6)) is None  # the pale mode would be most objects
+    assert pale_threshold(cmu, ratio=5.0) is None
+    assert pale_threshold(cmu[:40]) is None  # too few objects to say
+
+
+def _he_cohort() -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """A 480x480 H&E-painted tile of 100 discs: 85 nuclei (haematoxylin OD ~0.7) and 15 pale
+    objects (~0.15), with a little eosin everywhere; returns image, labels, the pale labels."""
+    rng = np.random.default_rng(1)
+    m = default_stain_matrix("he")
+    labels = np.zeros((480, 480), np.int32)
+    h = np.zeros(labels.shape)
+    yy, xx = np.mgrid[:48, :48]
+    pale = set(rng.choice(np.arange(1, 101), 15, replace=False).tolist())
+    for k in range(1, 101):
+        r, c = divmod(k - 1, 10)
+        disc = (yy - 24) ** 2 + (xx - 24) ** 2 <= rng.integers(7, 12) ** 2
+        level = rng.normal(0.15 if k in pale else 0.7, 0.03)
+        labels[r * 48 : r * 48 + 48, c * 48 : c * 48 + 48][disc] = k
+        h[r * 48 : r * 48 + 48, c * 48 : c * 48 + 48][disc] = level
+    od = h[..., None] * m[0] + 0.15 * m[1]
+    rgb = np.clip(np.rint(256.0 * 10.0 ** (-od) - 1.0), 0, 255).astype(np.uint8)
+    return rgb, labels, pale
+
+
+def test_objects_too_pale_to_be_nuclei_get_no_payload() -> None:
+    img, labels, pale = _he_cohort()
+    clf = CellClassifier.fit(
+        [img], [labels], mpp=MPP, stain="he", matrix=default_stain_matrix("he")
+    )
+    assert clf.pale is not None and 0.15 < clf.pale.threshold < 0.7
+    assert clf.n_fit_cells == 100
+    assert "not nuclei" in clf.describe()
+    back = CellClassifier.from_state(json.loads(json.dumps(clf.to_state())))
+    assert back.pale == clf.pale
+    polys = labels_to_polygons(labels)
+    cands = [Candidate(0, p, p.centroid.x, p.centroid.y, True, label=k) for k, p in polys]
+    back.annotate(img, labels, cands, MPP)
+    assert {c.label for c in cands if c.payload is None} == pale
+    assert all(c.payload[0] in dict(clf.classes) for c in cands if c.label not in pale)
+    # the rule off: every object is a cell
+    keep = CellClassifier.fit([img], [labels], mpp=MPP, stain="he", cfg=ClassConfig(pale_ratio=None),
+                              matrix=default_stain_matrix("he"))  # fmt: skip
+    assert keep.pale is None and "not nuclei" not in keep.describe()
 
 
 def _bcdata_image(bcdata_dir, stem: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:

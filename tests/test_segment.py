@@ -564,3 +564,26 @@ def test_an_existing_read_only_output_folder_is_refused_before_any_work(
     with pytest.raises(OutputWriteError, match="ro"):
         segment_images([tmp_path / "a.png"], out, CFG, mpp=0.5)
     assert list(out.iterdir()) == []
+
+
+def test_objects_that_are_not_nuclei_leave_both_outputs(tmp_path) -> None:
+    """What the classes' pale rule drops is in neither the GeoJSON nor the label image, so `eval`
+    and QuPath see the same cells."""
+    from test_classes import _he_cohort
+
+    from wsi_psm.classes import CellClassifier
+    from wsi_psm.segment import _write_outputs
+    from wsi_psm.stain import default_stain_matrix
+
+    img, labels, pale = _he_cohort()
+    clf = CellClassifier.fit(
+        [img], [labels], mpp=0.5, stain="he", matrix=default_stain_matrix("he")
+    )
+    gj, tif = tmp_path / "a.geojson", tmp_path / "a_labels.tif"
+    n = _write_outputs(img, labels, 0.5, gj, tif, clf, False, "a")
+    assert n == 100 - len(pale) == len(json.loads(gj.read_text())["features"])
+    written = tifffile.imread(tif)
+    assert set(np.unique(written)) == set(range(101)) - pale
+    np.testing.assert_array_equal(
+        written[~np.isin(labels, list(pale))], labels[~np.isin(labels, list(pale))]
+    )

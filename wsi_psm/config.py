@@ -150,6 +150,13 @@ class ClassConfig(_Frozen):
     fit_max_cells: int = Field(
         20000, ge=100, description="cells sampled from the fit tiles to fit the classes"
     )
+    pale_ratio: float | None = Field(
+        3.0,
+        gt=1,
+        description="H&E: objects whose nuclear haematoxylin forms a mode of its own under "
+        "1/pale_ratio of the nuclei's are not nuclei (e.g. stroma fragments) and are not written; "
+        "null keeps every object",
+    )
 
 
 class SegmenterConfig(_Frozen):

@@ -232,6 +232,10 @@ def _write_outputs(
         cands.append(Candidate(0, poly, float(c.x), float(c.y), True, label=lab))
     if cands:
         annotator.annotate(rgb, labels, cands, mpp)
+    dropped = [c.label for c in cands if c.payload is None]  # not nuclei after all
+    if dropped:
+        cands = [c for c in cands if c.payload is not None]
+        labels = np.where(np.isin(labels, dropped), 0, labels)
     tmp_json, tmp_tif = _temp_name(geojson), _temp_name(labels_tif)
     try:
         with GeoJSONWriter(tmp_json, slide_key=slide_key) as gj:
