@@ -91,3 +91,32 @@ def test_tiles_take_only_images_from_a_folder(tmp_path):
     (only_slides / "e.svs").write_bytes(b"x")
     with pytest.raises(SlideOpenError, match=r"no images in this folder \(looked for .jpeg, .jpg"):
         find_slides([only_slides], tiles=True)
+
+
+def test_what_a_folder_leaves_out_is_said(tmp_path, caplog):
+    """Subfolders are not searched and segment reads no whole slide: a folder that holds only those
+    says so in its error; beside what is found, one warning line each."""
+    case = tmp_path / "cases"
+    (case / "caseA").mkdir(parents=True)
+    (case / "caseA" / "s.svs").write_bytes(b"x")
+    with pytest.raises(SlideOpenError, match=r"subfolders are not searched \(caseA\)"):
+        find_slides([case])
+    assert [s.name for s in find_slides([case / "caseA"])] == ["s"]
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    (tiles / "slide.svs").write_bytes(b"x")
+    with pytest.raises(SlideOpenError, match="whole slides are not read as tiles"):
+        find_slides([tiles], tiles=True)
+    (tiles / "a.png").write_bytes(b"x")
+    for k in range(5):
+        (tiles / f"sub{k}").mkdir()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_psm.discovery"):
+        assert [s.name for s in find_slides([tiles], tiles=True)] == ["a"]
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2
+    assert "sub0, sub1, sub2 and 2 more" in said[0] and "`wsi-psm run` takes them" in said[1]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_psm.discovery"):
+        find_slides([case / "caseA"])  # nothing left out: nothing said
+    assert not caplog.records

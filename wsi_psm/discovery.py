@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SlideOpenError
+
+log = logging.getLogger(__name__)
 
 # Whole-slide and image formats the readers open (OpenSlide, tiffslide, Pillow/tifffile).
 SLIDE_SUFFIXES = {
@@ -48,6 +51,11 @@ def _is_segment_output(q: Path) -> bool:
     return stem != q.name and q.with_name(stem + ".geojson").is_file()
 
 
+def _some(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
 def find_slides(inputs: Iterable[str | Path], *, tiles: bool = False) -> list[SlideInput]:
     """Slides named by ``inputs``: files as given; in a folder, its slide files and DICOM subfolders.
 
@@ -76,7 +84,7 @@ def find_slides(inputs: Iterable[str | Path], *, tiles: bool = False) -> list[Sl
         if not tiles and _is_dicom_folder(p):
             found.append(SlideInput(p, _safe_name(p.name)))
             continue
-        inner = []
+        inner, subfolders, slides = [], [], []
         for q in sorted(p.iterdir()):
             if q.name.startswith(".") or _is_segment_output(q):
                 continue
@@ -84,13 +92,33 @@ def find_slides(inputs: Iterable[str | Path], *, tiles: bool = False) -> list[Sl
                 inner.append(SlideInput(q, _safe_name(q.stem)))
             elif not tiles and _is_dicom_folder(q):
                 inner.append(SlideInput(q, _safe_name(q.name)))
+            elif q.is_dir():
+                subfolders.append(q.name)
+            elif q.suffix.lower() in SLIDE_SUFFIXES:  # a whole slide among segment's tiles
+                slides.append(q.name)
         if not tiles and _has_dicom(p):  # a DICOM series beside other slides in the same folder
             inner.append(SlideInput(p, _safe_name(p.name)))
+        # what a user may have expected to be found says so, in one line each
+        sub = (
+            f"subfolders are not searched ({_some(subfolders)}): name them, e.g. {p / '*'}"
+            if subfolders
+            else ""
+        )
+        whole = (
+            f"whole slides are not read as tiles ({_some(slides)}): `wsi-psm run` takes them"
+            if slides
+            else ""
+        )
         if not inner:
             dicom = "" if tiles else " and DICOM folders"
+            why = "; ".join(w for w in (sub, whole) if w)
             raise SlideOpenError(
                 f"{p}: no {noun} in this folder (looked for {', '.join(sorted(suffixes))}{dicom})"
+                + (f"; {why}" if why else "")
             )
+        for w in (sub, whole):
+            if w:
+                log.warning("%s: %s", p, w)
         found.extend(inner)
     seen: dict[str, Path] = {}
     unique = []
