@@ -304,9 +304,10 @@ def run(
     """Find, outline and classify every nucleus of each slide.
 
     Writes OUTPUT/<slide>/{cells.geojson, cells.parquet, summary.json, overlay.png}. Without --model,
-    a model is fitted on the slide itself, label-free: the PSM and clustering (seconds to a minute),
-    the cell classes, and for H&E the shipped segmentation network; an IHC slide also gets a
-    network trained on itself (about 10 minutes on 2 CPU cores, a minute on a GPU).
+    each slide is fitted on itself, label-free: an H&E slide gets the shipped segmentation network,
+    and only its stain vectors and cell classes are fitted (seconds); an IHC slide gets the PSM,
+    pseudo masks and a segmentation network trained on them (about 10 minutes on 2 CPU cores, a
+    minute or two on a GPU), then its Positive / Negative rule.
     """
     from wsi_psm.discovery import find_slides
     from wsi_psm.pipeline import process_slide

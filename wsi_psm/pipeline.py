@@ -499,7 +499,7 @@ def build_summary(
             for k in ("name", "path", "width", "height", "mpp", "mpp_source", "vendor", "backend")
         },
         "target_mpp": cfg.target_mpp,
-        "tissue_area_mm2": tissue_area_mm2,
+        "tissue_area_mm2": round(tissue_area_mm2, 6),  # to the µm²
         "cells_total": int(sum(counts.values())),
         "class_counts": class_counts_summary(dict(counts), colors, tissue_area_mm2),
         "config": cfg.to_dict(),
