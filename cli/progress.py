@@ -43,6 +43,8 @@ class RichProgress:
             t = self._p.tasks[task]
             if t.total is None:  # a stage of unknown length ends as a full bar, 1/1 (not 0/?)
                 self._p.update(task, total=max(t.completed, 1), completed=max(t.completed, 1))
+            elif 0 < t.completed < t.total:  # stopped early (the magnification check): 4/4, not 8/8
+                self._p.update(task, total=t.completed)
             else:
                 self._p.update(task, completed=t.total)
             self._p.stop_task(task)
