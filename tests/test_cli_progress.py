@@ -6,7 +6,6 @@ import io
 
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
-
 from wsi_psm.cli.progress import RichProgress
 
 
