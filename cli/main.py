@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -551,13 +552,19 @@ def segment(
             f"note: the model was trained at {trained:g} µm/px; processing at that resolution",
             highlight=False,
         )
+    counts: Counter[str] = Counter()
     with progress_bars(not quiet) as prog:
         written = segment_images(
             paths, output, cfg, model=bundle, mpp=mpp, overwrite=overwrite, progress=prog,
-            save_model=save_model, skip_existing=skip_existing,
+            save_model=save_model, skip_existing=skip_existing, class_counts=counts,
         )  # fmt: skip
     skipped = f", {len(paths) - len(written) // 2} skipped" if skip_existing else ""
-    console.print(f"{len(written) // 2} image(s) segmented{skipped} -> {output}", highlight=False)
+    cells = ", ".join(f"{name} {n:,}" for name, n in counts.most_common())
+    console.print(
+        f"{len(written) // 2} image(s) segmented{skipped} -> {output}"
+        + (f": {counts.total():,} cells ({cells})" if counts else ""),
+        highlight=False,
+    )
     if save_model is not None:
         console.print(f"fitted model saved -> {save_model} (reuse: --model)", highlight=False)
 

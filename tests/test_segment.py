@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -580,10 +581,26 @@ def test_objects_that_are_not_nuclei_leave_both_outputs(tmp_path) -> None:
         [img], [labels], mpp=0.5, stain="he", matrix=default_stain_matrix("he")
     )
     gj, tif = tmp_path / "a.geojson", tmp_path / "a_labels.tif"
-    n = _write_outputs(img, labels, 0.5, gj, tif, clf, False, "a")
-    assert n == 100 - len(pale) == len(json.loads(gj.read_text())["features"])
+    per_class = _write_outputs(img, labels, 0.5, gj, tif, clf, False, "a")
+    feats = json.loads(gj.read_text())["features"]
+    assert per_class.total() == 100 - len(pale) == len(feats)
+    assert per_class == Counter(f["properties"]["classification"]["name"] for f in feats)
     written = tifffile.imread(tif)
     assert set(np.unique(written)) == set(range(101)) - pale
     np.testing.assert_array_equal(
         written[~np.isin(labels, list(pale))], labels[~np.isin(labels, list(pale))]
     )
+
+
+def test_the_command_line_ends_with_the_cells_per_class(tmp_path, monuseg_dir, capsys) -> None:
+    from wsi_psm.cli.main import main
+
+    img = monuseg_dir / "images" / "TCGA-21-5784-01Z-00-DX1.tif"
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(img), "-o", str(tmp_path / "o"), "--mpp", "0.25", "-q"])
+    assert exc.value.code in (0, None)
+    feats = json.loads((tmp_path / "o" / "TCGA-21-5784-01Z-00-DX1.geojson").read_text())["features"]
+    per_class = Counter(f["properties"]["classification"]["name"] for f in feats)
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    listed = ", ".join(f"{k} {v:,}" for k, v in per_class.most_common())
+    assert said.endswith(f": {len(feats):,} cells ({listed})"), said

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -224,7 +225,8 @@ def _write_outputs(
     annotator: CellAnnotator,
     overwrite: bool,
     slide_key: str,
-) -> int:
+) -> Counter[str]:
+    """Both outputs of one image, published once complete; the cells written per class."""
     polys = labels_to_polygons(labels)
     cands = []
     for lab, poly in polys:
@@ -252,7 +254,7 @@ def _write_outputs(
         for tmp in (tmp_json, tmp_tif):
             with contextlib.suppress(OSError):  # not there, or the disk went read-only: not ours
                 tmp.unlink(missing_ok=True)
-    return len(cands)
+    return Counter(c.payload[0] for c in cands)
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -725,6 +727,7 @@ def segment_images(
     on_image: Callable[[Path, int, float], None] | None = None,
     save_model: str | os.PathLike[str] | None = None,
     skip_existing: bool = False,
+    class_counts: Counter[str] | None = None,
 ) -> list[Path]:
     """Segment every image of ``paths`` into ``out_dir``; returns the written files (two per image).
 
@@ -734,7 +737,8 @@ def segment_images(
     classes are fitted on the images' own cells first (:func:`fit_image_classes`), else one class
     "Nucleus". With ``cfg.stain`` "auto" each image's stain is detected, and images of different
     stains are segmented group by group (:func:`check_inputs`), each with its stain's route and
-    classes. ``on_image(path, n_cells, seconds)`` is called after each image. ``save_model``: also
+    classes. ``on_image(path, n_cells, seconds)`` is called after each image, and ``class_counts``
+    (when given) adds up the cells written per class. ``save_model``: also
     save the network fitted on the images (IHC, another ``target_mpp``, or ``default_model`` "fit")
     there, as a model file for ``model`` next time; refused when nothing would be fitted.
     Outputs are checked before any work: an existing one raises OutputExistsError unless
@@ -774,7 +778,7 @@ def segment_images(
             files += segment_images(
                 group, out, cfg.with_updates(stain=stain), model=model, mpp=mpp,
                 overwrite=overwrite, progress=progress, annotator=annotator, on_image=on_image,
-                skip_existing=skip_existing,
+                skip_existing=skip_existing, class_counts=class_counts,
             )  # fmt: skip
         return files
     cfg = cfg.with_updates(stain=next(iter(groups)))
@@ -806,7 +810,7 @@ def segment_images(
             labels = cache.pop(p) if p in cache else labeller(rgb, proc, native_mpp)
             geo, tif = output_paths(p, out)
             try:
-                n = _write_outputs(
+                per_class = _write_outputs(
                     rgb, labels, native_mpp, geo, tif, annotator, overwrite or skip_existing, p.name
                 )
             except OutputWriteError as err:  # e.g. a full disk: say what is kept, and how to go on
@@ -818,8 +822,10 @@ def segment_images(
                 ) from err
             written += [geo, tif]
             progress.advance(SEGMENT_STAGE, 1)
+            if class_counts is not None:
+                class_counts.update(per_class)
             if on_image is not None:
-                on_image(p, n, time.perf_counter() - t0)
+                on_image(p, per_class.total(), time.perf_counter() - t0)
     except BaseException:
         remove_made(made)  # (only if nothing is in it: the first image failed, or was stopped)
         raise
