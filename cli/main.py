@@ -13,12 +13,15 @@ import threading
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
 from wsi_psm import __version__
 from wsi_psm.errors import WsiPsmError
+
+if TYPE_CHECKING:  # (the slide readers are imported by the commands that need them)
+    from wsi_psm.slide import Slide
 
 from .progress import console
 
@@ -227,6 +230,22 @@ def _one_of(overwrite: bool, skip_existing: bool) -> None:
 # Commands --------------------------------------------------------------------------------------
 
 
+def _input_check(s: Slide) -> str | None:
+    """What `run` and `segment` say of the slide's thumbnail (brightfield, stained), as one
+    phrase; None without a resolution to read the thumbnail at."""
+    from wsi_psm.config import TissueConfig
+    from wsi_psm.tissue import check_input_image
+
+    if not s.info.mpp:
+        return None
+    thumb, _ = s.thumbnail(max(TissueConfig().thumb_mpp, s.info.mpp))
+    try:
+        check_input_image(thumb, s.name)
+    except WsiPsmError as err:
+        return "refused: " + str(err).removeprefix(f"{s.name}: ")
+    return "ok (brightfield, stained)"
+
+
 @app.command()
 def info(
     slide: Annotated[Path, typer.Argument(help="A slide file, DICOM folder or image.")],
@@ -244,6 +263,7 @@ def info(
     with Slide.open(slide, backend=backend, mpp=mpp) as s:
         warn_mpp_override(s.info)
         d = s.info.to_dict()
+        d["input_check"] = _input_check(s)
     if as_json:
         print(json.dumps(d, indent=2))
         return
@@ -260,6 +280,8 @@ def info(
     ]
     if d.get("objective_power"):
         rows.append(("objective", f"{d['objective_power']:g}x"))
+    if d["input_check"] is not None:
+        rows.append(("check", d["input_check"]))
     levels = ", ".join(
         f"{w}x{h} (/{ds:.4g})"
         for (w, h), ds in zip(d["level_dimensions"], d["level_downsamples"], strict=True)

@@ -146,6 +146,17 @@ def test_info_prints_slide_facts(capsys, cmu_svs):
     code, out, _ = _run(["info", str(cmu_svs), "--json"], capsys)
     assert code == 0
     assert '"width": 2220' in out and '"mpp": 0.499' in out and '"vendor": "aperio"' in out
+    assert '"input_check": "ok (brightfield, stained)"' in out
+
+
+def test_info_says_what_run_would_refuse(capsys):
+    """`info` describes a fluorescence scan (exit 0) and says `run` refuses it, and why."""
+    from conftest import data_path
+
+    ndpi = data_path("wsi", "hamamatsu-ndpi-fluorescence", "test3-DAPI-2-(387).ndpi")
+    code, out, _ = _run(["info", str(ndpi)], capsys)
+    assert code == 0 and "3968 x 4864" in out
+    assert "check      refused: looks like a fluorescence or dark-field scan" in out
 
 
 def test_info_on_a_copy_with_spaces_in_the_name(tmp_path, capsys, cmu_svs):
