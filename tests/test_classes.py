@@ -140,8 +140,8 @@ def test_dab_rule_splits_two_modes_and_keeps_the_floor() -> None:
 
 def test_pale_rule_needs_a_separate_pale_minority() -> None:
     """CMU-1's case: 15% of the objects at a quarter of the nuclei's haematoxylin get a rule whose
-    threshold lies between the modes; modes 1.8x apart (the most any MoNuSeg image's nuclei
-    show), a pale majority, or a stricter ratio give none."""
+    threshold lies between the modes; modes 1.8x apart (pale and dark nuclei, as in many MoNuSeg
+    images), a long pale tail of one mode, a pale majority, or a stricter ratio give none."""
     rng = np.random.default_rng(0)
 
     def modes(low: float, high: float, w_low: float, n: int = 2000) -> np.ndarray:
@@ -156,6 +156,9 @@ def test_pale_rule_needs_a_separate_pale_minority() -> None:
     assert rule.means == pytest.approx((0.16, 0.68), rel=0.1)
     assert rule.weights[0] == pytest.approx(0.15, abs=0.03)
     assert pale_threshold(modes(0.3, 0.55, 0.4)) is None  # pale and dark nuclei, 1.8x apart
+    # one mode with a long pale tail: two Gaussians fit it far apart, but there is no dip
+    tail = np.exp(np.log(0.6) - np.abs(rng.normal(0, 0.6, 2000)) * (rng.random(2000) < 0.3))
+    assert pale_threshold(tail, ratio=1.5) is None
     assert pale_threshold(modes(0.16, 0.68, 0.6)) is None  # the pale mode would be most objects
     assert pale_threshold(cmu, ratio=5.0) is None
     assert pale_threshold(cmu[:40]) is None  # too few objects to say
@@ -191,6 +194,9 @@ def test_objects_too_pale_to_be_nuclei_get_no_payload() -> None:
     assert "not nuclei" in clf.describe()
     back = CellClassifier.from_state(json.loads(json.dumps(clf.to_state())))
     assert back.pale == clf.pale
+    # a state saved before the rule (version 1, no "pale") loads without it
+    old = {k: v for k, v in clf.to_state().items() if k != "pale"}
+    assert CellClassifier.from_state({**old, "version": 1}).pale is None
     polys = labels_to_polygons(labels)
     cands = [Candidate(0, p, p.centroid.x, p.centroid.y, True, label=k) for k, p in polys]
     back.annotate(img, labels, cands, MPP)

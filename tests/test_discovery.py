@@ -117,6 +117,23 @@ def test_what_a_folder_leaves_out_is_said(tmp_path, caplog):
     assert len(said) == 2
     assert "sub0, sub1, sub2 and 2 more" in said[0] and "`wsi-psm run` takes them" in said[1]
     caplog.clear()
+    # nothing left out: nothing said; a MIRAX slide's data folder and a run's output folder are
+    # nobody's slides
+    (case / "caseA" / "m.mrxs").write_bytes(b"x")
+    (case / "caseA" / "m").mkdir()
+    (case / "caseA" / "out" / "s").mkdir(parents=True)
+    (case / "caseA" / "out" / "s" / "summary.json").write_text("{}")
+    (case / "caseA" / "s").mkdir()  # (a run written beside its slide: OUT/<slide>/summary.json)
+    (case / "caseA" / "s" / "summary.json").write_text("{}")
     with caplog.at_level("WARNING", logger="wsi_psm.discovery"):
-        find_slides([case / "caseA"])  # nothing left out: nothing said
-    assert not caplog.records
+        assert [s.name for s in find_slides([case / "caseA"])] == ["m", "s"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{case / 'caseA'}: subfolders are not searched (out): name them, e.g. {case / 'caseA' / '*'}"
+    ]
+    # segment reads no DICOM: a series among its tiles is named as a whole slide
+    (tiles / "series").mkdir()
+    (tiles / "series" / "level-0.dcm").write_bytes(b"x")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wsi_psm.discovery"):
+        find_slides([tiles], tiles=True)
+    assert "(series/, slide.svs)" in caplog.records[-1].getMessage()

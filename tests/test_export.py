@@ -258,9 +258,18 @@ def test_rounding_never_writes_an_invalid_polygon():
         wkb = shapely.from_wkb(rec.wkb)
         geo = shapely.geometry.shape(json.loads(rec.feature)["geometry"])
         assert wkb.is_valid and geo.is_valid and geo.equals(wkb)
+        assert shapely.is_ccw(geo.exterior)  # RFC 7946 (GEOS snaps it clockwise)
         assert abs(geo.area - src.area) < 0.2  # rounding moves each edge by <= 0.005 px
     assert shapely.get_coordinates(shapely.from_wkb(recs[0].wkb)).tolist()[0] == [20.0, 0.0]
     assert recs[0] == prepare_cell(CellRecord(plain, "a", (1, 2, 3)), "s")
+    # a clockwise cell (what a seam trim gives) is written counter-clockwise, with the same id
+    cw = prepare_cell(CellRecord(plain.reverse(), "a", (1, 2, 3)), "s")
+    assert cw.wkb == recs[0].wkb and cw.id == recs[0].id
+    # a cell thinner than the grid everywhere is no cell: refused, not written invalid
+    with pytest.raises(ValueError, match="no valid polygon at 2 decimals"):
+        prepare_cell(
+            CellRecord(Polygon([(0, 0), (10, 0), (10, 0.001), (0, 0.002)]), "a", (1, 2, 3)), "s"
+        )
 
 
 def test_blocks_write_the_same_files_as_their_cells(tmp_path, cells):

@@ -199,6 +199,36 @@ def test_seam_resolver_keeps_an_orphan_seen_by_one_tile_only():
     assert sorted(c.cx for c in out) == [129, 200]
 
 
+def test_an_object_its_owner_judges_no_cell_is_dropped_with_its_copies():
+    """The classes' pale rule judges per tile: where the owner tile's view of a seam object is no
+    cell, its neighbour's view (just above the threshold there) is dropped too, not written as an
+    orphan; where the owner's view is a cell, it is written once whatever the neighbour judged.
+    Every dropped object is counted once, interior ones included."""
+    from dataclasses import replace
+
+    from wsi_psm.stitching import Candidate, SeamResolver
+    from wsi_psm.tiling import make_grid
+
+    cfg = RunConfig().with_updates(**{"tiles.core_um": 64.0, "tiles.margin_um": 12.0})
+    grid = make_grid(256, 128, 0.5, cfg)  # two tiles side by side, seam at x = 128
+    t0, t1 = grid.tiles
+    owner_no = Candidate(1, _square(131, 40), 131, 40, True, cell=False)
+    other_yes = Candidate(0, _square(130.6, 40), 130.6, 40, False)
+    owner_yes = Candidate(1, _square(131, 90), 131, 90, True)
+    other_no = Candidate(0, _square(130.6, 90), 130.6, 90, False, cell=False)
+    inner_no = Candidate(1, _square(200, 60), 200, 60, True, cell=False)
+    res = SeamResolver(grid, band=4.0)
+    out = res.add(t0, [other_yes, other_no]) + res.add(t1, [owner_no, owner_yes, inner_no])
+    out += res.finish()
+    assert out == [owner_yes]
+    assert res.not_cells == 2 and res.duplicates_removed == 2
+    # the same objects all judged cells: three written
+    res = SeamResolver(grid, band=4.0)
+    views = [replace(c, cell=True) for c in (other_yes, other_no, owner_no, owner_yes, inner_no)]
+    out = res.add(t0, views[:2]) + res.add(t1, views[2:]) + res.finish()
+    assert len(out) == 3 and res.not_cells == 0
+
+
 def test_a_cell_reaching_the_seam_meets_a_shifted_view_of_it():
     """Seen on a real slide: tile 1 owns a nucleus whose centroid lies 9 px inside its core (more
     than 2 * band) but whose outline reaches the seam; tile 0 sees it shifted, centroid just across

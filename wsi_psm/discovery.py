@@ -51,6 +51,12 @@ def _is_segment_output(q: Path) -> bool:
     return stem != q.name and q.with_name(stem + ".geojson").is_file()
 
 
+def _is_part_or_output(d: Path) -> bool:
+    """A folder that is no one's slide folder: a MIRAX slide's data (beside its ``.mrxs``), or a
+    slide's output folder from ``run`` (its ``summary.json``)."""
+    return d.with_name(d.name + ".mrxs").is_file() or (d / "summary.json").is_file()
+
+
 def _some(names: list[str], most: int = 3) -> str:
     shown = ", ".join(names[:most])
     return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
@@ -93,7 +99,10 @@ def find_slides(inputs: Iterable[str | Path], *, tiles: bool = False) -> list[Sl
             elif not tiles and _is_dicom_folder(q):
                 inner.append(SlideInput(q, _safe_name(q.name)))
             elif q.is_dir():
-                subfolders.append(q.name)
+                if _is_dicom_folder(q):  # (segment reads no whole slide)
+                    slides.append(q.name + "/")
+                elif not _is_part_or_output(q):
+                    subfolders.append(q.name)
             elif q.suffix.lower() in SLIDE_SUFFIXES:  # a whole slide among segment's tiles
                 slides.append(q.name)
         if not tiles and _has_dicom(p):  # a DICOM series beside other slides in the same folder

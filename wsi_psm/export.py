@@ -144,19 +144,33 @@ def prepare_cells(
     slide_key: str,
     decimals: int = 2,
     overlay_scale: float | None = None,
-    _snapped: bool = False,
 ) -> list[PreparedCell]:
     """Encode cells for :class:`GeoJSONWriter` and :class:`GeoParquetWriter` (which accept the
     results as they are when their ``slide_key`` and ``decimals`` match), and with ``overlay_scale``
     (an :class:`OverlayRenderer`'s ``scale``) their outlines for the overlay. The pipeline calls it
     in its post-processing workers, a tile's cells at once (coordinates, WKB and outlines as GEOS
-    and numpy arrays), so the single writing thread only appends finished work."""
+    and numpy arrays), so the single writing thread only appends finished work. A polygon that
+    rounding would make invalid is snapped to the rounding grid first (:func:`snap_polygon`)."""
+    return _prepare_cells(cells, slide_key, decimals, overlay_scale, snapped=False)
+
+
+def _prepare_cells(
+    cells: Sequence[CellRecord],
+    slide_key: str,
+    decimals: int,
+    overlay_scale: float | None,
+    *,
+    snapped: bool,
+) -> list[PreparedCell]:
     if not cells:
         return []
     polys = np.array([c.polygon for c in cells], dtype=object)
     bad = [p for p in polys if not isinstance(p, Polygon)] or list(polys[shapely.is_empty(polys)])
     if bad:
         raise ValueError(f"a cell must be a non-empty shapely Polygon, got {bad[0].geom_type}")
+    # exteriors counter-clockwise, as RFC 7946 asks (GEOS gives a seam-trimmed or snapped cell
+    # clockwise); the id does not depend on it
+    polys = shapely.orient_polygons(polys)
     checked: set[tuple[str, tuple[int, ...]]] = set()
     for c in cells:
         key = (c.class_name, tuple(c.color))
@@ -183,12 +197,12 @@ def prepare_cells(
         # rounding folded these rings: vertices closer than the rounding step (a cell trimmed at a
         # seam between two tiles whose pixel grids differ by a fraction of a pixel) merged into a
         # spike. Snapped to the step by GEOS instead, which keeps them valid; again at most once.
-        if _snapped:
+        if snapped:  # (thinner than the grid everywhere: no cell a label image can give)
             raise ValueError(f"cell {int(folded[0])}: no valid polygon at {decimals} decimals")
         cells = list(cells)
         for i in folded.tolist():
             cells[i] = replace(cells[i], polygon=snap_polygon(cells[i].polygon, decimals))
-        return prepare_cells(cells, slide_key, decimals, overlay_scale, _snapped=True)
+        return _prepare_cells(cells, slide_key, decimals, overlay_scale, snapped=True)
     wkbs = shapely.to_wkb(rounded)
     lo, hi = _ring_bounds(xy, starts)
     outlines = (

@@ -191,7 +191,6 @@ class TileResult:
     final: CellBlock | None
     seam: list[Candidate]
     cut_dropped: int
-    not_nuclei: int = 0  # objects the annotator dropped (too pale to be nuclei) that this tile owns
 
 
 def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> TileResult:
@@ -202,9 +201,12 @@ def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> Til
         return TileResult(None, [], tc.cut_dropped)
     work.annotator.annotate(image, tc.labels, tc.candidates, work.mpp_l0)
     cands = [c for c in tc.candidates if c.payload is not None]
-    not_nuclei = sum(c.own for c in tc.candidates if c.payload is None)
     final: list[PreparedCell] = []
-    seam: list[Candidate] = []
+    # objects the annotator judged no cell go to the resolver, marked: their neighbours' views of
+    # the same object are dropped with them, and it counts them
+    seam: list[Candidate] = [c for c in tc.candidates if c.payload is None]
+    for c in seam:
+        c.cell = False
     # encode the cells here, in the worker; the cells that are final at once travel back packed
     # (a few buffers, not an object per cell): the parent process, which feeds the network, only
     # appends them. Seam cells keep their polygons, which the resolver compares.
@@ -218,7 +220,7 @@ def process_tile(image: np.ndarray, raw: Any, tile: Tile, work: TileWork) -> Til
             final.append(c.payload)
         else:
             seam.append(c)
-    return TileResult(pack_cells(final) if final else None, seam, tc.cut_dropped, not_nuclei)
+    return TileResult(pack_cells(final) if final else None, seam, tc.cut_dropped)
 
 
 _WORKER_WORK: TileWork | None = None
@@ -325,7 +327,7 @@ def run_slide(
     resolver = SeamResolver(grid, band)
     counts: Counter[str] = Counter()
     colors: dict[str, tuple[int, int, int]] = {}
-    cut_dropped = not_nuclei = 0
+    cut_dropped = 0
     t_net = t_wait = t_write = t_post = t_busy = t_to_worker = t_from_worker = 0.0
     labeller = predictor.labeller() if hasattr(predictor, "labeller") else predictor
     name = ctx.slide.name
@@ -379,11 +381,10 @@ def run_slide(
                 tile: Tile, fut: Future[tuple[TileResult, float, float]], submitted: float
             ) -> None:
                 """Writer thread, one tile at a time in grid order (the resolver needs that)."""
-                nonlocal cut_dropped, not_nuclei, t_busy, t_write, t_to_worker, t_from_worker
+                nonlocal cut_dropped, t_busy, t_write, t_to_worker, t_from_worker
                 res, started, ended = fut.result()
                 t = time.perf_counter()
                 cut_dropped += res.cut_dropped
-                not_nuclei += res.not_nuclei
                 t_busy += ended - started
                 # (clamped: a clock that is not system-wide must not make a negative time; a result
                 # can wake this thread before its done-callback has run: it arrived now, then)
@@ -471,7 +472,7 @@ def run_slide(
         summary["counters"] = {
             "tiles": len(grid),
             "cells_dropped_cut": cut_dropped,
-            "objects_dropped_not_nuclei": not_nuclei,
+            "objects_dropped_not_nuclei": resolver.not_cells,
             "seam_duplicates_removed": resolver.duplicates_removed,
             "seam_cells_trimmed": resolver.trimmed,
             "post_workers": n_post,

@@ -42,6 +42,9 @@ class Candidate:
     payload: Any = None  # measurements, class features... attached by the pipeline
     label: int = 0  # instance label in the tile array
     trimmed: bool = False  # its polygon lost pixels to a cell of another tile (payload is stale)
+    # False: an object its tile found but judged no cell (too pale to be a nucleus). It still meets
+    # its neighbours' views of the same object, so that the owner's judgement decides for all.
+    cell: bool = True
 
 
 @dataclass
@@ -139,6 +142,7 @@ class SeamResolver:
         self._kept: dict[int, list[Polygon]] = {}  # tile index -> its seam cells already decided
         self.duplicates_removed = 0
         self.trimmed = 0
+        self.not_cells = 0  # objects dropped because the view that won judged them no cell
 
     def _neighbours(self, tile: Tile) -> list[int]:
         """Indices of the tiles of this tile's 3 x 3 neighbourhood (itself included), ascending."""
@@ -158,7 +162,12 @@ class SeamResolver:
         out = []
         seam = []
         for c in cands:
-            (out if interior(c, tile, self.grid, self.band) else seam).append(c)
+            if not interior(c, tile, self.grid, self.band):
+                seam.append(c)
+            elif c.cell:
+                out.append(c)
+            else:
+                self.not_cells += 1
         if seam:
             self._pending[tile.index] = seam
             self._wait[tile.index] = self._neighbours(tile)[-1]
@@ -193,7 +202,9 @@ class SeamResolver:
                 decided.update(group)
                 best = min(group, key=lambda j: (not allc[j].own, allc[j].tile, j))
                 self.duplicates_removed += len(group) - 1
-                if self._trim(allc[best]):
+                if not allc[best].cell:  # the deciding view says: no cell (its copies go too)
+                    self.not_cells += 1
+                elif self._trim(allc[best]):
                     winners.append(allc[best])
                     self._kept.setdefault(allc[best].tile, []).append(allc[best].polygon)
                 else:  # all but a sliver was other cells': a duplicate after all
