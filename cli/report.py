@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,13 @@ def _is_detection_gt(gt: Path) -> bool:
     return any(gt.rglob("*.h5"))
 
 
+GT_KINDS = {"xml": "XML annotations", "mask": "derived colour masks", "labels": "label images"}
+
+
 def _seg_table(report: dict[str, Any]) -> Table:
-    t = Table(title=f"segmentation: {report['n_images']} images")
+    kinds = Counter(row["gt_kind"] for row in report["images"].values())
+    against = ", ".join(f"{n} {GT_KINDS.get(k, k)}" for k, n in sorted(kinds.items()))
+    t = Table(title=f"segmentation: {report['n_images']} images (against {against})")
     t.add_column("image")
     for c in SEG_COLS:
         t.add_column(c, justify="right")

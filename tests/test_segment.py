@@ -604,3 +604,8 @@ def test_the_command_line_ends_with_the_cells_per_class(tmp_path, monuseg_dir, c
     said = capsys.readouterr().err.strip().splitlines()[-1]
     listed = ", ".join(f"{k} {v:,}" for k, v in per_class.most_common())
     assert said.endswith(f": {len(feats):,} cells ({listed})"), said
+    # and `eval` says what it scored against
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(tmp_path / "o"), str(monuseg_dir)])
+    assert exc.value.code in (0, None)
+    assert "segmentation: 1 images (against 1 XML annotations)" in capsys.readouterr().out
