@@ -80,7 +80,7 @@ def find_slides(inputs: Iterable[str | Path], *, tiles: bool = False) -> list[Sl
             what = (
                 "a broken or looping symbolic link" if p.is_symlink() else "no such file or folder"
             )
-            raise SlideOpenError(f"{p}: {what}")
+            raise SlideOpenError(f"cannot open '{p}': {what}")
         if p.is_file():
             if p.suffix.lower() == ".dcm":
                 found.append(SlideInput(p.parent, _safe_name(p.parent.name)))

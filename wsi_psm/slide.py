@@ -640,7 +640,7 @@ class Slide:
                 )
             name, p = p.name, dcms[0]
         elif not p.exists():
-            raise SlideOpenError(f"cannot open '{p}': no such file")
+            raise SlideOpenError(f"cannot open '{p}': no such file or folder")
         elif not p.is_file():
             raise SlideOpenError(f"cannot open '{p}': not a regular file")
 
