@@ -455,7 +455,8 @@ def he_groups(
             # by the mean area of the cells each group takes (what a reader of the names checks;
             # the components' own mean log areas can rank overlapping groups the other way)
             member = tau.argmax(1)
-            order = np.argsort([np.exp(x[member == j, 0]).mean() for j in range(k)])
+            sizes = [np.exp(x[member == j, 0]) for j in range(k)]  # (none empty unless the
+            order = np.argsort([a.mean() if len(a) else np.inf for a in sizes])  # min share is 0)
             best_score = score
             best = Groups(center, scale, g.weights_[order], g.means_[order], g.covariances_[order])
     return Groups(
