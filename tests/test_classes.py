@@ -141,7 +141,8 @@ def test_dab_rule_splits_two_modes_and_keeps_the_floor() -> None:
 def test_pale_rule_needs_a_separate_pale_minority() -> None:
     """CMU-1's case: 15% of the objects at a quarter of the nuclei's haematoxylin get a rule whose
     threshold lies between the modes; modes 1.8x apart (pale and dark nuclei, as in many MoNuSeg
-    images), a long pale tail of one mode, a pale majority, or a stricter ratio give none."""
+    images), a long pale tail of one mode, a pale majority, a stricter ratio, or a pale mode that
+    is haematoxylin-dominant (pale vesicular nuclei beside dark lymphocytes) give none."""
     rng = np.random.default_rng(0)
 
     def modes(low: float, high: float, w_low: float, n: int = 2000) -> np.ndarray:
@@ -150,27 +151,39 @@ def test_pale_rule_needs_a_separate_pale_minority() -> None:
             np.r_[rng.normal(np.log(low), 0.25, k), rng.normal(np.log(high), 0.25, n - k)]
         )
 
+    def eosin(h: np.ndarray, pale_ratio: float) -> np.ndarray:
+        """Eosin OD: ``pale_ratio`` x haematoxylin under 0.3 (the pale objects), 0.7 x above."""
+        return h * np.where(h < 0.3, pale_ratio, 0.7)
+
     cmu = modes(0.16, 0.68, 0.15)
-    rule = pale_threshold(cmu)
+    collagen = eosin(cmu, 3.0)  # CMU-1's fragments: eosin 3x their haematoxylin
+    rule = pale_threshold(cmu, collagen)
     assert rule is not None and 0.2 < rule.threshold < 0.5
     assert rule.means == pytest.approx((0.16, 0.68), rel=0.1)
     assert rule.weights[0] == pytest.approx(0.15, abs=0.03)
-    assert pale_threshold(modes(0.3, 0.55, 0.4)) is None  # pale and dark nuclei, 1.8x apart
+    assert rule.eosin_ratio == pytest.approx(3.0, rel=0.05)
+    # the same modes, the pale one stained by haematoxylin more than by eosin: nuclei, kept
+    assert pale_threshold(cmu, eosin(cmu, 1.0)) is None
+    two = modes(0.3, 0.55, 0.4)  # pale and dark nuclei, 1.8x apart
+    assert pale_threshold(two, eosin(two, 3.0)) is None
     # one mode with a long pale tail: two Gaussians fit it far apart, but there is no dip
     tail = np.exp(np.log(0.6) - np.abs(rng.normal(0, 0.6, 2000)) * (rng.random(2000) < 0.3))
-    assert pale_threshold(tail, ratio=1.5) is None
-    assert pale_threshold(modes(0.16, 0.68, 0.6)) is None  # the pale mode would be most objects
-    assert pale_threshold(cmu, ratio=5.0) is None
-    assert pale_threshold(cmu[:40]) is None  # too few objects to say
+    assert pale_threshold(tail, eosin(tail, 3.0), ratio=1.5) is None
+    most = modes(0.16, 0.68, 0.6)  # the pale mode would be most objects
+    assert pale_threshold(most, eosin(most, 3.0)) is None
+    assert pale_threshold(cmu, collagen, ratio=5.0) is None
+    assert pale_threshold(cmu[:40], collagen[:40]) is None  # too few objects to say
 
 
-def _he_cohort() -> tuple[np.ndarray, np.ndarray, set[int]]:
-    """A 480x480 H&E-painted tile of 100 discs: 85 nuclei (haematoxylin OD ~0.7) and 15 pale
-    objects (~0.15), with a little eosin everywhere; returns image, labels, the pale labels."""
+def _he_cohort(pale_eosin: float = 0.45) -> tuple[np.ndarray, np.ndarray, set[int]]:
+    """A 480x480 H&E-painted tile of 100 discs: 85 nuclei (haematoxylin OD ~0.7) and 15 pale,
+    eosin-rich objects (haematoxylin ~0.15, eosin 0.45: collagen-like), a little eosin
+    everywhere; returns image, labels, the pale labels."""
     rng = np.random.default_rng(1)
     m = default_stain_matrix("he")
     labels = np.zeros((480, 480), np.int32)
     h = np.zeros(labels.shape)
+    e = np.full(labels.shape, 0.15)
     yy, xx = np.mgrid[:48, :48]
     pale = set(rng.choice(np.arange(1, 101), 15, replace=False).tolist())
     for k in range(1, 101):
@@ -179,7 +192,9 @@ def _he_cohort() -> tuple[np.ndarray, np.ndarray, set[int]]:
         level = rng.normal(0.15 if k in pale else 0.7, 0.03)
         labels[r * 48 : r * 48 + 48, c * 48 : c * 48 + 48][disc] = k
         h[r * 48 : r * 48 + 48, c * 48 : c * 48 + 48][disc] = level
-    od = h[..., None] * m[0] + 0.15 * m[1]
+        if k in pale:
+            e[r * 48 : r * 48 + 48, c * 48 : c * 48 + 48][disc] = pale_eosin
+    od = h[..., None] * m[0] + e[..., None] * m[1]
     rgb = np.clip(np.rint(256.0 * 10.0 ** (-od) - 1.0), 0, 255).astype(np.uint8)
     return rgb, labels, pale
 
@@ -206,6 +221,12 @@ def test_objects_too_pale_to_be_nuclei_get_no_payload() -> None:
     keep = CellClassifier.fit([img], [labels], mpp=MPP, stain="he", cfg=ClassConfig(pale_ratio=None),
                               matrix=default_stain_matrix("he"))  # fmt: skip
     assert keep.pale is None and "not nuclei" not in keep.describe()
+    # pale objects stained by haematoxylin more than by eosin are pale nuclei: no rule
+    img, labels, _ = _he_cohort(pale_eosin=0.05)
+    nuclei = CellClassifier.fit(
+        [img], [labels], mpp=MPP, stain="he", matrix=default_stain_matrix("he")
+    )
+    assert nuclei.pale is None
 
 
 def _bcdata_image(bcdata_dir, stem: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -310,6 +310,11 @@ def dab_threshold(
 # included, form modes at most 2.65x apart per image and 1.92x pooled (the same mixture).
 PALE_RATIO = 3.0
 PALE_DIP = 0.5  # the density between the modes, relative to the pale mode's: a real valley
+# ...and the pale mode must be eosin-dominant (median eosin / haematoxylin OD of its objects): pale
+# vesicular nuclei are pale but still haematoxylin-dominant (the MoNuSeg images' medians 0.06-1.12,
+# G9-6363's nuclei at haematoxylin 0.18 included: 1.01), CMU-1's collagen fragments 2.99
+PALE_MIN_EOSIN = 1.5
+E_MEAN = "Nucleus: Eosin OD mean"
 
 
 @dataclass(frozen=True)
@@ -319,10 +324,16 @@ class PaleRule:
     threshold: float  # where the two weighted modes are equally likely
     means: tuple[float, float]  # the two modes (OD), pale first
     weights: tuple[float, float]
+    eosin_ratio: float  # median eosin / haematoxylin OD of the objects under the threshold
 
 
 def pale_threshold(
-    nuclear_h: np.ndarray, *, ratio: float = PALE_RATIO, seed: int = 0
+    nuclear_h: np.ndarray,
+    nuclear_e: np.ndarray,
+    *,
+    ratio: float = PALE_RATIO,
+    min_eosin: float = PALE_MIN_EOSIN,
+    seed: int = 0,
 ) -> PaleRule | None:
     """The rule that tells objects too pale to be nuclei from the nuclei of an H&E fit, or None.
 
@@ -333,9 +344,13 @@ def pale_threshold(
     (Gaussian kernel estimate) dips between them: at the threshold under half of what it is at the
     pale mode. A single mode with a long pale tail also fits two Gaussians far apart, but has no
     dip (CMU-1: 0.25; pale tails simulated, and the MoNuSeg images whose modes are 2.4-2.7x
-    apart: 0.75-2.0).
+    apart: 0.75-2.0). Last, the pale mode's objects must be eosin-dominant (median ``nuclear_e``
+    / ``nuclear_h`` at least ``min_eosin``): pale vesicular nuclei beside dark lymphocytes can lie
+    3x apart, but they are still stained by haematoxylin more than by eosin.
     """
-    x = np.log(np.clip(np.asarray(nuclear_h, dtype=np.float64), 1e-3, None))
+    h = np.asarray(nuclear_h, dtype=np.float64)
+    e = np.asarray(nuclear_e, dtype=np.float64)
+    x = np.log(np.clip(h, 1e-3, None))
     x = x[np.isfinite(x)]
     if len(x) < 50 or np.ptp(x) < 1e-6:
         return None
@@ -349,8 +364,13 @@ def pale_threshold(
     kde = gaussian_kde(x if len(x) <= 5000 else rng.choice(x, 5000, replace=False))
     if kde(lt)[0] >= PALE_DIP * kde(m[0])[0]:
         return None
+    t = float(np.exp(lt))
+    below = np.isfinite(h) & np.isfinite(e) & (h < t)
+    eosin = float(np.median(e[below] / np.clip(h[below], 1e-3, None))) if below.any() else 0.0
+    if eosin < min_eosin:
+        return None
     return PaleRule(
-        float(np.exp(lt)), (float(np.exp(m[0])), float(np.exp(m[1]))), (float(w[0]), float(w[1]))
+        t, (float(np.exp(m[0])), float(np.exp(m[1]))), (float(w[0]), float(w[1])), eosin
     )
 
 
@@ -547,7 +567,9 @@ class CellClassifier:
             base.classes = (POSITIVE, NEGATIVE)
         else:
             if cfg.pale_ratio is not None:
-                base.pale = pale_threshold(feats.column(H_MEAN), ratio=cfg.pale_ratio, seed=seed)
+                base.pale = pale_threshold(
+                    feats.column(H_MEAN), feats.column(E_MEAN), ratio=cfg.pale_ratio, seed=seed
+                )
             if base.pale is not None:  # the groups are of nuclei
                 keep = np.flatnonzero(feats.column(H_MEAN) >= base.pale.threshold)
                 feats = CellFeatures(feats.ids[keep], feats.names, feats.values[keep])
@@ -642,7 +664,8 @@ class CellClassifier:
             ""
             if self.pale is None
             else f"; objects with nuclear haematoxylin OD mean < {self.pale.threshold:.3f} are "
-            f"not nuclei (modes {self.pale.means[0]:.2f} / {self.pale.means[1]:.2f})"
+            f"not nuclei (modes {self.pale.means[0]:.2f} / {self.pale.means[1]:.2f}; the pale "
+            f"one eosin-dominant, eosin / haematoxylin {self.pale.eosin_ratio:.2f})"
         )
         if self.groups is not None:
             names = ", ".join(n for n, _ in self.classes)
@@ -670,6 +693,7 @@ class CellClassifier:
                 "threshold": self.pale.threshold,
                 "means": list(self.pale.means),
                 "weights": list(self.pale.weights),
+                "eosin_ratio": self.pale.eosin_ratio,
             }
         if self.dab is not None:
             d = self.dab
@@ -728,6 +752,7 @@ class CellClassifier:
                 float(q["threshold"]),
                 (float(q["means"][0]), float(q["means"][1])),
                 (float(q["weights"][0]), float(q["weights"][1])),
+                float(q["eosin_ratio"]),
             )
         return cls(
             state["stain"],
