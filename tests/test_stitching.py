@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -133,12 +134,16 @@ class FailsOnThirdTile(DarkThreshold):
 def test_postprocessing_error_reaches_the_caller_and_nothing_is_written(tmp_path):
     """A read-out error in the pool surfaces through the writer thread; no output folder is left."""
     slide_path = tmp_path / "s.tif"
-    _plant(slide_path, 512, [(100.0, 100.0), (300.0, 300.0)], radius_px=7)
+    # large enough (144 tiles) that tiles are still being read when the error arrives
+    _plant(slide_path, 1536, [(100.0, 100.0), (300.0, 300.0)], radius_px=7)
     cfg = CFG.with_updates(**{"tiles.post_mode": "threads"})
     ctx = prepare_slide(slide_path, cfg)
     try:
         with pytest.raises(ValueError, match="on purpose"):
             run_slide(ctx, tmp_path / "out", FailsOnThirdTile(), cfg)
+        # no tile is being read any more when the error arrives: the caller closes the slide next,
+        # and OpenSlide aborted the whole process (once, in CI) on a read racing that close
+        assert not [t for t in threading.enumerate() if t.name == "wsi-psm-tile-producer"]
     finally:
         ctx.slide.close()
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ memory does not grow with slide size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -411,29 +412,33 @@ def run_slide(
                 workers=decode_workers(cfg, on_gpu),
                 prefetch=cfg.tiles.prefetch_batches,
             )
-            while True:
-                t = time.perf_counter()
-                batch = next(it, None)
-                t_wait += time.perf_counter() - t
-                if batch is None:
-                    break
-                t = time.perf_counter()
-                raws = predictor.network(batch.images)
-                t_net += time.perf_counter() - t
-                for tile, image, raw in zip(batch.tiles, batch.images, raws, strict=True):
-                    submitted = time.perf_counter()
-                    fut = (
-                        pool.submit(_timed_tile, image, raw, tile)
-                        if in_processes
-                        else pool.submit(_timed_tile, image, raw, tile, work)
-                    )
-                    fut.add_done_callback(partial(_stamp, done_at, tile.index))
-                    written.append(writer.submit(consume, tile, fut, submitted))
-                # time the network loop waits for the CPU side (read-out workers, then the writer):
-                # the GPU starved by post-processing
-                t = time.perf_counter()
-                wait_written(limit=2 * n_post + cfg.tiles.batch_size)
-                t_post += time.perf_counter() - t
+            # closed on the way out, an error included: its producer thread may be reading the
+            # slide, which the caller closes next (OpenSlide aborts the process on a read
+            # racing its close)
+            with contextlib.closing(it):
+                while True:
+                    t = time.perf_counter()
+                    batch = next(it, None)
+                    t_wait += time.perf_counter() - t
+                    if batch is None:
+                        break
+                    t = time.perf_counter()
+                    raws = predictor.network(batch.images)
+                    t_net += time.perf_counter() - t
+                    for tile, image, raw in zip(batch.tiles, batch.images, raws, strict=True):
+                        submitted = time.perf_counter()
+                        fut = (
+                            pool.submit(_timed_tile, image, raw, tile)
+                            if in_processes
+                            else pool.submit(_timed_tile, image, raw, tile, work)
+                        )
+                        fut.add_done_callback(partial(_stamp, done_at, tile.index))
+                        written.append(writer.submit(consume, tile, fut, submitted))
+                    # time the network loop waits for the CPU side (read-out workers, then the writer):
+                    # the GPU starved by post-processing
+                    t = time.perf_counter()
+                    wait_written(limit=2 * n_post + cfg.tiles.batch_size)
+                    t_post += time.perf_counter() - t
             t = time.perf_counter()
             wait_written(limit=0)
             t_post += time.perf_counter() - t
