@@ -72,6 +72,13 @@ def _target_mpp(value: float | None) -> float | None:
     return value
 
 
+def _output_path(value: str) -> Path:
+    # an empty -o (an unset shell variable: -o "$OUT") would mean the current folder
+    if not str(value).strip():
+        raise typer.BadParameter("is empty: name an output (use . for the current folder)")
+    return Path(value)
+
+
 def _slide_mpp(value: float | None) -> float | None:
     from wsi_psm.slide import PLAUSIBLE_MPP  # light: numpy and PIL, no torch
 
@@ -307,7 +314,14 @@ def run(
         list[Path], typer.Argument(help="Slide files, DICOM folders, or folders of slides.")
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Output folder; one subfolder per slide.")
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            parser=_output_path,
+            metavar="<path>",
+            help="Output folder; one subfolder per slide.",
+        ),
     ],
     model: ModelOpt = None,
     mpp: MppOpt = None,
@@ -370,7 +384,14 @@ def fit(
         list[Path], typer.Argument(help="Slides (or folders of slides) to fit on, unlabelled.")
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Model file to write (e.g. model.pt).")
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            parser=_output_path,
+            metavar="<path>",
+            help="Model file to write (e.g. model.pt).",
+        ),
     ],
     mpp: MppOpt = None,
     backend: BackendOpt = "auto",
@@ -436,7 +457,14 @@ def batch(
         list[Path], typer.Argument(help="Slide files, DICOM folders, or folders of slides.")
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Output folder; one subfolder per slide.")
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            parser=_output_path,
+            metavar="<path>",
+            help="Output folder; one subfolder per slide.",
+        ),
     ],
     scheduler: Annotated[
         str | None,
@@ -520,7 +548,13 @@ def segment(
     ],
     output: Annotated[
         Path,
-        typer.Option("--output", "-o", help="Folder for <stem>.geojson and <stem>_labels.tif."),
+        typer.Option(
+            "--output",
+            "-o",
+            parser=_output_path,
+            metavar="<path>",
+            help="Folder for <stem>.geojson and <stem>_labels.tif.",
+        ),
     ],
     mpp: MppOpt = None,
     model: SegmentModelOpt = None,
@@ -639,7 +673,14 @@ def eval_(
 @app.command()
 def demo(
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Folder for the demo slide and its outputs.")
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            parser=_output_path,
+            metavar="<path>",
+            help="Folder for the demo slide and its outputs.",
+        ),
     ] = Path("demo-out"),
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,

@@ -226,6 +226,9 @@ def test_unwritable_output_is_refused_before_the_fit(tmp_path, capsys, cmu_svs, 
         (["run", "{slide}", "-o", "{out}", "--overwrite", "--skip-existing"], "contradict"),
         (["eval", "{out}", "{out}", "--radius", "3"], "error: a match radius is for detection"),
         (["eval", "{out}", "{out}", "--json", "{out}"], "is a folder: give a file"),  # no scoring
+        # an unset shell variable (-o "$OUT"): not the current folder
+        (["segment", "{slide}", "-o", ""], "'--output' / '-o': is empty: name an output"),
+        (["run", "{slide}", "-o", "  "], "'--output' / '-o': is empty: name an output"),
     ],
 )
 def test_bad_option_values_are_one_line_and_leave_nothing(tmp_path, capsys, cmu_svs, argv, expect):
