@@ -95,9 +95,14 @@ def _find_segmentation_gt(folder: Path) -> dict[str, tuple[Path, str]]:
             raise EvaluationError(str(err)) from err
         return {c.stem: (c.annotation, "xml" if c.has_xml else "mask") for c in cases}
     found: dict[str, tuple[Path, str]] = {}
+    # a folder of a MoNuSeg root (its derived colour masks, given directly): read as the root
+    # reads them, so a score does not depend on which of the two paths was given
+    parent = folder.resolve().parent
+    in_monuseg = (parent / "images").is_dir() and (parent / "annotations").is_dir()
     for p in sorted(folder.iterdir()):
         if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES:
-            found.setdefault(_strip_labels(p.stem), (p, "labels"))
+            kind = "mask" if in_monuseg and p.suffix.lower() == ".png" else "labels"
+            found.setdefault(_strip_labels(p.stem), (p, kind))
     for p in sorted(folder.iterdir()):  # XML wins over an image of the same stem
         if p.is_file() and p.suffix.lower() == ".xml":
             found[p.stem] = (p, "xml")
