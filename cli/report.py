@@ -38,7 +38,7 @@ def _seg_table(report: dict[str, Any]) -> Table:
 def _det_table(report: dict[str, Any]) -> Table:
     pooled = report["pooled"]
     t = Table(
-        title=f"detection at {report['radius_px']:g} px: {report['n_images']} images (pooled counts)"
+        title=f"detection at {report['radius_px']:g} px: {report['n_images']} images (counts pooled; per-image means at the end)"
     )
     for c in ("class", "precision", "recall", "F1", "pred", "gt", "count error"):
         t.add_column(c, justify="left" if c == "class" else "right")
@@ -49,6 +49,9 @@ def _det_table(report: dict[str, Any]) -> Table:
                   str(s["n_pred"]), str(s["n_gt"]), f"{s['count_error']:+d}")  # fmt: skip
     t.add_row("mean F1 (classes)", "", "", f"{pooled['mean_f1']:.3f}", "", "", "", style="bold")
     t.add_row("mean F1 (per image)", "", "", f"{report['mean']['mean_f1']:.3f}", "", "", "")
+    err = report["mean"].get("positive_index_abs_error")
+    if err is not None:  # (the Ki-67 index on a Ki-67 stain)
+        t.add_row("Positive index error (per image)", "", "", f"{err:.3f}", "", "", "")
     return t
 
 

@@ -461,6 +461,18 @@ def test_evaluate_detection_on_bcdata(tmp_path: Path, bcdata_dir: Path) -> None:
     assert neg["fp"] == 0 and neg["recall"] == pytest.approx(neg["tp"] / n_gt["Negative"])
     assert 0.45 < neg["recall"] < 0.55
     assert r["mean"]["Negative"]["precision"] == 1.0
+    # the positive (Ki-67) index per image: every positive cell + 1, half the negatives (rounded up)
+    from wsi_psm.groundtruth import load_bcdata_points
+
+    errors = []
+    for stem in ("0", "1", "2"):
+        pts = load_bcdata_points(bcdata_dir, stem)
+        p, n = len(pts["Positive"]), len(pts["Negative"])
+        want_pred, want_gt = (p + 1) / (p + 1 + (n + 1) // 2), p / (p + n)
+        got = r["images"][stem]["positive_index"]
+        assert got["pred"] == pytest.approx(want_pred) and got["gt"] == pytest.approx(want_gt)
+        errors.append(abs(want_pred - want_gt))
+    assert r["mean"]["positive_index_abs_error"] == pytest.approx(np.mean(errors))
     # 3 px off the centre is outside a 2 px radius: nothing matches
     r_tight = evaluate_detection(tmp_path, bcdata_dir / "annotations", radius_px=2)
     assert r_tight["pooled"]["overall"]["tp"] <= 3

@@ -360,6 +360,23 @@ def _iter_detection(
         yield stem, _centroids_by_class(preds[stem], BCDATA_CLASSES), gt_pts
 
 
+def _positive_index(classes: dict[str, Any]) -> dict[str, float | None]:
+    """Positive / (Positive + Negative) of the predicted and the annotated counts of one image."""
+    pos, neg = BCDATA_CLASSES
+
+    def index(key: str) -> float | None:
+        p = classes.get(pos, {}).get(key, 0)
+        n = classes.get(neg, {}).get(key, 0)
+        return p / (p + n) if p + n else None
+
+    pred, gt = index("n_pred"), index("n_gt")
+    return {
+        "pred": pred,
+        "gt": gt,
+        "abs_error": None if pred is None or gt is None else abs(pred - gt),
+    }
+
+
 def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0) -> dict[str, Any]:
     """Per-class detection scores of cell centroids against BCData points, matched within ``radius_px``.
 
@@ -370,7 +387,9 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     Returns ``{"task": "detection", "radius_px", "n_images", "images": {stem: detection_scores},
     "mean": {class: {precision, recall, f1, abs_count_error}, "mean_f1", "overall_f1"} (means over
     images), "pooled": detection scores from the counts summed over images, "unmatched_pred",
-    "unmatched_gt"}``.
+    "unmatched_gt"}``. Each image also gets its ``positive_index`` (Positive / (Positive +
+    Negative): the Ki-67 index on a Ki-67 stain) predicted and annotated, and their absolute
+    error, whose mean over the images where both exist is ``mean["positive_index_abs_error"]``.
     """
     pred_dir, gt_dir = Path(pred), Path(gt)
     _require_folder(gt_dir, "ground-truth")
@@ -381,6 +400,7 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     totals: dict[str, dict[str, int]] = {}
     for stem, p, g in _iter_detection(preds, ann_dir, common):
         s = detection_scores(p, g, radius_px)
+        s["positive_index"] = _positive_index(s["classes"])
         images[stem] = s
         for name, c in [*s["classes"].items(), ("overall", s["overall"])]:
             t = totals.setdefault(name, {"tp": 0, "fp": 0, "fn": 0, "n_pred": 0, "n_gt": 0})
@@ -397,6 +417,8 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
         }
     mean["mean_f1"] = float(np.mean([s["mean_f1"] for s in images.values()]))
     mean["overall_f1"] = float(np.mean([s["overall"]["f1"] for s in images.values()]))
+    errors = [e for s in images.values() if (e := s["positive_index"]["abs_error"]) is not None]
+    mean["positive_index_abs_error"] = float(np.mean(errors)) if errors else None
 
     pooled: dict[str, Any] = {}
     for name, t in totals.items():
