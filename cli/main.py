@@ -616,6 +616,9 @@ def segment(
         )  # fmt: skip
     skipped = f", {len(paths) - len(written) // 2} skipped" if skip_existing else ""
     cells = ", ".join(f"{name} {n:,}" for name, n in counts.most_common())
+    if counts["Positive"] + counts["Negative"]:  # IHC: the index over all the images' cells
+        index = counts["Positive"] / (counts["Positive"] + counts["Negative"])
+        cells += f"; Positive index {index:.3f}"
     console.print(
         f"{len(written) // 2} image(s) segmented{skipped} -> {output}"
         + (f": {counts.total():,} cells ({cells})" if counts else ""),

@@ -609,3 +609,24 @@ def test_the_command_line_ends_with_the_cells_per_class(tmp_path, monuseg_dir, c
         main(["eval", str(tmp_path / "o"), str(monuseg_dir)])
     assert exc.value.code in (0, None)
     assert "segmentation: 1 images (against 1 XML annotations)" in capsys.readouterr().out
+
+
+def test_the_command_line_gives_the_positive_index_of_ihc_cells(tmp_path, monkeypatch, capsys):
+    """Over all the images' cells, as a Ki-67 index is counted (the segmenting itself stubbed)."""
+    from wsi_psm.cli.main import main
+
+    import wsi_psm.segment
+
+    img = tmp_path / "a.png"
+    write_png(img, synthetic_tile(64)[0])
+
+    def fake(paths, out, cfg, *, class_counts, **kwargs):
+        class_counts.update({"Positive": 3, "Negative": 1})
+        return [out / "a.geojson", out / "a_labels.tif"]
+
+    monkeypatch.setattr(wsi_psm.segment, "segment_images", fake)
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", str(img), "-o", str(tmp_path / "o"), "--mpp", "0.5", "-q"])
+    assert exc.value.code in (0, None)
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said.endswith(": 4 cells (Positive 3, Negative 1; Positive index 0.750)"), said
