@@ -343,7 +343,7 @@ def run(
     Writes OUTPUT/<slide>/{cells.geojson, cells.parquet, summary.json, overlay.png}. Without --model,
     each slide is fitted on itself, label-free: an H&E slide gets the shipped segmentation network,
     and only its stain vectors and cell classes are fitted (seconds); an IHC slide gets the PSM,
-    pseudo masks and a segmentation network trained on them (about 10 minutes on 2 CPU cores, a
+    pseudo masks and a segmentation network trained on them (4-11 minutes on 2 CPU cores, a
     minute or two on a GPU), then its Positive / Negative rule.
     """
     from wsi_psm.discovery import find_slides
@@ -586,8 +586,8 @@ def segment(
     """Segment nuclei in image tiles; writes a GeoJSON and an instance-label TIFF per image.
 
     Without --model: H&E images go through the network shipped with wsi-psm; IHC images (which it
-    was not trained on) get a network fitted on themselves, label-free (about 10 minutes on 2 CPU
-    cores, a minute on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
+    was not trained on) get a network fitted on themselves, label-free (4-11 minutes on 2 CPU
+    cores, about 2 on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
     images' own cells; a mix of stains is segmented stain by stain. segmenter.default_model in
     --config changes the route (shipped, fit, none).
     A --model runs at the resolution it was trained at (over --target-mpp); the shipped network
