@@ -13,7 +13,7 @@ import threading
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -77,6 +77,11 @@ def _output_path(value: str) -> Path:
     if not str(value).strip():
         raise typer.BadParameter("is empty: name an output (use . for the current folder)")
     return Path(value)
+
+
+def _output_option(help: str) -> Any:
+    """Every command's -o: an empty value is refused (see :func:`_output_path`)."""
+    return typer.Option("--output", "-o", parser=_output_path, metavar="<path>", help=help)
 
 
 def _slide_mpp(value: float | None) -> float | None:
@@ -315,13 +320,7 @@ def run(
     ],
     output: Annotated[
         Path,
-        typer.Option(
-            "--output",
-            "-o",
-            parser=_output_path,
-            metavar="<path>",
-            help="Output folder; one subfolder per slide.",
-        ),
+        _output_option("Output folder; one subfolder per slide."),
     ],
     model: ModelOpt = None,
     mpp: MppOpt = None,
@@ -385,13 +384,7 @@ def fit(
     ],
     output: Annotated[
         Path,
-        typer.Option(
-            "--output",
-            "-o",
-            parser=_output_path,
-            metavar="<path>",
-            help="Model file to write (e.g. model.pt).",
-        ),
+        _output_option("Model file to write (e.g. model.pt)."),
     ],
     mpp: MppOpt = None,
     backend: BackendOpt = "auto",
@@ -458,13 +451,7 @@ def batch(
     ],
     output: Annotated[
         Path,
-        typer.Option(
-            "--output",
-            "-o",
-            parser=_output_path,
-            metavar="<path>",
-            help="Output folder; one subfolder per slide.",
-        ),
+        _output_option("Output folder; one subfolder per slide."),
     ],
     scheduler: Annotated[
         str | None,
@@ -548,13 +535,7 @@ def segment(
     ],
     output: Annotated[
         Path,
-        typer.Option(
-            "--output",
-            "-o",
-            parser=_output_path,
-            metavar="<path>",
-            help="Folder for <stem>.geojson and <stem>_labels.tif.",
-        ),
+        _output_option("Folder for <stem>.geojson and <stem>_labels.tif."),
     ],
     mpp: MppOpt = None,
     model: SegmentModelOpt = None,
@@ -677,13 +658,7 @@ def eval_(
 def demo(
     output: Annotated[
         Path,
-        typer.Option(
-            "--output",
-            "-o",
-            parser=_output_path,
-            metavar="<path>",
-            help="Folder for the demo slide and its outputs.",
-        ),
+        _output_option("Folder for the demo slide and its outputs."),
     ] = Path("demo-out"),
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
