@@ -316,11 +316,12 @@ def info(
 @app.command()
 def run(
     inputs: Annotated[
-        list[Path], typer.Argument(help="Slide files, DICOM folders, or folders of slides.")
+        list[Path],
+        typer.Argument(help="Slide files, DICOM folders, or folders of slides.", metavar="SLIDE"),
     ],
     output: Annotated[
         Path,
-        _output_option("Output folder; one subfolder per slide."),
+        _output_option("Output folder: one subfolder per slide, and summary.csv."),
     ],
     model: ModelOpt = None,
     mpp: MppOpt = None,
@@ -339,13 +340,16 @@ def run(
 ) -> None:
     """Find, outline and classify every nucleus of each slide.
 
-    Writes OUTPUT/<slide>/{cells.geojson, cells.parquet, summary.json, overlay.png}. Without --model,
+    Writes OUTPUT/<slide>/{cells.geojson, cells.parquet, summary.json, overlay.png} and
+    OUTPUT/summary.csv (a row per slide: cells per class, Positive index, density). Without --model,
     each slide is fitted on itself, label-free: an H&E slide gets the shipped segmentation network,
     and only its stain vectors and cell classes are fitted (seconds); an IHC slide gets the PSM,
     pseudo masks and a segmentation network trained on them (4-11 minutes on 2 CPU cores, a
     minute or two on a GPU), then its Positive / Negative rule.
     """
+    from wsi_psm.counts_table import write_slides_table
     from wsi_psm.discovery import find_slides
+    from wsi_psm.export import write_error
     from wsi_psm.pipeline import process_slide
 
     from .progress import progress_bars
@@ -373,6 +377,10 @@ def run(
             continue
         counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items())) or "no cells"
         console.print(f"{s.name}: {res.cells} cells ({counts}) -> {res.out_dir}", highlight=False)
+    try:
+        write_slides_table(output, [s.name for s in slides])
+    except OSError as err:
+        raise write_error(err, output) from err
     if failed:
         raise WsiPsmError(f"{len(failed)} of {len(slides)} slides failed: {', '.join(failed)}")
 
@@ -380,7 +388,10 @@ def run(
 @app.command()
 def fit(
     inputs: Annotated[
-        list[Path], typer.Argument(help="Slides (or folders of slides) to fit on, unlabelled.")
+        list[Path],
+        typer.Argument(
+            help="Slides (or folders of slides) to fit on, unlabelled.", metavar="SLIDE"
+        ),
     ],
     output: Annotated[
         Path,
@@ -447,11 +458,12 @@ def _segment_model(path: Path):
 @app.command()
 def batch(
     inputs: Annotated[
-        list[Path], typer.Argument(help="Slide files, DICOM folders, or folders of slides.")
+        list[Path],
+        typer.Argument(help="Slide files, DICOM folders, or folders of slides.", metavar="SLIDE"),
     ],
     output: Annotated[
         Path,
-        _output_option("Output folder; one subfolder per slide."),
+        _output_option("Output folder: one subfolder per slide, and summary.csv."),
     ],
     scheduler: Annotated[
         str | None,
@@ -531,11 +543,16 @@ def batch(
 @app.command()
 def segment(
     images: Annotated[
-        list[Path], typer.Argument(help="Image tiles (PNG, TIFF, JPEG) or folders of them.")
+        list[Path],
+        typer.Argument(
+            help="Image tiles (PNG, TIFF, JPEG) or folders of them.",
+            metavar="IMAGE",
+            show_default=False,
+        ),
     ],
     output: Annotated[
         Path,
-        _output_option("Folder for <stem>.geojson and <stem>_labels.tif."),
+        _output_option("Folder for <stem>.geojson, <stem>_labels.tif and summary.csv."),
     ],
     mpp: MppOpt = None,
     model: SegmentModelOpt = None,
@@ -566,6 +583,8 @@ def segment(
 ) -> None:
     """Segment nuclei in image tiles; writes a GeoJSON and an instance-label TIFF per image.
 
+    OUTPUT/summary.csv gets a row per image: cells per class, Positive index, cells per mm².
+
     Without --model: H&E images go through the network shipped with wsi-psm; IHC images (which it
     was not trained on) get a network fitted on themselves, label-free (4-11 minutes on 2 CPU
     cores, about 2 on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
@@ -574,6 +593,7 @@ def segment(
     A --model runs at the resolution it was trained at (over --target-mpp); the shipped network
     only at its own 0.5 µm/px, so another --target-mpp fits a network on the images.
     """
+    from wsi_psm.counts_table import positive_index
     from wsi_psm.discovery import find_slides
     from wsi_psm.segment import model_mpp, segment_images
 
@@ -597,8 +617,7 @@ def segment(
         )  # fmt: skip
     skipped = f", {len(paths) - len(written) // 2} skipped" if skip_existing else ""
     cells = ", ".join(f"{name} {n:,}" for name, n in counts.most_common())
-    if counts["Positive"] + counts["Negative"]:  # IHC: the index over all the images' cells
-        index = counts["Positive"] / (counts["Positive"] + counts["Negative"])
+    if (index := positive_index(counts)) is not None:  # IHC: over all the images' cells
         cells += f"; Positive index {index:.3f}"
     console.print(
         f"{len(written) // 2} image(s) segmented{skipped} -> {output}"
@@ -675,6 +694,7 @@ def demo(
     console.print(f"{res.cells} cells ({counts})", highlight=False)
     for name in sorted(os.listdir(res.out_dir)):
         console.print(f"  {res.out_dir / name}", highlight=False)
+    console.print(f"  {res.out_dir.parent / 'summary.csv'} (a row per slide)", highlight=False)
     console.print(
         "open cells.geojson in QuPath (File > Import objects), or look at overlay.png",
         highlight=False,

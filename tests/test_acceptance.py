@@ -15,6 +15,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import jsonschema
+import pandas as pd
 import pytest
 import shapely
 from conftest import DATA, data_path
@@ -209,8 +210,18 @@ def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path):
     assert by_name["a"].cells > 10 and by_name["b"].cells == by_name["a"].cells
     assert by_name["broken"].error and "broken.svs" in by_name["broken"].error
     assert (out / "a" / "summary.json").exists() and not (out / "broken").exists()
+    # the cohort table: a row per finished slide, its counts those of the slide's summary.json
+    table = pd.read_csv(out / "summary.csv").set_index("name")
+    assert sorted(table.index) == ["a", "b"]
+    summary = json.loads((out / "a" / "summary.json").read_text())
+    for name, c in summary["class_counts"].items():
+        assert table.loc["a", name] == c["count"]
+    assert table.loc["a", "cells"] == summary["cells_total"] == by_name["a"].cells
+    assert table.loc["a", "area_mm2"] == pytest.approx(summary["tissue_area_mm2"], rel=1e-5)
+    before = (out / "summary.csv").read_bytes()
     again = run_batch(slides, out, cfg, model_path=quick_model, skip_existing=True, n_workers=1)
     assert {r.name for r in again if r.skipped} == {"a", "b"}
+    assert (out / "summary.csv").read_bytes() == before  # skipped slides keep their rows
     # a batch in which every slide fails leaves no empty folder behind
     broken = [s for s in slides if s.name == "broken"]
     failed = run_batch(broken, tmp_path / "none" / "out", cfg, model_path=quick_model, n_workers=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import warnings
@@ -73,7 +74,18 @@ def test_outputs_at_input_resolution(tmp_path, trained_net) -> None:
     back = rasterise_features(feats, lab.shape)
     np.testing.assert_array_equal(back > 0, lab > 0)
     # nothing left behind under a temporary name
-    assert sorted(p.name for p in out.iterdir()) == ["tile.geojson", "tile_labels.tif"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "summary.csv",
+        "tile.geojson",
+        "tile_labels.tif",
+    ]
+    # the table's row: the image's cells, its area at its own resolution (192 px at 0.25 µm/px)
+    with (out / "summary.csv").open() as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["name"] == "tile.png" and row["stain"] in ("he", "ihc-dab")
+    assert int(row["cells"]) == int(row["Nucleus"]) == len(feats)
+    assert float(row["area_mm2"]) == pytest.approx((192 * 0.25e-3) ** 2)
+    assert row["positive_index"] == ""  # no IHC classes
 
 
 def test_processing_resolution_instances(tmp_path, trained_net) -> None:
@@ -169,6 +181,7 @@ def test_a_write_that_fails_says_what_was_kept(tmp_path, trained_net, monkeypatc
     monkeypatch.setattr(wsi_psm.segment, "_write_outputs", full_at(2))
     with pytest.raises(OutputWriteError, match="1 of 2 images were written before it"):
         segment_images(srcs, tmp_path / "o", CFG, model=trained_net, mpp=0.5)
+    # (no summary.csv: the call did not finish; a rerun with --skip-existing writes it)
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0.geojson", "0_labels.tif"]
 
 

@@ -15,6 +15,7 @@ import tifffile
 from PIL import Image
 
 from .config import RunConfig
+from .counts_table import write_slides_table
 from .errors import OutputExistsError
 from .export import write_error
 from .pipeline import SlideRun, process_slide
@@ -69,4 +70,8 @@ def run_demo(
     except OSError as err:
         raise write_error(err, out_root) from err
     res = process_slide(slide, out_dir, DEMO_CONFIG, overwrite=overwrite, progress=progress)
+    try:  # as `run` does: the cohort table beside the slide's folder
+        write_slides_table(out_root, [out_dir.name])
+    except OSError as err:
+        raise write_error(err, out_root) from err
     return res, slide

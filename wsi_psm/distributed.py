@@ -16,6 +16,7 @@ from typing import Any
 
 from .atomic import make_dirs, remove_made
 from .config import RunConfig
+from .counts_table import write_slides_table
 from .discovery import SlideInput
 from .errors import ClusterStartError, InvalidArgumentError
 
@@ -176,4 +177,10 @@ def run_batch(
             if cluster is not None:
                 cluster.close()
             remove_made(made)  # (only where still empty: every slide failed, or was stopped)
+    try:  # the cohort table: every slide of the batch with a finished folder, skipped ones too
+        write_slides_table(out_root, [s.name for s in slides])
+    except OSError as err:
+        from .export import write_error
+
+        raise write_error(err, out_root) from err
     return [outcomes[s.name] for s in slides]

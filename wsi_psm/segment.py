@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import time
@@ -37,6 +38,7 @@ from torch.nn import functional as F
 
 from .atomic import make_dirs, remove_made
 from .config import RunConfig
+from .counts_table import CountsRow, write_counts_table
 from .errors import (
     InvalidArgumentError,
     ModelError,
@@ -731,6 +733,10 @@ def segment_images(
 ) -> list[Path]:
     """Segment every image of ``paths`` into ``out_dir``; returns the written files (two per image).
 
+    Then ``out_dir/summary.csv`` gets one row per image of the call, skipped ones included
+    (:mod:`wsi_psm.counts_table`: cells per class, Positive index, density; rows of other images
+    already in it are kept). It is not in the returned list.
+
     ``mpp`` overrides the images' own resolution (MoNuSeg TIFFs carry none: pass 0.25). A given
     ``model`` that records its training resolution is applied at it, whatever ``cfg.target_mpp``.
     ``annotator`` names and measures the cells; by default (``classes.enabled``) the label-free
@@ -747,6 +753,37 @@ def segment_images(
     outputs are those of one uninterrupted run). Unreadable images, missing mpp etc. raise the
     slide reader's WsiPsmError.
     """
+    rows: list[CountsRow] = []
+    written = _segment_images(
+        paths, out_dir, cfg, model=model, mpp=mpp, overwrite=overwrite, progress=progress,
+        annotator=annotator, on_image=on_image, save_model=save_model,
+        skip_existing=skip_existing, class_counts=class_counts, rows=rows,
+    )  # fmt: skip
+    if rows:
+        try:
+            write_counts_table(out_dir, sorted(rows, key=lambda r: r.name))
+        except OSError as err:
+            raise write_error(err, out_dir) from err
+    return written
+
+
+def _segment_images(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    cfg: RunConfig,
+    *,
+    model: Any,
+    mpp: float | None,
+    overwrite: bool,
+    progress: ProgressHook | None,
+    annotator: CellAnnotator | None,
+    on_image: Callable[[Path, int, float], None] | None,
+    save_model: str | os.PathLike[str] | None,
+    skip_existing: bool,
+    class_counts: Counter[str] | None,
+    rows: list[CountsRow],
+) -> list[Path]:
+    """:func:`segment_images` for one call or one stain group; ``rows`` gets each image's row."""
     from .device import select_device
 
     progress = progress or NullProgress()
@@ -775,10 +812,10 @@ def segment_images(
         )
         files: list[Path] = []
         for stain, group in groups.items():
-            files += segment_images(
+            files += _segment_images(
                 group, out, cfg.with_updates(stain=stain), model=model, mpp=mpp,
                 overwrite=overwrite, progress=progress, annotator=annotator, on_image=on_image,
-                skip_existing=skip_existing, class_counts=class_counts,
+                save_model=None, skip_existing=skip_existing, class_counts=class_counts, rows=rows,
             )  # fmt: skip
         return files
     cfg = cfg.with_updates(stain=next(iter(groups)))
@@ -821,6 +858,7 @@ def segment_images(
                     "--skip-existing goes on from there)"
                 ) from err
             written += [geo, tif]
+            rows.append(_counts_row(p.name, cfg.stain, native_mpp, rgb.shape[:2], per_class))
             progress.advance(SEGMENT_STAGE, 1)
             if class_counts is not None:
                 class_counts.update(per_class)
@@ -830,7 +868,31 @@ def segment_images(
         remove_made(made)  # (only if nothing is in it: the first image failed, or was stopped)
         raise
     progress.done(SEGMENT_STAGE)
+    for p in paths:  # the images skipped as finished: their row from their outputs
+        if p not in todo:
+            with Slide.open(p, mpp=mpp) as slide:
+                shape, native_mpp = (slide.height, slide.width), slide.mpp
+            rows.append(_counts_row(p.name, cfg.stain, native_mpp, shape, _geojson_counts(p, out)))
     return written
+
+
+def _counts_row(
+    name: str, stain: str, mpp: float, shape: tuple[int, ...], counts: Counter[str]
+) -> CountsRow:
+    return CountsRow(name, stain, mpp, shape[0] * shape[1] * mpp**2 / 1e6, dict(counts))
+
+
+def _geojson_counts(image: Path, out: Path) -> Counter[str]:
+    """Cells per class in an image's written GeoJSON."""
+    geo = output_paths(image, out)[0]
+    try:
+        features = json.loads(geo.read_text(encoding="utf-8"))["features"]
+    except (OSError, ValueError, KeyError) as err:
+        raise OutputExistsError(
+            f"cannot read {geo} to count its cells for summary.csv ({err}); "
+            "rerun that image with --overwrite"
+        ) from err
+    return Counter(f["properties"]["classification"]["name"] for f in features)
 
 
 __all__ = [

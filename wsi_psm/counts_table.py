@@ -1,0 +1,152 @@
+"""The cohort table, ``summary.csv``: one row per slide (``run``, ``batch``) or image tile
+(``segment``) with its cells per class, the Positive (Ki-67) index and the cell density, for a
+spreadsheet or ``pandas.read_csv``.
+
+The table is rewritten after each call (atomically: a reader sees the old or the new table, never
+part), its rows keyed by name: rows of earlier calls into the same folder are kept, a name processed
+again gets its new row. Class columns are the union over the rows, in a fixed order (IHC classes,
+H&E groups by size, ``Nucleus``, then any other name alphabetically); a class a row does not have
+counts 0 there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .classes import GROUP_NAMES, NEGATIVE, NUCLEUS, POSITIVE
+
+log = logging.getLogger(__name__)
+
+TABLE_NAME = "summary.csv"
+HEAD = ("name", "stain", "mpp", "area_mm2", "cells")
+TAIL = ("positive_index", "cells_per_mm2")
+CLASS_ORDER = (POSITIVE[0], NEGATIVE[0], *GROUP_NAMES[4], NUCLEUS[0])
+
+
+@dataclass(frozen=True)
+class CountsRow:
+    """One slide or image: ``area_mm2`` is the tissue area for a slide, the whole image's area for
+    a tile (a tile has no tissue mask: its density counts the glass too)."""
+
+    name: str
+    stain: str
+    mpp: float
+    area_mm2: float
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+
+def positive_index(counts: Mapping[str, int]) -> float | None:
+    """Positive / (Positive + Negative): the Ki-67 index; None without IHC cells."""
+    pos, neg = counts.get(POSITIVE[0], 0), counts.get(NEGATIVE[0], 0)
+    return pos / (pos + neg) if pos + neg else None
+
+
+def row_from_summary(path: str | os.PathLike[str]) -> CountsRow:
+    """The row of a slide from its ``summary.json`` (as ``run`` writes it)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return CountsRow(
+        name=data["slide"]["name"],
+        stain=data.get("model", {}).get("provenance", {}).get("stain", ""),
+        mpp=float(data["slide"]["mpp"]),
+        area_mm2=float(data["tissue_area_mm2"]),
+        counts={k: int(v["count"]) for k, v in data["class_counts"].items()},
+    )
+
+
+def write_slides_table(out_root: str | os.PathLike[str], names: Iterable[str]) -> Path | None:
+    """Update ``out_root/summary.csv`` with the slides ``names`` whose ``out_root/<name>/summary.json``
+    exists (processed now or skipped as finished); a summary that cannot be read is left out with a
+    warning (its slide's folder is the truth). None when there is no row."""
+    rows = []
+    for name in names:
+        path = Path(out_root) / name / "summary.json"
+        if not path.is_file():
+            continue
+        try:
+            rows.append(replace(row_from_summary(path), name=name))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            log.warning("%s left out of %s: cannot read it (%s)", path, TABLE_NAME, err)
+    return write_counts_table(out_root, rows) if rows else None
+
+
+def class_columns(names: Iterable[str]) -> list[str]:
+    """Class names in the table's fixed order."""
+    names = set(names)
+    known = [n for n in CLASS_ORDER if n in names]
+    return known + sorted(names - set(known))
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _record(row: CountsRow) -> dict[str, str]:
+    cells = sum(row.counts.values())
+    index = positive_index(row.counts)
+    return {
+        "name": row.name,
+        "stain": row.stain,
+        "mpp": _fmt(row.mpp, 6),
+        "area_mm2": _fmt(row.area_mm2, 6),
+        "cells": str(cells),
+        **{k: str(int(v)) for k, v in row.counts.items()},
+        "positive_index": _fmt(index, 4),
+        "cells_per_mm2": _fmt(cells / row.area_mm2 if row.area_mm2 > 0 else None, 6),
+    }
+
+
+def read_counts_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    """The rows of an existing table (class counts as strings, "" = 0); [] when there is none."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    with p.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or list(reader.fieldnames[: len(HEAD)]) != list(HEAD):
+            return []  # not our table (or an empty file): replaced, not merged
+        return [dict(r) for r in reader]
+
+
+def write_counts_table(folder: str | os.PathLike[str], rows: Iterable[CountsRow]) -> Path:
+    """Write (or update) ``folder/summary.csv`` with ``rows``; returns its path."""
+    path = Path(folder) / TABLE_NAME
+    records = {r["name"]: r for r in read_counts_table(path)}
+    for row in rows:
+        records[row.name] = _record(row)
+    if not records:
+        return path
+    fixed = set(HEAD) | set(TAIL)
+    classes = class_columns(k for r in records.values() for k in r if k not in fixed)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=[*HEAD, *classes, *TAIL], lineterminator="\n")
+    writer.writeheader()
+    for rec in records.values():
+        writer.writerow({**dict.fromkeys(classes, "0"), **{k: v for k, v in rec.items() if v}})
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+__all__ = [
+    "TABLE_NAME",
+    "CountsRow",
+    "class_columns",
+    "positive_index",
+    "read_counts_table",
+    "row_from_summary",
+    "write_counts_table",
+    "write_slides_table",
+]
