@@ -154,7 +154,8 @@ SegmentModelOpt = Annotated[
         "--model",
         help="A model from `wsi-psm fit`, `segment --save-model` or "
         "benchmarks/train_default_model.py, or a stand-alone segmenter file (without it: the "
-        "default route described above).",
+        "default route described above). Cell classes it holds for the images' stain are used "
+        "as they are (one Positive / Negative rule across calls).",
         exists=True,
         dir_okay=False,
     ),
@@ -565,8 +566,9 @@ def segment(
         Path | None,
         typer.Option(
             "--save-model",
-            help="Also save the network fitted on the images (IHC, or another --target-mpp) to "
-            "this file, to segment more images with --model instead of fitting again.",
+            help="Also save the network fitted on the images (IHC, or another --target-mpp), "
+            "with the cell classes fitted on them, to this file, to segment more images with "
+            "--model instead of fitting again.",
             dir_okay=False,
         ),
     ] = None,

@@ -23,6 +23,7 @@ from wsi_psm.segment import (
     DEFAULT_MODEL,
     SegmentInputError,
     load_segmenter,
+    model_classes,
     model_mpp,
     output_paths,
     resolve_model,
@@ -374,8 +375,15 @@ def test_fit_on_the_given_images(tmp_path) -> None:
     # the fitted network, saved, segments the same images the same way without a fit
     from wsi_psm.model import ModelBundle
 
-    again = segment_images(srcs, tmp_path / "o2", cfg, mpp=0.5, model=ModelBundle.load(saved))
+    bundle = ModelBundle.load(saved)
+    again = segment_images(srcs, tmp_path / "o2", cfg, mpp=0.5, model=bundle)
     np.testing.assert_array_equal(tifffile.imread(again[1]), first)
+    # ... and keeps the classes fitted with it: one image segmented alone later gets the very
+    # cells, classes and measurements it got in the whole call (its threshold is not refitted)
+    assert bundle.component_meta["classes"]["stain"] == "he"
+    assert model_classes(bundle, "he") is not None and model_classes(bundle, "ihc-dab") is None
+    alone = segment_images(srcs[1:], tmp_path / "o3", cfg, mpp=0.5, model=bundle)
+    assert alone[0].read_bytes() == (tmp_path / "o" / "img1.geojson").read_bytes()
 
 
 def test_save_model_is_refused_before_any_work_when_nothing_is_fitted(

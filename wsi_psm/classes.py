@@ -217,6 +217,7 @@ MIN_ASHMAN_D = 2.0  # two Gaussian modes closer than this (Ashman's D) are one m
 # the near-zero DAB of unstained nuclei spreads over decades in log space and drags the mixture.
 DAB_LOG_OFFSET = 0.05
 
+CLASSES_COMPONENT = "classes"  # the model bundle's component that holds a fitted CellClassifier
 POSITIVE = ("Positive", (200, 50, 50))  # QuPath's default colours for these two classes
 NEGATIVE = ("Negative", (112, 112, 225))
 NUCLEUS = ("Nucleus", (0, 160, 255))  # as pipeline.ShapeOnly

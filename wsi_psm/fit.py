@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .classes import CellClassifier
+from .classes import CLASSES_COMPONENT, CellClassifier
 from .config import RunConfig
 from .errors import MixedStainError
-from .inference import CLASSES_COMPONENT, make_predictor
+from .inference import make_predictor
 from .model import ModelBundle, fit_model
 from .pipeline import SlideContext, prepare_slide, sample_tiles
 from .progress import NullProgress, ProgressHook

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .classes import CellClassifier
+from .classes import CLASSES_COMPONENT, CellClassifier
 from .clustering import PseudoMaskModel
 from .config import RunConfig
 from .instances import split_instances
@@ -25,8 +25,6 @@ from .segment import bundle_segmenter, is_shipped_network, network_scales
 from .segmenter.network import Segmenter
 from .segmenter.predict import SegmenterPredictor
 from .segmenter.readout import MapsLabeller
-
-CLASSES_COMPONENT = "classes"
 
 
 class PseudoMaskLabeller:

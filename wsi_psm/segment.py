@@ -37,6 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from .atomic import make_dirs, remove_made
+from .classes import CLASSES_COMPONENT, CellClassifier
 from .config import RunConfig
 from .counts_table import CountsRow, write_counts_table
 from .errors import (
@@ -665,8 +666,6 @@ def fit_image_classes(
     """The label-free cell classes of a set of images (IHC positive / negative, H&E groups), fitted
     on the cells of a seeded sample of up to CLASS_FIT_IMAGES of them (one cohort). The sample's
     labels go into ``cache`` (up to CACHE_PIXELS) so the writing pass need not segment them again."""
-    from .classes import CellClassifier
-
     images, labels, cached_px = [], [], 0
     for p in seeded_sample(paths, CLASS_FIT_IMAGES, cfg.seed):
         native, proc, native_mpp = _read_pair(p, cfg, mpp)
@@ -678,6 +677,30 @@ def fit_image_classes(
     return CellClassifier.fit(
         images, labels, mpp=cfg.target_mpp, stain=cfg.stain, cfg=cfg.classes, seed=cfg.seed
     )
+
+
+def model_classes(model: Any, stain: str) -> CellClassifier | None:
+    """The cell classes a model file carries for ``stain`` (fitted with its network by `wsi-psm
+    fit` or `segment --save-model`), so that a study segmented in several calls keeps one rule
+    (e.g. one nuclear-DAB threshold), as `run --model` does; None for a bare network, a model
+    without classes, or classes of another stain."""
+    state = (getattr(model, "component_meta", None) or {}).get(CLASSES_COMPONENT)
+    if not state or state.get("stain") != stain:
+        return None
+    return CellClassifier.from_state(state)
+
+
+def _save_classes(path: Path, clf: CellClassifier) -> None:
+    """Add the call's fitted classes to the model file ``segment`` just saved for --save-model."""
+    from .model import ModelBundle
+
+    bundle = ModelBundle.load(path)
+    bundle.component_meta[CLASSES_COMPONENT] = clf.to_state()
+    bundle.provenance["classes"] = clf.describe()
+    try:
+        bundle.save(path)
+    except OSError as err:
+        raise write_error(err, path) from err
 
 
 def _check_save_model(
@@ -827,12 +850,16 @@ def _segment_images(
         model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, save_to=save_to
     )
     cache: dict[Path, np.ndarray] = {}
+    if annotator is None and cfg.classes.enabled:
+        annotator = model_classes(model, cfg.stain)
+        if annotator is None:
+            annotator = fit_image_classes(paths, labeller, cfg, mpp, cache)
+            if save_to is not None:  # the classes go with the network, as `wsi-psm fit` keeps them
+                _save_classes(save_to, annotator)
+        else:
+            log.info("cell classes from the model file: %s", annotator.describe())
     if annotator is None:
-        annotator = (
-            fit_image_classes(paths, labeller, cfg, mpp, cache)
-            if cfg.classes.enabled
-            else ShapeOnly()
-        )
+        annotator = ShapeOnly()
     try:  # the fits are done: only now the folder (a failed fit leaves none)
         made = make_dirs(out)
     except OSError as err:
@@ -907,6 +934,7 @@ __all__ = [
     "fit_on_images",
     "is_shipped_network",
     "load_segmenter",
+    "model_classes",
     "model_mpp",
     "network_scales",
     "output_paths",
