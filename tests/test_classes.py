@@ -21,6 +21,7 @@ from wsi_psm.classes import (
     cell_features,
     dab_threshold,
     he_groups,
+    ink_fraction,
     pale_threshold,
     stain_feature_names,
 )
@@ -28,7 +29,7 @@ from wsi_psm.config import ClassConfig, RunConfig
 from wsi_psm.groundtruth import load_bcdata_points
 from wsi_psm.instances import split_instances
 from wsi_psm.polygons import MEASUREMENT_NAMES, labels_to_polygons
-from wsi_psm.stain import default_stain_matrix, stain_channels
+from wsi_psm.stain import default_stain_matrix, ink_pixels, stain_channels
 from wsi_psm.stitching import Candidate
 
 MPP = 0.5
@@ -218,7 +219,8 @@ def test_objects_too_pale_to_be_nuclei_get_no_payload() -> None:
     assert {c.label for c in cands if c.payload is None} == pale
     assert all(c.payload[0] in dict(clf.classes) for c in cands if c.label not in pale)
     # the rule off: every object is a cell
-    keep = CellClassifier.fit([img], [labels], mpp=MPP, stain="he", cfg=ClassConfig(pale_ratio=None),
+    off = ClassConfig(pale_ratio=None, max_ink_fraction=None)
+    keep = CellClassifier.fit([img], [labels], mpp=MPP, stain="he", cfg=off,
                               matrix=default_stain_matrix("he"))  # fmt: skip
     assert keep.pale is None and "not nuclei" not in keep.describe()
     # pale objects stained by haematoxylin more than by eosin are pale nuclei: no rule
@@ -227,6 +229,79 @@ def test_objects_too_pale_to_be_nuclei_get_no_payload() -> None:
         [img], [labels], mpp=MPP, stain="he", matrix=default_stain_matrix("he")
     )
     assert nuclei.pale is None
+
+
+def test_ink_pixels_are_the_colours_no_he_stain_makes() -> None:
+    colours = {  # RGB: ink?
+        (0, 128, 128): True,  # teal marking ink
+        (40, 160, 60): True,  # green ink
+        (120, 190, 200): True,  # light teal (hue 188)
+        (90, 60, 140): False,  # haematoxylin, purple
+        (60, 70, 160): False,  # haematoxylin, blue (hue 234)
+        (230, 120, 170): False,  # eosin
+        (150, 90, 40): False,  # DAB
+        (30, 60, 200): False,  # a blue pen: haematoxylin's hue, not told apart
+        (128, 128, 128): False,  # grey
+        (200, 210, 212): False,  # near-grey teal: chroma 12, dirt or glass
+    }
+    rgb = np.array([list(colours)], dtype=np.uint8)
+    assert ink_pixels(rgb)[0].tolist() == list(colours.values())
+
+
+def _inked(img: np.ndarray, labels: np.ndarray, inked: set[int], share: float) -> np.ndarray:
+    """``img`` with the first ``share`` of each inked label's pixels (in raster order) teal."""
+    out = img.copy()
+    for k in inked:
+        ys, xs = np.nonzero(labels == k)
+        n = round(share * len(ys))
+        out[ys[:n], xs[:n]] = (20, 140, 130)
+    return out
+
+
+def test_objects_of_marking_ink_get_no_payload_and_stay_out_of_the_fit() -> None:
+    img, labels, pale = _he_cohort()
+    rng = np.random.default_rng(3)
+    nuclei = sorted(set(range(1, 101)) - pale)
+    inked = set(rng.choice(nuclei, 8, replace=False).tolist())
+    smudged = set(rng.choice(sorted(set(nuclei) - inked), 8, replace=False).tolist())
+    img = _inked(_inked(img, labels, inked, 0.6), labels, smudged, 0.1)
+    frac = ink_fraction(img, labels, np.arange(1, 101))
+    assert frac[sorted(k - 1 for k in inked)].min() > 0.55
+    assert frac[sorted(k - 1 for k in smudged)].max() < 0.15
+    clf = CellClassifier.fit(
+        [img], [labels], mpp=MPP, stain="he", matrix=default_stain_matrix("he")
+    )
+    assert clf.max_ink == 0.3 and "marking ink" in clf.describe()
+    back = CellClassifier.from_state(json.loads(json.dumps(clf.to_state())))
+    assert back.max_ink == clf.max_ink
+    polys = labels_to_polygons(labels)
+    cands = [Candidate(0, p, p.centroid.x, p.centroid.y, True, label=k) for k, p in polys]
+    back.annotate(img, labels, cands, MPP)
+    # the inked objects and the pale ones are not written; a nucleus with an ink smudge is
+    assert {c.label for c in cands if c.payload is None} == pale | inked
+    # a state from before the rule (version 2) loads without it; the rule off keeps them all
+    old = {k: v for k, v in clf.to_state().items() if k != "max_ink"}
+    assert CellClassifier.from_state({**old, "version": 2}).max_ink is None
+    keep = CellClassifier.fit([img], [labels], mpp=MPP, stain="he", matrix=default_stain_matrix("he"),
+                              cfg=ClassConfig(max_ink_fraction=None))  # fmt: skip
+    keep.annotate(img, labels, cands, MPP)
+    assert {c.label for c in cands if c.payload is None} == pale
+    # IHC has no ink rule: its pale haematoxylin can be cyan
+    assert CellClassifier.fit([img], [labels], mpp=MPP, stain="ihc-dab").max_ink is None
+
+
+def test_no_annotated_monuseg_nucleus_reads_as_ink(monuseg_dir) -> None:
+    """The ink rule's margin on real H&E: annotated nuclei of MoNuSeg images from four organs."""
+    from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
+
+    cases = [c for c in monuseg_cases(monuseg_dir, xml_only=True)][:4]
+    worst = 0.0
+    for case in cases:
+        rgb = np.asarray(Image.open(case.image).convert("RGB"))
+        lab = load_monuseg_labels(case)
+        ids = np.unique(lab[lab > 0])
+        worst = max(worst, float(ink_fraction(rgb, lab, ids).max()))
+    assert worst < ClassConfig().max_ink_fraction / 2
 
 
 def _bcdata_image(bcdata_dir, stem: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:

@@ -32,7 +32,14 @@ from threadpoolctl import threadpool_limits
 
 from .config import ClassConfig
 from .polygons import AREA, ECCENTRICITY, measurement_dicts
-from .stain import Stain, default_stain_matrix, detect_stain, estimate_stain_matrix, stain_channels
+from .stain import (
+    Stain,
+    default_stain_matrix,
+    detect_stain,
+    estimate_stain_matrix,
+    ink_pixels,
+    stain_channels,
+)
 
 # --------------------------------------------------------------------------- features
 
@@ -489,7 +496,18 @@ def he_groups(
 
 # 2: the H&E pale rule ("pale"). Version 1 states (no rule) still load; a wsi-psm that knows
 # only 1 refuses a 2 instead of writing the objects the rule drops.
-STATE_VERSION = 2
+STATE_VERSION = 3
+
+
+def ink_fraction(image: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Share of each label's pixels (``ids``, rows of a :class:`CellFeatures`) that are marking
+    ink (:func:`stain.ink_pixels`)."""
+    lab = np.asarray(labels).ravel()
+    n = max(int(lab.max()) + 1, int(ids.max(initial=0)) + 1)
+    ink = np.bincount(lab, ink_pixels(image).ravel(), n)
+    return ink[ids] / np.maximum(np.bincount(lab, minlength=n)[ids], 1)
+
+
 Color = tuple[int, int, int]
 
 
@@ -511,6 +529,7 @@ class CellClassifier:
     groups: Groups | None = None  # H&E groups
     n_fit_cells: int = 0
     pale: PaleRule | None = None  # H&E: objects too pale to be nuclei, not written
+    max_ink: float | None = None  # H&E: objects at least this much marking ink, not written
 
     # ------------------------------------------------------------------ fitting
 
@@ -552,11 +571,18 @@ class CellClassifier:
             for im, lab in zip(images, labels_list, strict=True)
         ]
         feats = CellFeatures.concat(parts)
+        ink = None
+        if st == "he" and cfg.enabled and cfg.max_ink_fraction is not None:
+            ink = np.concatenate([
+                ink_fraction(im, lab, p.ids)
+                for im, lab, p in zip(images, labels_list, parts, strict=True)
+            ])  # fmt: skip
         if len(feats) > cfg.fit_max_cells:
             pick = np.sort(
                 np.random.default_rng(seed).choice(len(feats), cfg.fit_max_cells, replace=False)
             )
             feats = CellFeatures(feats.ids[pick], feats.names, feats.values[pick])
+            ink = None if ink is None else ink[pick]
         base = cls(st, np.asarray(matrix, dtype=np.float64), (NUCLEUS,), cfg.ring_um, cfg.marker,
                    n_fit_cells=len(feats))  # fmt: skip
         if not cfg.enabled:
@@ -567,6 +593,11 @@ class CellClassifier:
             )
             base.classes = (POSITIVE, NEGATIVE)
         else:
+            if ink is not None:  # ink blobs are no nuclei: kept out of the fit
+                base.max_ink = cfg.max_ink_fraction
+                keep = np.flatnonzero(ink < base.max_ink)
+                if len(keep):  # (all ink: nothing will be written, the rest fits on what there is)
+                    feats = CellFeatures(feats.ids[keep], feats.names, feats.values[keep])
             if cfg.pale_ratio is not None:
                 base.pale = pale_threshold(
                     feats.column(H_MEAN), feats.column(E_MEAN), ratio=cfg.pale_ratio, seed=seed
@@ -605,7 +636,8 @@ class CellClassifier:
         self, image: np.ndarray, labels: np.ndarray, cands: Sequence[Any], mpp_l0: float
     ) -> None:
         """Set ``cand.payload = (class name, colour, measurements)`` for the cells of one tile, and
-        None for an object the fit's :class:`PaleRule` says is not a nucleus (not to be written).
+        None for an object that is not a nucleus (not to be written): too pale (the fit's
+        :class:`PaleRule`), or ``max_ink`` or more of its pixels marking ink (H&E).
 
         Measurements: the polygon's shape (polygons.measurement_dicts, at ``mpp_l0``) and the
         stain measurements (:func:`stain_feature_names`). The processing resolution is read off the
@@ -631,6 +663,8 @@ class CellClassifier:
             if self.pale is not None
             else np.zeros(len(feats), dtype=bool)
         )
+        if self.max_ink is not None:
+            pale |= ink_fraction(image, labels, feats.ids) >= self.max_ink
         shapes = measurement_dicts([c.polygon for c in cands], mpp_l0)
         for c, meas in zip(cands, shapes, strict=True):
             r = row.get(int(c.label))
@@ -668,6 +702,8 @@ class CellClassifier:
             f"not nuclei (modes {self.pale.means[0]:.2f} / {self.pale.means[1]:.2f}; the pale "
             f"one eosin-dominant, eosin / haematoxylin {self.pale.eosin_ratio:.2f})"
         )
+        if self.max_ink is not None:
+            pale += f"; objects at least {self.max_ink:.0%} marking ink are not nuclei"
         if self.groups is not None:
             names = ", ".join(n for n, _ in self.classes)
             return f"H&E: {self.groups.k} groups, ordered by mean area: {names}{pale}"
@@ -688,6 +724,7 @@ class CellClassifier:
             "dab": None,
             "groups": None,
             "pale": None,
+            "max_ink": self.max_ink,
         }
         if self.pale is not None:
             state["pale"] = {
@@ -720,7 +757,7 @@ class CellClassifier:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> CellClassifier:
-        if state.get("version") not in (1, STATE_VERSION):
+        if state.get("version") not in (1, 2, STATE_VERSION):
             raise ValueError(f"unsupported cell classifier state version {state.get('version')!r}")
         dab = groups = None
         if state.get("dab") is not None:
@@ -765,4 +802,5 @@ class CellClassifier:
             groups,
             int(state["n_fit_cells"]),
             pale,
+            None if state.get("max_ink") is None else float(state["max_ink"]),  # (from version 3)
         )

@@ -157,6 +157,14 @@ class ClassConfig(_Frozen):
         "1/pale_ratio of the nuclei's are not nuclei (e.g. stroma fragments) and are not written; "
         "null keeps every object",
     )
+    max_ink_fraction: float | None = Field(
+        0.3,
+        gt=0,
+        le=1,
+        description="H&E: objects with at least this share of their pixels in marking-ink colours "
+        "(yellow-green to cyan, hues no H&E stain makes) are not nuclei and are not written; "
+        "null keeps them",
+    )
 
 
 class SegmenterConfig(_Frozen):

@@ -55,6 +55,29 @@ def stained_pixels(rgb: np.ndarray) -> np.ndarray:
     return rgb_to_od(rgb).sum(axis=-1) > TISSUE_OD
 
 
+# Marking ink on H&E: hues neither stain makes (haematoxylin is blue-purple, eosin pink), from
+# yellow-green to cyan, with a chroma (max - min channel) that glass and grey dirt lack. Pathologists'
+# teal, green and light-blue pens fall here; blue and black ones do not (they look like haematoxylin).
+INK_HUE_DEG = (75.0, 200.0)
+INK_MIN_CHROMA = 20  # of 255
+
+
+def ink_pixels(rgb: np.ndarray) -> np.ndarray:
+    """Boolean (H, W): pixels of uint8 RGB with an H&E-foreign hue (``INK_HUE_DEG``) and chroma
+    at least ``INK_MIN_CHROMA``. On H&E these are marking ink; do not apply it to H-DAB, whose pale
+    haematoxylin can reach cyan (hue 196-200 on some BCData nuclei)."""
+    f = np.asarray(rgb, dtype=np.float32)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    mx, mn = f.max(axis=-1), f.min(axis=-1)
+    c = mx - mn
+    safe = np.maximum(c, 1.0)
+    # the hexcone hue in sixths of the circle; red-max pixels (hue under 60 or over 300) never pass
+    sixth = np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
+    hue = 60.0 * sixth
+    lo, hi = INK_HUE_DEG
+    return (c >= INK_MIN_CHROMA) & (mx != r) & (hue > lo) & (hue < hi)
+
+
 def default_stain_matrix(stain: Stain = "he") -> np.ndarray:
     """The fixed Ruifrok (2, 3) matrix of unit OD vectors: [haematoxylin, eosin|dab]."""
     if stain not in _NAMES:
