@@ -638,7 +638,9 @@ def eval_(
     gt: Annotated[
         Path,
         typer.Argument(
-            help="Folder of annotations (MoNuSeg XML, label images, or BCData .h5 root)."
+            help="Folder of annotations: outlines (MoNuSeg XML, label images) or points (a "
+            "BCData .h5 root, or <stem>.geojson point annotations from QuPath, or <stem>.csv "
+            "with x, y, class; classes Positive / Negative)."
         ),
     ],
     radius: Annotated[

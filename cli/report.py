@@ -14,10 +14,6 @@ from rich.table import Table
 SEG_COLS = ("pixel_f1", "object_dice", "aji", "pq")
 
 
-def _is_detection_gt(gt: Path) -> bool:
-    return any(gt.rglob("*.h5"))
-
-
 GT_KINDS = {"xml": "XML annotations", "mask": "derived colour masks", "labels": "label images"}
 
 
@@ -60,7 +56,7 @@ def print_eval(
 ) -> dict[str, Any]:
     """Evaluate ``pred`` against ``gt`` (segmentation, or detection when ``gt`` holds BCData .h5 files)."""
     from wsi_psm.errors import OutputWriteError, WsiPsmError
-    from wsi_psm.evaluation import evaluate_detection, evaluate_segmentation
+    from wsi_psm.evaluation import evaluate_detection, evaluate_segmentation, is_detection_gt
     from wsi_psm.export import check_writable, write_error
 
     if json_out is not None:  # before the scoring, not after it
@@ -69,7 +65,7 @@ def print_eval(
                 f"--json {json_out} is a folder: give a file, e.g. {json_out / 'eval.json'}"
             )
         check_writable(json_out)
-    if _is_detection_gt(gt):
+    if is_detection_gt(gt):
         report = evaluate_detection(pred, gt, radius_px=10.0 if radius is None else radius)
         table = _det_table(report)
     else:
@@ -83,6 +79,12 @@ def print_eval(
                       ("unmatched_pred", "predictions had no annotation")):  # fmt: skip
         if report.get(key):
             Console(stderr=True).print(f"note: {len(report[key])} {what}", highlight=False)
+    if report.get("ignored_gt_points"):
+        Console(stderr=True).print(
+            f"note: {report['ignored_gt_points']} annotated points of classes other than "
+            "Positive / Negative were not scored",
+            highlight=False,
+        )
     if json_out is not None:
         try:
             json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -506,3 +506,96 @@ def test_eval_cli_radius_in_um(tmp_path: Path, bcdata_dir: Path, capsys) -> None
     ):
         code, report, err = run(*opts)
         assert code != 0 and report is None and expect in err and len(err.strip().splitlines()) == 1
+
+
+def _qupath_points(path: Path, pts: dict[str, np.ndarray], extra: list[dict] | None = None) -> None:
+    """Point annotations as QuPath exports them: one MultiPoint feature per class."""
+    feats = [
+        {
+            "type": "Feature",
+            "id": f"id-{name}",
+            "geometry": {"type": "MultiPoint", "coordinates": xy.tolist()},
+            "properties": {"objectType": "annotation", "classification": {"name": name}},
+        }
+        for name, xy in pts.items()
+        if len(xy)
+    ]
+    _write_geojson(path, feats + (extra or []))
+
+
+def test_point_files_score_as_bcdata_does(tmp_path: Path, bcdata_dir: Path, capsys) -> None:
+    """The same points as QuPath GeoJSON or as CSV (pixel centres at +0.5) give the very scores
+    BCData's .h5 files give; points of other classes, and region outlines, are not scored."""
+    from wsi_psm.cli.main import main
+
+    from wsi_psm.evaluation import is_detection_gt
+    from wsi_psm.groundtruth import load_bcdata_points
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    _bcdata_predictions(pred, bcdata_dir)
+    gj, cs = tmp_path / "gj", tmp_path / "csv"
+    gj.mkdir()
+    cs.mkdir()
+    other = {  # an unscored class, and the outline of the annotated field
+        "type": "Feature",
+        "geometry": {"type": "Point", "coordinates": [100.0, 100.0]},
+        "properties": {"classification": {"name": "Stroma"}},
+    }
+    field = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [640, 0], [640, 640], [0, 0]]]},
+        "properties": {"objectType": "annotation"},
+    }
+    for stem in ("0", "1", "2"):
+        pts = {k: v + 0.5 for k, v in load_bcdata_points(bcdata_dir, stem).items()}
+        # QuPath's derived names and any case name the same class
+        names = {"Positive": "Tumor: Positive", "Negative": "negative"}
+        _qupath_points(
+            gj / f"{stem}.geojson", {names[k]: v for k, v in pts.items()}, [other, field]
+        )
+        rows = ["x,y,class"] + [f"{x},{y},{k}" for k, v in pts.items() for x, y in v]
+        (cs / f"{stem}.csv").write_text("\n".join(rows) + "\n")
+    want = evaluate_detection(pred, bcdata_dir, radius_px=10)
+    assert is_detection_gt(gj) and is_detection_gt(cs)
+    for folder, ignored in ((gj, 3), (cs, 0)):
+        got = evaluate_detection(pred, folder, radius_px=10)
+        assert got["pooled"] == want["pooled"] and got["mean"] == want["mean"]
+        assert got["n_images"] == 3 and got["ignored_gt_points"] == ignored
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(pred), str(gj)])
+    assert exc.value.code == 0
+    out, err = capsys.readouterr()
+    assert "detection at 10 px" in out and "3 annotated points of classes other than" in err
+
+
+def test_point_files_bad_and_ambiguous(tmp_path: Path) -> None:
+    from wsi_psm.evaluation import EvaluationError, is_detection_gt
+    from wsi_psm.groundtruth import AnnotationError, load_point_annotations
+
+    (tmp_path / "a.csv").write_text("x,y,label\n1,2,Positive\n")
+    with pytest.raises(AnnotationError, match="columns x, y, class"):
+        load_point_annotations(tmp_path / "a.csv")
+    (tmp_path / "b.csv").write_text("x,y,class\n1,2,Positive\nten,2,Negative\n")
+    with pytest.raises(AnnotationError, match="line 3"):
+        load_point_annotations(tmp_path / "b.csv")
+    pts, ignored = load_point_annotations(
+        _write_csv(tmp_path / "c.csv", "X,Y,Class\n1.5,2,POSITIVE\n3,4,\n")
+    )
+    assert pts["Positive"].tolist() == [[1.5, 2.0]] and pts["Negative"].shape == (0, 2)
+    assert ignored == 1
+    # a folder of label images with a stray CSV is segmentation ground truth, not points
+    lab = tmp_path / "labels"
+    lab.mkdir()
+    tifffile.imwrite(lab / "img.tif", np.zeros((8, 8), np.int32))
+    (lab / "notes.csv").write_text("x,y,class\n")
+    assert not is_detection_gt(lab)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EvaluationError, match="no point annotations"):
+        evaluate_detection(lab, empty)
+
+
+def _write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path

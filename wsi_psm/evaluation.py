@@ -7,16 +7,18 @@ convention (later features win where they overlap). Ground truth is a MoNuSeg fo
 present, else the derived colour mask), or a folder of ``<stem>.xml`` / label images / colour PNGs.
 
 Detection (BCData-style): prediction polygons (or points) reduced to centroids, matched one-to-one to
-the annotated points within a radius, per class (Positive / Negative).
+the annotated points within a radius, per class (Positive / Negative). Points come from BCData's
+``.h5`` files, or from ``<stem>.geojson`` (QuPath point annotations) / ``<stem>.csv`` files.
 
 Both return plain dicts (the CLI renders them); annotations are only ever read here, for measuring.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,13 @@ import numpy as np
 from wsi_psm.errors import WsiPsmError
 from wsi_psm.groundtruth import (
     BCDATA_CLASSES,
+    POINT_SUFFIXES,
     AnnotationError,
     load_bcdata_points,
     load_instance_png,
     load_label_image,
     load_monuseg_xml,
+    load_point_annotations,
     monuseg_cases,
 )
 from wsi_psm.metrics import detection_scores, prf, segmentation_scores
@@ -338,26 +342,69 @@ def _prediction_shape(path: Path) -> tuple[int, int] | None:
 # --------------------------------------------------------------------------- detection
 
 
-def _bcdata_stems(gt_dir: Path) -> tuple[Path, list[str]]:
+def _bcdata_dir(gt_dir: Path) -> Path | None:
     for cand in (gt_dir, gt_dir / "test", gt_dir / "annotations" / "test"):
         if (cand / "positive").is_dir():
-            return cand, sorted(p.stem for p in (cand / "positive").glob("*.h5"))
-    raise EvaluationError(
-        f"no BCData annotations under {gt_dir} (expected [annotations/test/]positive/<id>.h5)"
+            return cand
+    return None
+
+
+def _point_files(gt_dir: Path) -> dict[str, Path]:
+    """stem -> ``<stem>.geojson`` / ``<stem>.csv`` point annotations (GeoJSON wins) in ``gt_dir``."""
+    found: dict[str, Path] = {}
+    for p in sorted(gt_dir.iterdir(), key=lambda p: p.suffix.lower() == ".geojson"):
+        if p.is_file() and p.suffix.lower() in POINT_SUFFIXES:
+            found[p.stem] = p
+    return found
+
+
+def is_detection_gt(gt_dir: Path) -> bool:
+    """Whether ``gt_dir`` holds points (BCData ``.h5`` files, or point files beside no label
+    image or XML) rather than outlines."""
+    if not gt_dir.is_dir():
+        return False
+    if _bcdata_dir(gt_dir) is not None or any(gt_dir.rglob("*.h5")):
+        return True
+    outlines = any(
+        p.suffix.lower() in (*LABEL_SUFFIXES, ".xml") for p in gt_dir.iterdir() if p.is_file()
     )
+    return not outlines and bool(_point_files(gt_dir))
+
+
+PointLoader = Callable[[], tuple[dict[str, np.ndarray], int]]
+
+
+def _detection_gt(gt_dir: Path) -> dict[str, PointLoader]:
+    """stem -> loader of its annotated points per class (continuous pixel coordinates) and the
+    number of points of other classes."""
+    ann_dir = _bcdata_dir(gt_dir)
+    if ann_dir is not None:
+
+        def bcdata(stem: str) -> tuple[dict[str, np.ndarray], int]:
+            # BCData's points are pixel indices; in the pixel-corner convention a pixel's
+            # centre is +0.5
+            return {k: v + 0.5 for k, v in load_bcdata_points(ann_dir, stem).items()}, 0
+
+        stems = sorted(p.stem for p in (ann_dir / "positive").glob("*.h5"))
+        return {s: functools.partial(bcdata, s) for s in stems}
+    files = _point_files(gt_dir)
+    if not files:
+        raise EvaluationError(
+            f"no point annotations under {gt_dir} (expected BCData's [annotations/test/]"
+            "positive/<id>.h5, or <stem>.geojson / <stem>.csv point files)"
+        )
+    return {s: functools.partial(load_point_annotations, p) for s, p in files.items()}
 
 
 def _iter_detection(
-    preds: dict[str, Path], ann_dir: Path, common: list[str]
-) -> Iterator[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    preds: dict[str, Path], gt: dict[str, PointLoader], common: list[str]
+) -> Iterator[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray], int]]:
     for stem in common:
         try:
-            gt_pts = load_bcdata_points(ann_dir, stem)
+            gt_pts, ignored = gt[stem]()
         except AnnotationError as err:
             raise EvaluationError(str(err)) from err
-        # annotated points are pixel indices; in the pixel-corner convention a pixel's centre is +0.5
-        gt_pts = {k: v + 0.5 for k, v in gt_pts.items()}
-        yield stem, _centroids_by_class(preds[stem], BCDATA_CLASSES), gt_pts
+        yield stem, _centroids_by_class(preds[stem], BCDATA_CLASSES), gt_pts, ignored
 
 
 def _positive_index(classes: dict[str, Any]) -> dict[str, float | None]:
@@ -382,7 +429,10 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
 
     ``pred``: folder of ``<stem>.geojson[.gz]`` (or ``<stem>/cells.geojson``) whose features carry
     ``properties.classification.name`` Positive / Negative (any case); ``gt``: the BCData folder,
-    its ``annotations`` folder, or ``annotations/test``.
+    its ``annotations`` folder, or ``annotations/test``; or a folder of ``<stem>.geojson`` point
+    annotations (Point / MultiPoint, classified Positive / Negative, as QuPath exports them) or
+    ``<stem>.csv`` (x, y, class), continuous pixel coordinates. Points of other classes are not
+    scored: their number is ``ignored_gt_points`` (per image and in all).
 
     Returns ``{"task": "detection", "radius_px", "n_images", "images": {stem: detection_scores},
     "mean": {class: {precision, recall, f1, abs_count_error}, "mean_f1", "overall_f1"} (means over
@@ -394,13 +444,14 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     pred_dir, gt_dir = Path(pred), Path(gt)
     _require_folder(gt_dir, "ground-truth")
     preds = _find_predictions(pred_dir, labels=False)
-    ann_dir, stems = _bcdata_stems(gt_dir)
-    common = _match(preds, dict.fromkeys(stems), pred_dir, gt_dir, labels=False)
+    gt_points = _detection_gt(gt_dir)
+    common = _match(preds, dict.fromkeys(gt_points), pred_dir, gt_dir, labels=False)
     images: dict[str, dict[str, Any]] = {}
     totals: dict[str, dict[str, int]] = {}
-    for stem, p, g in _iter_detection(preds, ann_dir, common):
+    for stem, p, g, ignored in _iter_detection(preds, gt_points, common):
         s = detection_scores(p, g, radius_px)
         s["positive_index"] = _positive_index(s["classes"])
+        s["ignored_gt_points"] = ignored
         images[stem] = s
         for name, c in [*s["classes"].items(), ("overall", s["overall"])]:
             t = totals.setdefault(name, {"tp": 0, "fp": 0, "fn": 0, "n_pred": 0, "n_gt": 0})
@@ -434,6 +485,7 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
         "images": images,
         "mean": mean,
         "pooled": pooled,
-        "unmatched_pred": sorted(set(preds) - set(stems)),
-        "unmatched_gt": sorted(set(stems) - set(preds)),
+        "unmatched_pred": sorted(set(preds) - set(gt_points)),
+        "unmatched_gt": sorted(set(gt_points) - set(preds)),
+        "ignored_gt_points": sum(s["ignored_gt_points"] for s in images.values()),
     }

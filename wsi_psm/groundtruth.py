@@ -16,6 +16,8 @@ the order in which a drawing tool paints them. A label can therefore come out in
 
 from __future__ import annotations
 
+import csv
+import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import NamedTuple
@@ -275,6 +277,79 @@ def load_bcdata_points(annotations_root: str | Path, image_id: str | int) -> dic
             raise AnnotationError(f"{path}: expected (N, 2) coordinates, got shape {xy.shape}")
         out[name] = xy
     return out
+
+
+POINT_SUFFIXES = (".geojson", ".csv")
+
+
+def point_class(name: object) -> str | None:
+    """Positive / Negative for a point's class name, any case, also as the last part of a derived
+    QuPath name ("Tumor: Positive"); None for any other class."""
+    if not isinstance(name, str):
+        return None
+    last = name.rsplit(":", 1)[-1].strip().lower()
+    return next((c for c in BCDATA_CLASSES if c.lower() == last), None)
+
+
+def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AnnotationError(f"cannot read GeoJSON {path}: {err}") from err
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        feats = data.get("features") or []
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        feats = [data]
+    elif isinstance(data, list):  # QuPath's "export as array"
+        feats = data
+    else:
+        raise AnnotationError(f"{path}: not a GeoJSON FeatureCollection")
+    out = []
+    for f in feats:
+        geom = f.get("geometry") if isinstance(f, dict) else None
+        if not isinstance(geom, dict) or geom.get("type") not in ("Point", "MultiPoint"):
+            continue  # (outlines of a region, e.g. the annotated field: not points)
+        cls = (f.get("properties") or {}).get("classification")
+        name = point_class(cls.get("name") if isinstance(cls, dict) else cls)
+        coords = [geom["coordinates"]] if geom["type"] == "Point" else geom["coordinates"]
+        try:
+            out += [(name, float(c[0]), float(c[1])) for c in coords]
+        except (TypeError, ValueError, IndexError) as err:
+            raise AnnotationError(f"{path}: bad point coordinates: {err}") from err
+    return out
+
+
+def _csv_points(path: Path) -> list[tuple[str | None, float, float]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise AnnotationError(f"cannot read {path}: {err}") from err
+    if rows and not {"x", "y", "class"} <= {k.strip().lower() for k in rows[0] if k}:
+        raise AnnotationError(f"{path}: expected the columns x, y, class")
+    out = []
+    for i, row in enumerate(rows, 2):
+        r = {k.strip().lower(): v for k, v in row.items() if k}
+        try:
+            out.append((point_class(r["class"]), float(r["x"]), float(r["y"])))
+        except (TypeError, ValueError) as err:
+            raise AnnotationError(f"{path}, line {i}: x and y must be numbers: {err}") from err
+    return out
+
+
+def load_point_annotations(path: str | Path) -> tuple[dict[str, np.ndarray], int]:
+    """The Positive / Negative points of one image from a point file: GeoJSON Point / MultiPoint
+    features with a classification (as QuPath exports point annotations), or a CSV with the
+    columns x, y, class. Coordinates are image pixels, continuous (the pixel-corner convention:
+    a pixel's centre is at +0.5). Returns ``({"Positive": (N, 2), "Negative": (M, 2)}, number of
+    points of other classes, which are not scored)``."""
+    p = Path(path)
+    pts = _csv_points(p) if p.suffix.lower() == ".csv" else _geojson_points(p)
+    out = {
+        c: np.asarray([(x, y) for n, x, y in pts if n == c], dtype=np.float64).reshape(-1, 2)
+        for c in BCDATA_CLASSES
+    }
+    return out, sum(n is None for n, _, _ in pts)
 
 
 # --------------------------------------------------------------------------- case listings
