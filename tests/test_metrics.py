@@ -551,8 +551,9 @@ def test_point_files_score_as_bcdata_does(tmp_path: Path, bcdata_dir: Path, caps
         pts = {k: v + 0.5 for k, v in load_bcdata_points(bcdata_dir, stem).items()}
         # QuPath's derived names and any case name the same class
         names = {"Positive": "Tumor: Positive", "Negative": "negative"}
+        # (QuPath may name the file after the whole image name: 0.png.geojson)
         _qupath_points(
-            gj / f"{stem}.geojson", {names[k]: v for k, v in pts.items()}, [other, field]
+            gj / f"{stem}.png.geojson", {names[k]: v for k, v in pts.items()}, [other, field]
         )
         rows = ["x,y,class"] + [f"{x},{y},{k}" for k, v in pts.items() for x, y in v]
         (cs / f"{stem}.csv").write_text("\n".join(rows) + "\n")

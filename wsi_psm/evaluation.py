@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_psm.discovery import TILE_SUFFIXES
 from wsi_psm.errors import WsiPsmError
 from wsi_psm.groundtruth import (
     BCDATA_CLASSES,
@@ -350,11 +351,13 @@ def _bcdata_dir(gt_dir: Path) -> Path | None:
 
 
 def _point_files(gt_dir: Path) -> dict[str, Path]:
-    """stem -> ``<stem>.geojson`` / ``<stem>.csv`` point annotations (GeoJSON wins) in ``gt_dir``."""
+    """stem -> ``<stem>.geojson`` / ``<stem>.csv`` point annotations (GeoJSON wins) in ``gt_dir``;
+    a file named after the whole image name (``<stem>.png.geojson``) counts as ``<stem>``."""
     found: dict[str, Path] = {}
     for p in sorted(gt_dir.iterdir(), key=lambda p: p.suffix.lower() == ".geojson"):
         if p.is_file() and p.suffix.lower() in POINT_SUFFIXES:
-            found[p.stem] = p
+            stem = Path(p.stem)
+            found[stem.stem if stem.suffix.lower() in TILE_SUFFIXES else p.stem] = p
     return found
 
 
