@@ -143,7 +143,8 @@ ModelOpt = Annotated[
     Path | None,
     typer.Option(
         "--model",
-        help="A model from `wsi-psm fit` (without it: the default route described above).",
+        help="A model from `wsi-psm fit` or `segment --save-model` (without it: the default route "
+        "described above).",
         exists=True,
         dir_okay=False,
     ),
@@ -261,7 +262,9 @@ def _input_check(s: Slide) -> str | None:
 
 @app.command()
 def info(
-    slide: Annotated[Path, typer.Argument(help="A slide file, DICOM folder or image.")],
+    slide: Annotated[
+        Path, typer.Argument(help="A slide file, DICOM folder or image.", metavar="SLIDE")
+    ],
     mpp: MppOpt = None,
     backend: BackendOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -348,7 +351,7 @@ def run(
     pseudo masks and a segmentation network trained on them (4-11 minutes on 2 CPU cores, a
     minute or two on a GPU), then its Positive / Negative rule.
     """
-    from wsi_psm.counts_table import write_slides_table
+    from wsi_psm.counts_table import check_counts_table, write_slides_table
     from wsi_psm.discovery import find_slides
     from wsi_psm.export import write_error
     from wsi_psm.pipeline import process_slide
@@ -359,6 +362,7 @@ def run(
     cfg = _config(config, target_mpp=target_mpp, device=device, seed=seed, stain=stain, gzip=gzip,
                   batch_size=batch_size, workers=workers)  # fmt: skip
     slides = find_slides(inputs)
+    check_counts_table(output)  # a summary.csv that is not ours stops the run before any work
     bundle = _load_model(model) if model else None
     failed = []
     for s in slides:
@@ -590,7 +594,8 @@ def segment(
     Without --model: H&E images go through the network shipped with wsi-psm; IHC images (which it
     was not trained on) get a network fitted on themselves, label-free (4-11 minutes on 2 CPU
     cores, about 2 on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
-    images' own cells; a mix of stains is segmented stain by stain. segmenter.default_model in
+    images' own cells (a --model's own classes of the images' stain are used instead); a mix of
+    stains is segmented stain by stain. segmenter.default_model in
     --config changes the route (shipped, fit, none).
     A --model runs at the resolution it was trained at (over --target-mpp); the shipped network
     only at its own 0.5 µm/px, so another --target-mpp fits a network on the images.
@@ -612,11 +617,14 @@ def segment(
             highlight=False,
         )
     counts: Counter[str] = Counter()
+    notes: list[str] = []
     with progress_bars(not quiet) as prog:
         written = segment_images(
             paths, output, cfg, model=bundle, mpp=mpp, overwrite=overwrite, progress=prog,
-            save_model=save_model, skip_existing=skip_existing, class_counts=counts,
+            save_model=save_model, skip_existing=skip_existing, class_counts=counts, notes=notes,
         )  # fmt: skip
+    for line in notes:
+        console.print(f"note: {line}", highlight=False)
     skipped = f", {len(paths) - len(written) // 2} skipped" if skip_existing else ""
     cells = ", ".join(f"{name} {n:,}" for name, n in counts.most_common())
     if (index := positive_index(counts)) is not None:  # IHC: over all the images' cells
@@ -633,14 +641,18 @@ def segment(
 @app.command(name="eval")
 def eval_(
     pred: Annotated[
-        Path, typer.Argument(help="Folder of predictions (<stem>_labels.tif or <stem>.geojson).")
+        Path,
+        typer.Argument(
+            help="Folder of predictions (<stem>_labels.tif or <stem>.geojson).", metavar="PRED"
+        ),
     ],
     gt: Annotated[
         Path,
         typer.Argument(
             help="Folder of annotations: outlines (MoNuSeg XML, label images) or points (a "
             "BCData .h5 root, or <stem>.geojson point annotations from QuPath, or <stem>.csv "
-            "with x, y, class; classes Positive / Negative)."
+            "with x, y, class; classes Positive / Negative).",
+            metavar="GT",
         ),
     ],
     radius: Annotated[

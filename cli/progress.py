@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -50,10 +51,48 @@ class RichProgress:
             self._p.stop_task(task)
 
 
+class PlainProgress:
+    """``ProgressHook`` as plain lines, for stderr that is a file or pipe (a cluster job's log,
+    ``nohup``), where bars would show nothing until the end: each stage's start and end, and each
+    tenth of a counted stage, with the time so far."""
+
+    def __init__(self, prefix: str = "", out: Console | None = None) -> None:
+        self._prefix = prefix
+        self._out = out or console
+        self._stages: dict[str, list[float]] = {}  # stage -> [t0, total or 0, done, next mark]
+
+    def _say(self, stage: str, what: str) -> None:
+        self._out.print(f"{self._prefix}{stage}: {what}", highlight=False, markup=False)
+
+    def start(self, stage: str, total: int | None) -> None:
+        self._stages[stage] = [time.perf_counter(), float(total or 0), 0.0, (total or 0) / 10]
+        self._say(stage, f"started ({total})" if total else "started")
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        s = self._stages.get(stage)
+        if s is None:
+            return
+        s[2] += n
+        if s[1] and s[2] >= s[3] and s[2] < s[1]:
+            s[3] = s[2] + s[1] / 10
+            self._say(stage, f"{s[2]:.0f}/{s[1]:.0f} ({time.perf_counter() - s[0]:.0f} s)")
+
+    def done(self, stage: str) -> None:
+        s = self._stages.pop(stage, None)
+        if s is not None:
+            n = f"{s[2]:.0f}/{s[1]:.0f}, " if s[1] else ""
+            self._say(stage, f"done ({n}{time.perf_counter() - s[0]:.0f} s)")
+
+
 @contextmanager
-def progress_bars(enabled: bool = True, prefix: str = "") -> Iterator[RichProgress | None]:
+def progress_bars(
+    enabled: bool = True, prefix: str = ""
+) -> Iterator[RichProgress | PlainProgress | None]:
     if not enabled:
         yield None
+        return
+    if not console.is_terminal:  # a log file: lines, not bars that draw only at the end
+        yield PlainProgress(prefix)
         return
     p = Progress(
         TextColumn("[bold]{task.description:<28}"),

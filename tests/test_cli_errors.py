@@ -136,6 +136,18 @@ def test_existing_output_is_refused_and_kept(tmp_path, capsys, cmu_svs):
     assert (existing / "cells.geojson").read_text() == "precious"
 
 
+def test_someone_elses_summary_csv_is_kept_and_refused_first(tmp_path, capsys, cmu_svs):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.csv").write_text("patient,score\nP1,3\n")
+    code, _, err = _run(["run", str(cmu_svs), "-o", str(out), "-q"], capsys)
+    assert (
+        code == 2 and "not a wsi-psm cell-count table" in err and len(err.strip().splitlines()) == 1
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]  # no slide folder: no work
+    assert (out / "summary.csv").read_text() == "patient,score\nP1,3\n"
+
+
 def test_unknown_option_is_a_usage_error(capsys):
     code, _, err = _run(["run", "--no-such-option"], capsys)
     assert code == 2

@@ -1,5 +1,5 @@
 """``summary.csv``, the cohort table: rows merged by name, class columns in a fixed order, the
-Positive index and density worked out by hand."""
+Positive index and density worked out by hand, and someone else's file never replaced."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import pytest
 
 from wsi_psm.counts_table import (
     CountsRow,
+    check_counts_table,
     class_columns,
+    natural_key,
     positive_index,
     read_counts_table,
     write_counts_table,
 )
+from wsi_psm.errors import OutputExistsError, OutputWriteError
 
 
 def _rows(folder):
@@ -25,38 +28,43 @@ def _rows(folder):
 def test_ihc_row_by_hand(tmp_path) -> None:
     # 30 positive, 90 negative on 0.5 mm²: index 0.25, 240 cells per mm²
     write_counts_table(
-        tmp_path, [CountsRow("t1.png", "ihc-dab", 0.25, 0.5, {"Negative": 90, "Positive": 30})]
+        tmp_path, [CountsRow("t1", "ihc-dab", 0.25, 0.5, {"Negative": 90, "Positive": 30})]
     )
     cols, (row,) = _rows(tmp_path)
     assert cols == ["name", "stain", "mpp", "area_mm2", "cells", "Positive", "Negative",
                     "positive_index", "cells_per_mm2"]  # fmt: skip
-    assert row == {"name": "t1.png", "stain": "ihc-dab", "mpp": "0.25", "area_mm2": "0.5",
+    assert row == {"name": "t1", "stain": "ihc-dab", "mpp": "0.25", "area_mm2": "0.5",
                    "cells": "120", "Positive": "30", "Negative": "90", "positive_index": "0.25",
                    "cells_per_mm2": "240"}  # fmt: skip
 
 
 def test_rows_of_earlier_calls_are_kept_and_classes_union(tmp_path) -> None:
-    write_counts_table(
-        tmp_path, [CountsRow("a", "he", 0.5, 1.0, {"Large nucleus": 5, "Small nucleus": 7})]
-    )
-    write_counts_table(
-        tmp_path, [CountsRow("b", "ihc-dab", 0.5, 2.0, {"Positive": 1, "Negative": 3})]
-    )
+    he = {"Large nucleus": 5, "Medium nucleus": 0, "Small nucleus": 7}
+    write_counts_table(tmp_path, [CountsRow("a", "he", 0.5, 1.0, he)])
+    # an IHC image without a single Negative cell: its count is 0, not blank
+    write_counts_table(tmp_path, [CountsRow("b", "ihc-dab", 0.5, 2.0, {"Positive": 4})])
     cols, rows = _rows(tmp_path)
-    assert cols[5:-2] == ["Positive", "Negative", "Small nucleus", "Large nucleus"]
+    assert cols[5:-2] == [
+        "Positive",
+        "Negative",
+        "Small nucleus",
+        "Medium nucleus",
+        "Large nucleus",
+    ]
     a, b = rows
-    assert (a["name"], a["Positive"], a["Small nucleus"], a["positive_index"]) == (
+    # a class of the row's own fit is counted (0 included); another fit's class is blank
+    assert (a["name"], a["Positive"], a["Medium nucleus"], a["positive_index"]) == (
         "a",
+        "",
         "0",
-        "7",
         "",
     )
-    assert (b["name"], b["Small nucleus"], b["positive_index"]) == ("b", "0", "0.25")
+    assert (b["Negative"], b["Small nucleus"], b["positive_index"]) == ("0", "", "1")
     # the same name again replaces its row, in place
     write_counts_table(tmp_path, [CountsRow("a", "he", 0.5, 1.0, {"Small nucleus": 2})])
     _, rows = _rows(tmp_path)
     assert [r["name"] for r in rows] == ["a", "b"]
-    assert (rows[0]["cells"], rows[0]["Large nucleus"], rows[0]["cells_per_mm2"]) == ("2", "0", "2")
+    assert (rows[0]["cells"], rows[0]["Large nucleus"], rows[0]["cells_per_mm2"]) == ("2", "", "2")
     assert not [p for p in tmp_path.iterdir() if p.name != "summary.csv"]  # no temporary left
 
 
@@ -66,17 +74,41 @@ def test_no_cells_and_no_area(tmp_path) -> None:
     assert (row["cells"], row["positive_index"], row["cells_per_mm2"]) == ("0", "", "")
 
 
-def test_a_foreign_csv_is_replaced_not_merged(tmp_path) -> None:
-    (tmp_path / "summary.csv").write_text("x,y\n1,2\n")
-    assert read_counts_table(tmp_path / "summary.csv") == []
-    write_counts_table(tmp_path, [CountsRow("a", "he", 0.5, 1.0, {"Nucleus": 1})])
+def test_someone_elses_csv_is_refused_not_replaced(tmp_path) -> None:
+    theirs = "patient,score\nP1,3\n"
+    (tmp_path / "summary.csv").write_text(theirs)
+    with pytest.raises(OutputExistsError, match="not a wsi-psm cell-count table"):
+        check_counts_table(tmp_path)
+    with pytest.raises(OutputExistsError):
+        write_counts_table(tmp_path, [CountsRow("a", "he", 0.5, 1.0, {"Nucleus": 1})])
+    assert (tmp_path / "summary.csv").read_text() == theirs
+    (tmp_path / "summary.csv").write_bytes(b"name,stain\n\xff\xfe\n")  # not UTF-8
+    with pytest.raises(OutputExistsError, match="unreadable"):
+        check_counts_table(tmp_path)
+    (tmp_path / "summary.csv").unlink()
+    (tmp_path / "summary.csv").mkdir()
+    with pytest.raises(OutputWriteError, match="is a folder"):
+        check_counts_table(tmp_path)
+
+
+def test_a_table_saved_by_a_spreadsheet_is_merged(tmp_path) -> None:
+    """Excel's "CSV UTF-8" adds a byte-order mark and CRLF line ends; a stray extra field is
+    dropped, the rows are kept."""
+    write_counts_table(tmp_path, [CountsRow("a", "he", 0.5, 1.0, {"Nucleus": 3})])
+    text = (tmp_path / "summary.csv").read_text().replace("\n", "\r\n")
+    text = text.replace("\r\na,", "\r\na,", 1).rstrip("\r\n") + ",EXTRA\r\n"
+    (tmp_path / "summary.csv").write_bytes("\ufeff".encode() + text.encode())
+    assert [r["name"] for r in read_counts_table(tmp_path / "summary.csv")] == ["a"]
+    write_counts_table(tmp_path, [CountsRow("b", "he", 0.5, 1.0, {"Nucleus": 1})])
     cols, rows = _rows(tmp_path)
-    assert cols[0] == "name" and [r["name"] for r in rows] == ["a"]
+    assert cols[0] == "name" and None not in cols and [r["name"] for r in rows] == ["a", "b"]
+    assert rows[0]["Nucleus"] == "3"
 
 
-def test_index_and_order() -> None:
+def test_index_order_and_natural_sort() -> None:
     assert positive_index({"Positive": 1, "Negative": 3}) == pytest.approx(0.25)
     assert positive_index({"Positive": 2}) == 1.0
     assert positive_index({"Nucleus": 4}) is None
     assert class_columns(["Zeta", "Nucleus", "Negative", "Medium nucleus", "Alpha"]) == [
         "Negative", "Medium nucleus", "Nucleus", "Alpha", "Zeta"]  # fmt: skip
+    assert sorted(["10", "2", "b1", "a", "1"], key=natural_key) == ["1", "2", "10", "a", "b1"]

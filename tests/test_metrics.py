@@ -591,6 +591,11 @@ def test_point_files_bad_and_ambiguous(tmp_path: Path) -> None:
     tifffile.imwrite(lab / "img.tif", np.zeros((8, 8), np.int32))
     (lab / "notes.csv").write_text("x,y,class\n")
     assert not is_detection_gt(lab)
+    # nor is a folder whose only CSV is a manifest (no x, y, class columns)
+    man = tmp_path / "manifest"
+    man.mkdir()
+    (man / "manifest.csv").write_text("image,organ\na.tif,breast\n")
+    assert not is_detection_gt(man)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(EvaluationError, match="no point annotations"):

@@ -83,7 +83,7 @@ def test_outputs_at_input_resolution(tmp_path, trained_net) -> None:
     # the table's row: the image's cells, its area at its own resolution (192 px at 0.25 µm/px)
     with (out / "summary.csv").open() as fh:
         (row,) = csv.DictReader(fh)
-    assert row["name"] == "tile.png" and row["stain"] in ("he", "ihc-dab")
+    assert row["name"] == "tile" and row["stain"] in ("he", "ihc-dab")
     assert int(row["cells"]) == int(row["Nucleus"]) == len(feats)
     assert float(row["area_mm2"]) == pytest.approx((192 * 0.25e-3) ** 2)
     assert row["positive_index"] == ""  # no IHC classes
@@ -149,6 +149,41 @@ def test_skip_existing_goes_on_where_a_stopped_run_ended(tmp_path, trained_net) 
     for f in sorted(whole.iterdir()):
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
     assert segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True) == []
+
+
+def test_summary_table_across_reruns(tmp_path, trained_net) -> None:
+    """The table follows the outputs: rebuilt from them when deleted (no segmenting), a row per
+    output stem (x.tif then x.png into one folder: one row), and a damaged output of a skipped
+    image stops the call before anything is written."""
+    srcs = []
+    for i, name in enumerate(("2", "10", "x")):
+        srcs.append(tmp_path / f"{name}.png")
+        write_png(srcs[-1], synthetic_tile(64, i)[0])
+    out = tmp_path / "o"
+    segment_images(srcs, out, CFG, model=trained_net, mpp=0.5)
+    table = (out / "summary.csv").read_bytes()
+    with (out / "summary.csv").open() as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == ["2", "10", "x"]  # natural order
+    (out / "summary.csv").unlink()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True) == []
+    assert (out / "summary.csv").read_bytes() == table
+    assert all(p.stat().st_mtime_ns == t for p, t in ((out / n, t) for n, t in mtimes.items()))
+    # the same stem from another file replaces the row, as it replaces the outputs
+    tif = tmp_path / "x.tif"
+    tifffile.imwrite(tif, synthetic_tile(64, 7)[0])
+    segment_images([tif], out, CFG, model=trained_net, mpp=0.5, overwrite=True)
+    with (out / "summary.csv").open() as fh:
+        rows = {r["name"]: r for r in csv.DictReader(fh)}
+    n_x = len(json.loads((out / "x.geojson").read_text())["features"])
+    assert sorted(rows) == ["10", "2", "x"] and int(rows["x"]["cells"]) == n_x
+    # a damaged GeoJSON of a skipped image that the table lacks: refused before any writing
+    (out / "summary.csv").unlink()
+    (out / "10.geojson").write_text('{"type": "FeatureCollection", "featu')
+    (out / "2.geojson").unlink()
+    with pytest.raises(OutputExistsError, match=r"10\.geojson.*--skip-existing"):
+        segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True)
+    assert not (out / "2.geojson").exists() and not (out / "summary.csv").exists()
 
 
 def test_a_write_that_fails_says_what_was_kept(tmp_path, trained_net, monkeypatch) -> None:
@@ -354,7 +389,7 @@ def test_the_shipped_file_as_model_gives_the_default_route(tmp_path, monuseg_dir
     np.testing.assert_array_equal(outs["model"], outs["default"])
 
 
-def test_fit_on_the_given_images(tmp_path) -> None:
+def test_fit_on_the_given_images(tmp_path, caplog) -> None:
     """segmenter.default_model = "fit": the whole label-free chain on the inputs (tiny settings)."""
     torch.set_num_threads(1)
     srcs = []
@@ -375,8 +410,15 @@ def test_fit_on_the_given_images(tmp_path) -> None:
     # the fitted network, saved, segments the same images the same way without a fit
     from wsi_psm.model import ModelBundle
 
+    # --skip-existing with every image finished still fits and saves the model asked for
+    resaved = tmp_path / "resaved.pt"
+    assert segment_images(srcs, tmp_path / "o", cfg, mpp=0.5, save_model=resaved,
+                          skip_existing=True) == []  # fmt: skip
+    assert ModelBundle.load(resaved).component_meta["classes"]["stain"] == "he"
     bundle = ModelBundle.load(saved)
-    again = segment_images(srcs, tmp_path / "o2", cfg, mpp=0.5, model=bundle)
+    notes: list[str] = []
+    again = segment_images(srcs, tmp_path / "o2", cfg, mpp=0.5, model=bundle, notes=notes)
+    assert notes == [f"cell classes from the model file: {model_classes(bundle, 'he').describe()}"]
     np.testing.assert_array_equal(tifffile.imread(again[1]), first)
     # ... and keeps the classes fitted with it: one image segmented alone later gets the very
     # cells, classes and measurements it got in the whole call (its threshold is not refitted)
@@ -384,6 +426,11 @@ def test_fit_on_the_given_images(tmp_path) -> None:
     assert model_classes(bundle, "he") is not None and model_classes(bundle, "ihc-dab") is None
     alone = segment_images(srcs[1:], tmp_path / "o3", cfg, mpp=0.5, model=bundle)
     assert alone[0].read_bytes() == (tmp_path / "o" / "img1.geojson").read_bytes()
+    # images of another stain than the model's: said in one line, as `run --model` says it
+    with caplog.at_level("WARNING", logger="wsi_psm.segment"):
+        ihc = cfg.with_updates(stain="ihc-dab")
+        segment_images(srcs[:1], tmp_path / "o4", ihc, mpp=0.5, model=bundle)
+    assert "look ihc-dab but the model was fitted on he tissue" in caplog.text
 
 
 def test_save_model_is_refused_before_any_work_when_nothing_is_fitted(

@@ -3,10 +3,12 @@
 spreadsheet or ``pandas.read_csv``.
 
 The table is rewritten after each call (atomically: a reader sees the old or the new table, never
-part), its rows keyed by name: rows of earlier calls into the same folder are kept, a name processed
-again gets its new row. Class columns are the union over the rows, in a fixed order (IHC classes,
-H&E groups by size, ``Nucleus``, then any other name alphabetically); a class a row does not have
-counts 0 there.
+part), its rows keyed by name (a slide's output folder, an image's output stem): rows of earlier
+calls into the same folder are kept, a name processed again gets its new row. Class columns are the
+union over the rows, in a fixed order (IHC classes, H&E groups by size, ``Nucleus``, then any other
+name alphabetically); a row's own classes are counted, 0 included (an IHC row always has Positive
+and Negative), and a class the row's fit did not have is left blank. An existing ``summary.csv``
+that is not such a table is refused before any work (:func:`check_counts_table`), never replaced.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import json
 import logging
 import math
 import os
+import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .classes import GROUP_NAMES, NEGATIVE, NUCLEUS, POSITIVE
+from .errors import OutputExistsError, OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -90,30 +94,61 @@ def _fmt(value: float | None, digits: int) -> str:
 
 
 def _record(row: CountsRow) -> dict[str, str]:
-    cells = sum(row.counts.values())
-    index = positive_index(row.counts)
+    counts = dict(row.counts)
+    if row.stain == "ihc-dab":  # no Positive cell is a count of 0, and the index is defined
+        counts = {POSITIVE[0]: 0, NEGATIVE[0]: 0, **counts}
+    cells = sum(counts.values())
+    index = positive_index(counts)
     return {
         "name": row.name,
         "stain": row.stain,
         "mpp": _fmt(row.mpp, 6),
         "area_mm2": _fmt(row.area_mm2, 6),
         "cells": str(cells),
-        **{k: str(int(v)) for k, v in row.counts.items()},
+        **{k: str(int(v)) for k, v in counts.items()},
         "positive_index": _fmt(index, 4),
         "cells_per_mm2": _fmt(cells / row.area_mm2 if row.area_mm2 > 0 else None, 6),
     }
 
 
+def natural_key(name: str) -> list[int | str]:
+    """Sort key that puts ``2.png`` before ``10.png``."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
 def read_counts_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    """The rows of an existing table (class counts as strings, "" = 0); [] when there is none."""
+    """The rows of an existing table as strings ("" = no such class); [] when there is none.
+    A file that is not such a table (another header, not UTF-8) raises OutputExistsError: it is
+    someone's file, not ours to replace. A byte-order mark (a spreadsheet's "CSV UTF-8") is fine."""
     p = Path(path)
+    if p.is_dir():
+        raise OutputWriteError(f"cannot write {p}: it is a folder")
     if not p.is_file():
         return []
-    with p.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or list(reader.fieldnames[: len(HEAD)]) != list(HEAD):
-            return []  # not our table (or an empty file): replaced, not merged
-        return [dict(r) for r in reader]
+    try:
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            head = reader.fieldnames
+            rows = [{k: v for k, v in r.items() if isinstance(k, str)} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise _not_ours(p, f"unreadable: {err}") from err
+    except OSError as err:
+        raise OutputWriteError(f"cannot read {p}: {err.strerror or err}") from err
+    if head is None or [h.strip() for h in head[: len(HEAD)]] != list(HEAD):
+        raise _not_ours(p, f"its header is {', '.join((head or [])[:5]) or 'empty'}")
+    return rows
+
+
+def _not_ours(path: Path, why: str) -> OutputExistsError:
+    return OutputExistsError(
+        f"{path} is not a wsi-psm cell-count table ({why}): move it away, or give another output "
+        "folder, so it is not overwritten"
+    )
+
+
+def check_counts_table(folder: str | os.PathLike[str]) -> None:
+    """Before any work: the table in ``folder`` can be updated (absent, or ours and readable)."""
+    read_counts_table(Path(folder) / TABLE_NAME)
 
 
 def write_counts_table(folder: str | os.PathLike[str], rows: Iterable[CountsRow]) -> Path:
@@ -127,10 +162,11 @@ def write_counts_table(folder: str | os.PathLike[str], rows: Iterable[CountsRow]
     fixed = set(HEAD) | set(TAIL)
     classes = class_columns(k for r in records.values() for k in r if k not in fixed)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[*HEAD, *classes, *TAIL], lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=[*HEAD, *classes, *TAIL], lineterminator="\n", extrasaction="ignore"
+    )
     writer.writeheader()
-    for rec in records.values():
-        writer.writerow({**dict.fromkeys(classes, "0"), **{k: v for k, v in rec.items() if v}})
+    writer.writerows(records.values())
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
@@ -143,7 +179,9 @@ def write_counts_table(folder: str | os.PathLike[str], rows: Iterable[CountsRow]
 __all__ = [
     "TABLE_NAME",
     "CountsRow",
+    "check_counts_table",
     "class_columns",
+    "natural_key",
     "positive_index",
     "read_counts_table",
     "row_from_summary",

@@ -15,7 +15,7 @@ import tifffile
 from PIL import Image
 
 from .config import RunConfig
-from .counts_table import write_slides_table
+from .counts_table import check_counts_table, write_slides_table
 from .errors import OutputExistsError
 from .export import write_error
 from .pipeline import SlideRun, process_slide
@@ -64,6 +64,7 @@ def run_demo(
     out_dir = out_root / "demo-ihc"
     if out_dir.exists() and not overwrite:  # before the demo slide is (re)written
         raise OutputExistsError(f"output exists: {out_dir} (use --overwrite to replace it)")
+    check_counts_table(out_root)
     try:
         out_root.mkdir(parents=True, exist_ok=True)
         slide = write_demo_slide(out_root / "demo-ihc.tiff")

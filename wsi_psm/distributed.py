@@ -16,7 +16,7 @@ from typing import Any
 
 from .atomic import make_dirs, remove_made
 from .config import RunConfig
-from .counts_table import write_slides_table
+from .counts_table import check_counts_table, write_slides_table
 from .discovery import SlideInput
 from .errors import ClusterStartError, InvalidArgumentError
 
@@ -89,6 +89,7 @@ def run_batch(
 
     report = report or (lambda line: None)
     out_root = Path(out_root).resolve()
+    check_counts_table(out_root)  # a summary.csv that is not ours stops the batch before any work
     outcomes: dict[str, SlideOutcome] = {}
     todo = []
     for s in slides:

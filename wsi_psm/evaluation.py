@@ -355,10 +355,22 @@ def _point_files(gt_dir: Path) -> dict[str, Path]:
     a file named after the whole image name (``<stem>.png.geojson``) counts as ``<stem>``."""
     found: dict[str, Path] = {}
     for p in sorted(gt_dir.iterdir(), key=lambda p: p.suffix.lower() == ".geojson"):
-        if p.is_file() and p.suffix.lower() in POINT_SUFFIXES:
+        if p.is_file() and p.suffix.lower() in POINT_SUFFIXES and _may_hold_points(p):
             stem = Path(p.stem)
             found[stem.stem if stem.suffix.lower() in TILE_SUFFIXES else p.stem] = p
     return found
+
+
+def _may_hold_points(path: Path) -> bool:
+    """A GeoJSON, or a CSV whose header names x, y and class (a dataset's manifest.csv does not)."""
+    if path.suffix.lower() != ".csv":
+        return True
+    try:
+        with path.open(encoding="utf-8-sig") as fh:
+            head = fh.readline()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return {"x", "y", "class"} <= {c.strip().lower() for c in head.split(",")}
 
 
 def is_detection_gt(gt_dir: Path) -> bool:
@@ -368,6 +380,8 @@ def is_detection_gt(gt_dir: Path) -> bool:
         return False
     if _bcdata_dir(gt_dir) is not None or any(gt_dir.rglob("*.h5")):
         return True
+    if (gt_dir / "images").is_dir():  # another dataset root (MoNuSeg's: its manifest is no points)
+        return False
     outlines = any(
         p.suffix.lower() in (*LABEL_SUFFIXES, ".xml") for p in gt_dir.iterdir() if p.is_file()
     )

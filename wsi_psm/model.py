@@ -165,7 +165,7 @@ class ModelBundle:
             # untrusted code) is no help here: the file is simply not one of ours
             raise ModelError(
                 f"cannot read model file {path}: not a wsi-psm model file (one written by "
-                f"`wsi-psm fit`), or a damaged one ({type(exc).__name__})"
+                f"`wsi-psm fit` or `segment --save-model`), or a damaged one ({type(exc).__name__})"
             ) from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ModelError(f"{path} is not a wsi-psm model file")

@@ -39,7 +39,14 @@ from torch.nn import functional as F
 from .atomic import make_dirs, remove_made
 from .classes import CLASSES_COMPONENT, CellClassifier
 from .config import RunConfig
-from .counts_table import CountsRow, write_counts_table
+from .counts_table import (
+    TABLE_NAME,
+    CountsRow,
+    check_counts_table,
+    natural_key,
+    read_counts_table,
+    write_counts_table,
+)
 from .errors import (
     InvalidArgumentError,
     ModelError,
@@ -753,12 +760,14 @@ def segment_images(
     save_model: str | os.PathLike[str] | None = None,
     skip_existing: bool = False,
     class_counts: Counter[str] | None = None,
+    notes: list[str] | None = None,
 ) -> list[Path]:
     """Segment every image of ``paths`` into ``out_dir``; returns the written files (two per image).
 
-    Then ``out_dir/summary.csv`` gets one row per image of the call, skipped ones included
-    (:mod:`wsi_psm.counts_table`: cells per class, Positive index, density; rows of other images
-    already in it are kept). It is not in the returned list.
+    Then ``out_dir/summary.csv`` gets one row per image of the call (by output stem), skipped ones
+    included (:mod:`wsi_psm.counts_table`: cells per class, Positive index, density; rows of other
+    images already in it are kept). It is not in the returned list. ``notes`` (when given) gets
+    lines a user should see, e.g. that the cell classes came from the model file.
 
     ``mpp`` overrides the images' own resolution (MoNuSeg TIFFs carry none: pass 0.25). A given
     ``model`` that records its training resolution is applied at it, whatever ``cfg.target_mpp``.
@@ -776,15 +785,17 @@ def segment_images(
     outputs are those of one uninterrupted run). Unreadable images, missing mpp etc. raise the
     slide reader's WsiPsmError.
     """
+    check_counts_table(out_dir)  # a table we may not update stops the call before any work
     rows: list[CountsRow] = []
     written = _segment_images(
         paths, out_dir, cfg, model=model, mpp=mpp, overwrite=overwrite, progress=progress,
         annotator=annotator, on_image=on_image, save_model=save_model,
         skip_existing=skip_existing, class_counts=class_counts, rows=rows,
+        notes=notes if notes is not None else [],
     )  # fmt: skip
     if rows:
         try:
-            write_counts_table(out_dir, sorted(rows, key=lambda r: r.name))
+            write_counts_table(out_dir, sorted(rows, key=lambda r: natural_key(r.name)))
         except OSError as err:
             raise write_error(err, out_dir) from err
     return written
@@ -805,6 +816,7 @@ def _segment_images(
     skip_existing: bool,
     class_counts: Counter[str] | None,
     rows: list[CountsRow],
+    notes: list[str],
 ) -> list[Path]:
     """:func:`segment_images` for one call or one stain group; ``rows`` gets each image's row."""
     from .device import select_device
@@ -813,9 +825,6 @@ def _segment_images(
     paths = [Path(p) for p in paths]
     out = Path(out_dir)
     _check_outputs(paths, out, overwrite or skip_existing)
-    if skip_existing and all(_finished(p, out) for p in paths):
-        log.info("every image's outputs exist in %s: nothing to do", out)
-        return []
     # a given model works at the resolution it was trained at (as `run --model` does): the
     # inputs are judged against that one
     trained_mpp = model_mpp(model)
@@ -839,9 +848,24 @@ def _segment_images(
                 group, out, cfg.with_updates(stain=stain), model=model, mpp=mpp,
                 overwrite=overwrite, progress=progress, annotator=annotator, on_image=on_image,
                 save_model=None, skip_existing=skip_existing, class_counts=class_counts, rows=rows,
+                notes=notes,
             )  # fmt: skip
         return files
     cfg = cfg.with_updates(stain=next(iter(groups)))
+    todo = [p for p in paths if not (skip_existing and _finished(p, out))]
+    # the rows of images skipped as finished, read now: a damaged output stops the call before a fit
+    skipped = _skipped_rows([p for p in paths if p not in todo], out, cfg.stain, mpp)
+    if not todo and save_to is None:
+        log.info("every image's outputs exist in %s: nothing to do", out)
+        rows += skipped
+        return []
+    model_stain = getattr(model, "stain", None)
+    if model_stain is not None and model_stain != cfg.stain:  # as `run --model` warns
+        log.warning(
+            "%d image(s) look %s but the model was fitted on %s tissue: its cells and classes "
+            "assume %s (fit a model on %s images, or segment without --model)",
+            len(paths), cfg.stain, model_stain, model_stain, cfg.stain,
+        )  # fmt: skip
     device = select_device(cfg.device)
     if trained_mpp is not None and abs(trained_mpp - cfg.target_mpp) > 1e-6:
         log.info("processing at %g µm/px, the resolution the model was trained at", trained_mpp)
@@ -857,7 +881,7 @@ def _segment_images(
             if save_to is not None:  # the classes go with the network, as `wsi-psm fit` keeps them
                 _save_classes(save_to, annotator)
         else:
-            log.info("cell classes from the model file: %s", annotator.describe())
+            notes.append(f"cell classes from the model file: {annotator.describe()}")
     if annotator is None:
         annotator = ShapeOnly()
     try:  # the fits are done: only now the folder (a failed fit leaves none)
@@ -865,7 +889,7 @@ def _segment_images(
     except OSError as err:
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
     written: list[Path] = []
-    todo = [p for p in paths if not (skip_existing and _finished(p, out))]
+    class_names = [name for name, _ in getattr(annotator, "classes", ())]
     progress.start(SEGMENT_STAGE, len(todo))
     try:
         for p in todo:
@@ -885,7 +909,8 @@ def _segment_images(
                     "--skip-existing goes on from there)"
                 ) from err
             written += [geo, tif]
-            rows.append(_counts_row(p.name, cfg.stain, native_mpp, rgb.shape[:2], per_class))
+            every = Counter({**dict.fromkeys(class_names, 0), **per_class})  # (0s: measured)
+            rows.append(_counts_row(p.stem, cfg.stain, native_mpp, rgb.shape[:2], every))
             progress.advance(SEGMENT_STAGE, 1)
             if class_counts is not None:
                 class_counts.update(per_class)
@@ -895,12 +920,24 @@ def _segment_images(
         remove_made(made)  # (only if nothing is in it: the first image failed, or was stopped)
         raise
     progress.done(SEGMENT_STAGE)
-    for p in paths:  # the images skipped as finished: their row from their outputs
-        if p not in todo:
-            with Slide.open(p, mpp=mpp) as slide:
-                shape, native_mpp = (slide.height, slide.width), slide.mpp
-            rows.append(_counts_row(p.name, cfg.stain, native_mpp, shape, _geojson_counts(p, out)))
+    rows += skipped
     return written
+
+
+def _skipped_rows(
+    paths: Sequence[Path], out: Path, stain: str, mpp: float | None
+) -> list[CountsRow]:
+    """Rows of images skipped as finished that the folder's table lacks (a table from before the
+    rows, or deleted), from their written GeoJSON; those it has keep theirs."""
+    have = {r["name"] for r in read_counts_table(out / TABLE_NAME)}
+    rows = []
+    for p in paths:
+        if p.stem in have:
+            continue
+        with Slide.open(p, mpp=mpp) as slide:
+            shape, native_mpp = (slide.height, slide.width), slide.mpp
+        rows.append(_counts_row(p.stem, stain, native_mpp, shape, _geojson_counts(p, out)))
+    return rows
 
 
 def _counts_row(
@@ -916,8 +953,8 @@ def _geojson_counts(image: Path, out: Path) -> Counter[str]:
         features = json.loads(geo.read_text(encoding="utf-8"))["features"]
     except (OSError, ValueError, KeyError) as err:
         raise OutputExistsError(
-            f"cannot read {geo} to count its cells for summary.csv ({err}); "
-            "rerun that image with --overwrite"
+            f"cannot read {geo} to count its cells for summary.csv ({err}): delete it and "
+            f"{output_paths(image, out)[1].name}, then rerun the same call with --skip-existing"
         ) from err
     return Counter(f["properties"]["classification"]["name"] for f in features)
 
