@@ -600,7 +600,7 @@ def segment(
     A --model runs at the resolution it was trained at (over --target-mpp); the shipped network
     only at its own 0.5 µm/px, so another --target-mpp fits a network on the images.
     """
-    from wsi_psm.counts_table import positive_index
+    from wsi_psm.classes import positive_index
     from wsi_psm.discovery import find_slides
     from wsi_psm.segment import model_mpp, segment_images
 

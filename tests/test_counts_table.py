@@ -7,12 +7,12 @@ import csv
 
 import pytest
 
+from wsi_psm.classes import positive_index
 from wsi_psm.counts_table import (
     CountsRow,
     check_counts_table,
     class_columns,
     natural_key,
-    positive_index,
     read_counts_table,
     write_counts_table,
 )
@@ -96,7 +96,7 @@ def test_a_table_saved_by_a_spreadsheet_is_merged(tmp_path) -> None:
     dropped, the rows are kept."""
     write_counts_table(tmp_path, [CountsRow("a", "he", 0.5, 1.0, {"Nucleus": 3})])
     text = (tmp_path / "summary.csv").read_text().replace("\n", "\r\n")
-    text = text.replace("\r\na,", "\r\na,", 1).rstrip("\r\n") + ",EXTRA\r\n"
+    text = text.rstrip("\r\n") + ",EXTRA\r\n"  # a stray field on the row
     (tmp_path / "summary.csv").write_bytes("\ufeff".encode() + text.encode())
     assert [r["name"] for r in read_counts_table(tmp_path / "summary.csv")] == ["a"]
     write_counts_table(tmp_path, [CountsRow("b", "he", 0.5, 1.0, {"Nucleus": 1})])
@@ -112,3 +112,44 @@ def test_index_order_and_natural_sort() -> None:
     assert class_columns(["Zeta", "Nucleus", "Negative", "Medium nucleus", "Alpha"]) == [
         "Negative", "Medium nucleus", "Nucleus", "Alpha", "Zeta"]  # fmt: skip
     assert sorted(["10", "2", "b1", "a", "1"], key=natural_key) == ["1", "2", "10", "a", "b1"]
+
+
+def _write_many(folder: str, prefix: str, barrier) -> None:
+    from pathlib import Path
+
+    barrier.wait()  # both processes write at the same moment
+    for i in range(100):
+        write_counts_table(
+            Path(folder), [CountsRow(f"{prefix}{i}", "he", 0.5, 1.0, {"Nucleus": i})]
+        )
+
+
+def test_two_calls_at_once_keep_each_others_rows(tmp_path) -> None:
+    """Two processes updating one folder's table (an array job's slides) take turns."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_many, args=(str(tmp_path), p, barrier)) for p in "ab"]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    _, rows = _rows(tmp_path)
+    assert len(rows) == 200 and not [p for p in tmp_path.iterdir() if p.name != "summary.csv"]
+
+
+def test_rows_follow_their_own_classes_and_natural_order(tmp_path) -> None:
+    # an IHC image named without its IHC classes (classes off): no invented Positive / Negative
+    write_counts_table(tmp_path, [CountsRow("10", "ihc-dab", 0.5, 1.0, {"Nucleus": 5})])
+    write_counts_table(tmp_path, [CountsRow("2", "ihc-dab", 0.5, 1.0, {"Negative": 4})])
+    _, rows = _rows(tmp_path)
+    assert [r["name"] for r in rows] == ["2", "10"]  # across calls too
+    assert (rows[1]["Positive"], rows[1]["Nucleus"], rows[1]["positive_index"]) == ("", "5", "")
+    assert (rows[0]["Positive"], rows[0]["positive_index"]) == ("0", "0")
+    # a header written with spaces after the commas reads as ours, its rows kept
+    text = (tmp_path / "summary.csv").read_text().splitlines()
+    (tmp_path / "summary.csv").write_text("\n".join([", ".join(text[0].split(",")), *text[1:]]))
+    assert [r["name"] for r in read_counts_table(tmp_path / "summary.csv")] == ["2", "10"]
+    assert natural_key("tile1².png")  # a non-decimal digit is text, not a crash

@@ -580,6 +580,17 @@ def test_point_files_bad_and_ambiguous(tmp_path: Path) -> None:
     (tmp_path / "b.csv").write_text("x,y,class\n1,2,Positive\nten,2,Negative\n")
     with pytest.raises(AnnotationError, match="line 3"):
         load_point_annotations(tmp_path / "b.csv")
+    # outlines given as point annotations are refused, not scored as "no cells"
+    _write_geojson(
+        tmp_path / "outlines.geojson",
+        [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [4, 4], [0, 0]]]},
+          "properties": {"classification": {"name": "Positive"}}}],
+    )  # fmt: skip
+    with pytest.raises(AnnotationError, match="holds outlines, not points"):
+        load_point_annotations(tmp_path / "outlines.geojson")
+    # a spreadsheet's "CSV UTF-8" (byte-order mark, CRLF) reads
+    (tmp_path / "bom.csv").write_bytes("\ufeffx,y,class\r\n3,4,Negative\r\n".encode())
+    assert load_point_annotations(tmp_path / "bom.csv")[0]["Negative"].tolist() == [[3.0, 4.0]]
     pts, ignored = load_point_annotations(
         _write_csv(tmp_path / "c.csv", "X,Y,Class\n1.5,2,POSITIVE\n3,4,\n")
     )

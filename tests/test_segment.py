@@ -186,6 +186,48 @@ def test_summary_table_across_reruns(tmp_path, trained_net) -> None:
     assert not (out / "2.geojson").exists() and not (out / "summary.csv").exists()
 
 
+def test_summary_table_refusals_and_mixed_stains(tmp_path, trained_net, monkeypatch) -> None:
+    """Someone else's summary.csv stops the call before any output; with two stains, a damaged
+    output of the second group stops the call before the first group is segmented; an output
+    whose cells lost their class (edited in QuPath) is counted as Unclassified."""
+    import wsi_psm.segment
+
+    srcs = []
+    for i, name in enumerate("ab"):
+        srcs.append(tmp_path / f"{name}.png")
+        write_png(srcs[-1], synthetic_tile(64, i)[0])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "summary.csv").write_text("patient,score\nP1,3\n")
+    with pytest.raises(OutputExistsError, match="not a wsi-psm cell-count table"):
+        segment_images(srcs, out, CFG, model=trained_net, mpp=0.5)
+    assert sorted(p.name for p in out.iterdir()) == ["summary.csv"]
+    (out / "summary.csv").unlink()
+    stain_of = {srcs[0]: "he", srcs[1]: "ihc-dab"}
+
+    def two_stains(paths, *a, **k):
+        groups: dict[str, list] = {}
+        for p in paths:
+            groups.setdefault(stain_of[p], []).append(p)
+        return groups
+
+    monkeypatch.setattr(wsi_psm.segment, "check_inputs", two_stains)
+    segment_images(srcs, out, CFG, model=trained_net, mpp=0.5)
+    (out / "summary.csv").unlink()
+    (out / "a.geojson").unlink()
+    (out / "b.geojson").write_text("[")
+    with pytest.raises(OutputExistsError, match=r"b\.geojson"):
+        segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True)
+    assert not (out / "a.geojson").exists()
+    feats = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]},
+              "properties": {"objectType": "detection"}}]  # fmt: skip
+    (out / "b.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True)
+    with (out / "summary.csv").open() as fh:
+        rows = {r["name"]: r for r in csv.DictReader(fh)}
+    assert rows["b"]["Unclassified"] == "1" and rows["b"]["stain"] == "ihc-dab"
+
+
 def test_a_write_that_fails_says_what_was_kept(tmp_path, trained_net, monkeypatch) -> None:
     """A disk that fills up at the first image leaves no output folder; at the second, the first
     image's outputs stay and the one line says so, and how to go on."""
@@ -217,8 +259,13 @@ def test_a_write_that_fails_says_what_was_kept(tmp_path, trained_net, monkeypatc
     monkeypatch.setattr(wsi_psm.segment, "_write_outputs", full_at(2))
     with pytest.raises(OutputWriteError, match="1 of 2 images were written before it"):
         segment_images(srcs, tmp_path / "o", CFG, model=trained_net, mpp=0.5)
-    # (no summary.csv: the call did not finish; a rerun with --skip-existing writes it)
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0.geojson", "0_labels.tif"]
+    # the table records the image that was finished, as its outputs stand
+    out = tmp_path / "o"
+    assert sorted(p.name for p in out.iterdir()) == ["0.geojson", "0_labels.tif", "summary.csv"]
+    with (out / "summary.csv").open() as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["name"] == "0"
+    assert int(row["cells"]) == len(json.loads((out / "0.geojson").read_text())["features"])
 
 
 def test_bad_inputs(tmp_path, trained_net) -> None:
@@ -389,7 +436,7 @@ def test_the_shipped_file_as_model_gives_the_default_route(tmp_path, monuseg_dir
     np.testing.assert_array_equal(outs["model"], outs["default"])
 
 
-def test_fit_on_the_given_images(tmp_path, caplog) -> None:
+def test_fit_on_the_given_images(tmp_path, caplog, monkeypatch) -> None:
     """segmenter.default_model = "fit": the whole label-free chain on the inputs (tiny settings)."""
     torch.set_num_threads(1)
     srcs = []
@@ -408,8 +455,18 @@ def test_fit_on_the_given_images(tmp_path, caplog) -> None:
     first = tifffile.imread(tmp_path / "o" / "img0_labels.tif")
     assert first.shape == (96, 192)
     # the fitted network, saved, segments the same images the same way without a fit
+    # a call stopped after the network fit and before the classes leaves no model file
+    import wsi_psm.segment
     from wsi_psm.model import ModelBundle
 
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(wsi_psm.segment, "fit_image_classes", stop)
+        with pytest.raises(KeyboardInterrupt):
+            segment_images(srcs, tmp_path / "o5", cfg, mpp=0.5, save_model=tmp_path / "half.pt")
+    assert not (tmp_path / "half.pt").exists()
     # --skip-existing with every image finished still fits and saves the model asked for
     resaved = tmp_path / "resaved.pt"
     assert segment_images(srcs, tmp_path / "o", cfg, mpp=0.5, save_model=resaved,

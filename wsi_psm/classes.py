@@ -499,6 +499,12 @@ def he_groups(
 STATE_VERSION = 3
 
 
+def positive_index(counts: Mapping[str, int]) -> float | None:
+    """Positive / (Positive + Negative): the Ki-67 index on a Ki-67 stain; None without IHC cells."""
+    pos, neg = int(counts.get(POSITIVE[0], 0)), int(counts.get(NEGATIVE[0], 0))
+    return pos / (pos + neg) if pos + neg else None
+
+
 def ink_fraction(image: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Share of each label's pixels (``ids``, rows of a :class:`CellFeatures`) that are marking
     ink (:func:`stain.ink_pixels`)."""
@@ -682,8 +688,7 @@ class CellClassifier:
         (None without cells); H&E: none (per-group fractions are in the class counts already)."""
         if self.dab is None:
             return {}
-        pos, neg = int(counts.get(POSITIVE[0], 0)), int(counts.get(NEGATIVE[0], 0))
-        return {f"{self.marker}_index": pos / (pos + neg) if pos + neg else None}
+        return {f"{self.marker}_index": positive_index(counts)}
 
     def describe(self) -> str:
         """One line for logs and reports."""

@@ -13,6 +13,7 @@ that is not such a table is refused before any work (:func:`check_counts_table`)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -21,11 +22,11 @@ import math
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .classes import GROUP_NAMES, NEGATIVE, NUCLEUS, POSITIVE
+from .classes import GROUP_NAMES, NEGATIVE, NUCLEUS, POSITIVE, positive_index
 from .errors import OutputExistsError, OutputWriteError
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,6 @@ class CountsRow:
     mpp: float
     area_mm2: float
     counts: Mapping[str, int] = field(default_factory=dict)
-
-
-def positive_index(counts: Mapping[str, int]) -> float | None:
-    """Positive / (Positive + Negative): the Ki-67 index; None without IHC cells."""
-    pos, neg = counts.get(POSITIVE[0], 0), counts.get(NEGATIVE[0], 0)
-    return pos / (pos + neg) if pos + neg else None
 
 
 def row_from_summary(path: str | os.PathLike[str]) -> CountsRow:
@@ -95,7 +90,7 @@ def _fmt(value: float | None, digits: int) -> str:
 
 def _record(row: CountsRow) -> dict[str, str]:
     counts = dict(row.counts)
-    if row.stain == "ihc-dab":  # no Positive cell is a count of 0, and the index is defined
+    if {POSITIVE[0], NEGATIVE[0]} & set(counts):  # IHC classes: no Positive cell is a count of 0
         counts = {POSITIVE[0]: 0, NEGATIVE[0]: 0, **counts}
     cells = sum(counts.values())
     index = positive_index(counts)
@@ -113,7 +108,7 @@ def _record(row: CountsRow) -> dict[str, str]:
 
 def natural_key(name: str) -> list[int | str]:
     """Sort key that puts ``2.png`` before ``10.png``."""
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+    return [int(t) if t.isdecimal() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
 def read_counts_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
@@ -128,14 +123,14 @@ def read_counts_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     try:
         with p.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            head = reader.fieldnames
-            rows = [{k: v for k, v in r.items() if isinstance(k, str)} for r in reader]
+            head = [h.strip() for h in reader.fieldnames or []]
+            rows = [{k.strip(): v for k, v in r.items() if isinstance(k, str)} for r in reader]
     except (UnicodeDecodeError, csv.Error) as err:
         raise _not_ours(p, f"unreadable: {err}") from err
     except OSError as err:
         raise OutputWriteError(f"cannot read {p}: {err.strerror or err}") from err
-    if head is None or [h.strip() for h in head[: len(HEAD)]] != list(HEAD):
-        raise _not_ours(p, f"its header is {', '.join((head or [])[:5]) or 'empty'}")
+    if head[: len(HEAD)] != list(HEAD):
+        raise _not_ours(p, f"its header is {', '.join(head[:5]) or 'empty'}")
     return rows
 
 
@@ -147,33 +142,70 @@ def _not_ours(path: Path, why: str) -> OutputExistsError:
 
 
 def check_counts_table(folder: str | os.PathLike[str]) -> None:
-    """Before any work: the table in ``folder`` can be updated (absent, or ours and readable)."""
-    read_counts_table(Path(folder) / TABLE_NAME)
+    """Before any work: the table in ``folder`` can be updated (absent, or ours, readable, and
+    not held open for writing elsewhere, e.g. by a spreadsheet on Windows)."""
+    path = Path(folder) / TABLE_NAME
+    read_counts_table(path)
+    if path.is_file():
+        try:
+            with path.open("r+b"):
+                pass
+        except OSError as err:
+            raise OutputWriteError(f"cannot write {path}: {err.strerror or err}") from err
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Two calls updating one folder's table at once (an array job's slides) take turns, so
+    neither drops the other's rows. A lock on the folder itself (POSIX ``flock``: nothing is left
+    behind); where there is none (Windows, a file system without locks) the update goes unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 def write_counts_table(folder: str | os.PathLike[str], rows: Iterable[CountsRow]) -> Path:
     """Write (or update) ``folder/summary.csv`` with ``rows``; returns its path."""
     path = Path(folder) / TABLE_NAME
-    records = {r["name"]: r for r in read_counts_table(path)}
-    for row in rows:
-        records[row.name] = _record(row)
-    if not records:
+    rows = list(rows)
+    if not rows:
         return path
+    with _locked(path.parent):
+        records = {r["name"]: r for r in read_counts_table(path)}
+        for row in rows:
+            records[row.name] = _record(row)
+        _write(path, [records[k] for k in sorted(records, key=natural_key)])
+    return path
+
+
+def _write(path: Path, records: list[dict[str, str]]) -> None:
     fixed = set(HEAD) | set(TAIL)
-    classes = class_columns(k for r in records.values() for k in r if k not in fixed)
+    classes = class_columns(k for r in records for k in r if k not in fixed)
     buf = io.StringIO()
     writer = csv.DictWriter(
         buf, fieldnames=[*HEAD, *classes, *TAIL], lineterminator="\n", extrasaction="ignore"
     )
     writer.writeheader()
-    writer.writerows(records.values())
+    writer.writerows(records)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 __all__ = [
@@ -182,7 +214,6 @@ __all__ = [
     "check_counts_table",
     "class_columns",
     "natural_key",
-    "positive_index",
     "read_counts_table",
     "row_from_summary",
     "write_counts_table",

@@ -24,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
+from wsi_psm.classes import positive_index
 from wsi_psm.discovery import TILE_SUFFIXES
 from wsi_psm.errors import WsiPsmError
 from wsi_psm.groundtruth import (
     BCDATA_CLASSES,
     POINT_SUFFIXES,
     AnnotationError,
+    is_point_csv,
     load_bcdata_points,
     load_instance_png,
     load_label_image,
@@ -363,19 +365,13 @@ def _point_files(gt_dir: Path) -> dict[str, Path]:
 
 def _may_hold_points(path: Path) -> bool:
     """A GeoJSON, or a CSV whose header names x, y and class (a dataset's manifest.csv does not)."""
-    if path.suffix.lower() != ".csv":
-        return True
-    try:
-        with path.open(encoding="utf-8-sig") as fh:
-            head = fh.readline()
-    except (OSError, UnicodeDecodeError):
-        return False
-    return {"x", "y", "class"} <= {c.strip().lower() for c in head.split(",")}
+    return path.suffix.lower() != ".csv" or is_point_csv(path)
 
 
-def is_detection_gt(gt_dir: Path) -> bool:
+def is_detection_gt(gt_dir: str | Path) -> bool:
     """Whether ``gt_dir`` holds points (BCData ``.h5`` files, or point files beside no label
     image or XML) rather than outlines."""
+    gt_dir = Path(gt_dir)
     if not gt_dir.is_dir():
         return False
     if _bcdata_dir(gt_dir) is not None or any(gt_dir.rglob("*.h5")):
@@ -426,14 +422,9 @@ def _iter_detection(
 
 def _positive_index(classes: dict[str, Any]) -> dict[str, float | None]:
     """Positive / (Positive + Negative) of the predicted and the annotated counts of one image."""
-    pos, neg = BCDATA_CLASSES
-
-    def index(key: str) -> float | None:
-        p = classes.get(pos, {}).get(key, 0)
-        n = classes.get(neg, {}).get(key, 0)
-        return p / (p + n) if p + n else None
-
-    pred, gt = index("n_pred"), index("n_gt")
+    pred, gt = (
+        positive_index({k: v[key] for k, v in classes.items()}) for key in ("n_pred", "n_gt")
+    )
     return {
         "pred": pred,
         "gt": gt,

@@ -304,11 +304,12 @@ def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
         feats = data
     else:
         raise AnnotationError(f"{path}: not a GeoJSON FeatureCollection")
-    out = []
+    out, outlines = [], 0
     for f in feats:
         geom = f.get("geometry") if isinstance(f, dict) else None
         if not isinstance(geom, dict) or geom.get("type") not in ("Point", "MultiPoint"):
-            continue  # (outlines of a region, e.g. the annotated field: not points)
+            outlines += 1  # (e.g. the outline of the annotated field: not points)
+            continue
         cls = (f.get("properties") or {}).get("classification")
         name = point_class(cls.get("name") if isinstance(cls, dict) else cls)
         coords = [geom["coordinates"]] if geom["type"] == "Point" else geom["coordinates"]
@@ -316,20 +317,43 @@ def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
             out += [(name, float(c[0]), float(c[1])) for c in coords]
         except (TypeError, ValueError, IndexError) as err:
             raise AnnotationError(f"{path}: bad point coordinates: {err}") from err
+    if outlines and not out:
+        raise AnnotationError(
+            f"{path} holds outlines, not points: detection is scored against point annotations "
+            "(outlines: give them as MoNuSeg XML or label images)"
+        )
     return out
+
+
+POINT_COLUMNS = {"x", "y", "class"}
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header (stripped, lower case) and rows of a CSV; a spreadsheet's byte-order mark is fine."""
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        head = [h.strip().lower() for h in reader.fieldnames or []]
+        rows = [{k.strip().lower(): v for k, v in r.items() if isinstance(k, str)} for r in reader]
+    return head, rows
+
+
+def is_point_csv(path: str | Path) -> bool:
+    """Whether a CSV's header names the point columns x, y and class."""
+    try:
+        return POINT_COLUMNS <= set(_csv_rows(Path(path))[0])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
 
 
 def _csv_points(path: Path) -> list[tuple[str | None, float, float]]:
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+        head, rows = _csv_rows(path)
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise AnnotationError(f"cannot read {path}: {err}") from err
-    if rows and not {"x", "y", "class"} <= {k.strip().lower() for k in rows[0] if k}:
+    if not POINT_COLUMNS <= set(head):
         raise AnnotationError(f"{path}: expected the columns x, y, class")
     out = []
-    for i, row in enumerate(rows, 2):
-        r = {k.strip().lower(): v for k, v in row.items() if k}
+    for i, r in enumerate(rows, 2):
         try:
             out.append((point_class(r["class"]), float(r["x"]), float(r["y"])))
         except (TypeError, ValueError) as err:

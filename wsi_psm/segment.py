@@ -43,7 +43,6 @@ from .counts_table import (
     TABLE_NAME,
     CountsRow,
     check_counts_table,
-    natural_key,
     read_counts_table,
     write_counts_table,
 )
@@ -476,11 +475,12 @@ def resolve_model(
     mpp: float | None,
     device: torch.device,
     progress: ProgressHook | None = None,
-    save_to: Path | None = None,
+    fitted: list[Any] | None = None,
 ) -> Segmenter:
     """The net to segment with: ``model`` itself (SegNet or SegEnsemble), loaded from a file, taken from a model
     bundle, or the default (``cfg.segmenter.default_model``: the shipped model, or a fit on ``paths``).
-    ``save_to``: where a model fitted here is also saved (a ``ModelBundle`` file, for ``--model``)."""
+    ``fitted``: gets the ``ModelBundle`` fitted here (for ``--save-model``: saved once its cell
+    classes are fitted too, so a saved model file is never without them)."""
     if isinstance(model, (SegNet, SegEnsemble)):
         return model
     if isinstance(model, (str, os.PathLike)):
@@ -495,11 +495,8 @@ def resolve_model(
         images = read_processing_images(sample, cfg, mpp)
         sources = [p.name for p in sample]
         bundle = fit_on_images(images, cfg, device=device, progress=progress, sources=sources)
-        if save_to is not None:
-            try:
-                bundle.save(save_to)
-            except OSError as err:  # a disk that filled up during the fit: one line, not a trace
-                raise write_error(err, save_to) from err
+        if fitted is not None:
+            fitted.append(bundle)
         return resolve_model(bundle, paths=paths, cfg=cfg, mpp=mpp, device=device)
     return default_model()
 
@@ -590,7 +587,7 @@ def resolve_labeller(
     mpp: float | None,
     device: torch.device,
     progress: ProgressHook | None = None,
-    save_to: Path | None = None,
+    fitted: list[Any] | None = None,
 ) -> ImageLabeller:
     """How ``segment`` turns an image into instances.
 
@@ -627,7 +624,7 @@ def resolve_labeller(
         elif not shipped_matches(cfg):  # as `run`: another resolution needs its own network
             cfg = cfg.with_updates(**{"segmenter.default_model": "fit"})
     net = resolve_model(
-        model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, save_to=save_to
+        model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, fitted=fitted
     )
     # the magnification check was measured on the shipped network only; other networks average
     # their maps over test-time magnifications instead
@@ -697,16 +694,15 @@ def model_classes(model: Any, stain: str) -> CellClassifier | None:
     return CellClassifier.from_state(state)
 
 
-def _save_classes(path: Path, clf: CellClassifier) -> None:
-    """Add the call's fitted classes to the model file ``segment`` just saved for --save-model."""
-    from .model import ModelBundle
-
-    bundle = ModelBundle.load(path)
-    bundle.component_meta[CLASSES_COMPONENT] = clf.to_state()
-    bundle.provenance["classes"] = clf.describe()
+def _save_model(bundle: Any, annotator: CellAnnotator, path: Path) -> None:
+    """--save-model: the network fitted on the images and the classes fitted on their cells,
+    written once (atomically), so an interrupted call leaves no model file without its classes."""
+    if isinstance(annotator, CellClassifier):
+        bundle.component_meta[CLASSES_COMPONENT] = annotator.to_state()
+        bundle.provenance["classes"] = annotator.describe()
     try:
         bundle.save(path)
-    except OSError as err:
+    except OSError as err:  # e.g. a disk that filled up during the fit: one line, not a trace
         raise write_error(err, path) from err
 
 
@@ -787,15 +783,23 @@ def segment_images(
     """
     check_counts_table(out_dir)  # a table we may not update stops the call before any work
     rows: list[CountsRow] = []
-    written = _segment_images(
-        paths, out_dir, cfg, model=model, mpp=mpp, overwrite=overwrite, progress=progress,
-        annotator=annotator, on_image=on_image, save_model=save_model,
-        skip_existing=skip_existing, class_counts=class_counts, rows=rows,
-        notes=notes if notes is not None else [],
-    )  # fmt: skip
+    try:
+        written = _segment_images(
+            paths, out_dir, cfg, model=model, mpp=mpp, overwrite=overwrite, progress=progress,
+            annotator=annotator, on_image=on_image, save_model=save_model,
+            skip_existing=skip_existing, class_counts=class_counts, rows=rows,
+            notes=notes if notes is not None else [],
+        )  # fmt: skip
+    except BaseException:
+        # the images finished before the failure keep rows that match their outputs (a row
+        # from an earlier call would otherwise outlive an output this call replaced)
+        with contextlib.suppress(Exception):
+            if rows:
+                write_counts_table(out_dir, rows)
+        raise
     if rows:
         try:
-            write_counts_table(out_dir, sorted(rows, key=lambda r: natural_key(r.name)))
+            write_counts_table(out_dir, rows)
         except OSError as err:
             raise write_error(err, out_dir) from err
     return written
@@ -842,6 +846,10 @@ def _segment_images(
             len(groups),
             ", ".join(f"{len(g)} {s}" for s, g in groups.items()),
         )
+        for stain, group in groups.items():  # every group's finished outputs readable, first
+            _skipped_rows(
+                [p for p in group if skip_existing and _finished(p, out)], out, stain, mpp
+            )
         files: list[Path] = []
         for stain, group in groups.items():
             files += _segment_images(
@@ -870,20 +878,21 @@ def _segment_images(
     if trained_mpp is not None and abs(trained_mpp - cfg.target_mpp) > 1e-6:
         log.info("processing at %g µm/px, the resolution the model was trained at", trained_mpp)
         cfg = cfg.with_updates(target_mpp=trained_mpp)
+    fitted: list[Any] = []
     labeller = resolve_labeller(
-        model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, save_to=save_to
+        model, paths=paths, cfg=cfg, mpp=mpp, device=device, progress=progress, fitted=fitted
     )
     cache: dict[Path, np.ndarray] = {}
     if annotator is None and cfg.classes.enabled:
         annotator = model_classes(model, cfg.stain)
         if annotator is None:
             annotator = fit_image_classes(paths, labeller, cfg, mpp, cache)
-            if save_to is not None:  # the classes go with the network, as `wsi-psm fit` keeps them
-                _save_classes(save_to, annotator)
         else:
             notes.append(f"cell classes from the model file: {annotator.describe()}")
     if annotator is None:
         annotator = ShapeOnly()
+    if save_to is not None:  # the network and its classes in one file, as `wsi-psm fit` keeps them
+        _save_model(fitted[0], annotator, save_to)
     try:  # the fits are done: only now the folder (a failed fit leaves none)
         made = make_dirs(out)
     except OSError as err:
@@ -951,12 +960,16 @@ def _geojson_counts(image: Path, out: Path) -> Counter[str]:
     geo = output_paths(image, out)[0]
     try:
         features = json.loads(geo.read_text(encoding="utf-8"))["features"]
-    except (OSError, ValueError, KeyError) as err:
+        names = [
+            ((f.get("properties") or {}).get("classification") or {}).get("name", "Unclassified")
+            for f in features
+        ]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise OutputExistsError(
             f"cannot read {geo} to count its cells for summary.csv ({err}): delete it and "
             f"{output_paths(image, out)[1].name}, then rerun the same call with --skip-existing"
         ) from err
-    return Counter(f["properties"]["classification"]["name"] for f in features)
+    return Counter(names)
 
 
 __all__ = [
