@@ -272,6 +272,14 @@ def test_objects_of_marking_ink_get_no_payload_and_stay_out_of_the_fit() -> None
         [img], [labels], mpp=MPP, stain="he", matrix=default_stain_matrix("he")
     )
     assert clf.max_ink == 0.3 and "marking ink" in clf.describe()
+    # the inked objects stay out of the fit: the same rules as a fit without them
+    without = np.where(np.isin(labels, sorted(inked)), 0, labels)
+    ref = CellClassifier.fit(
+        [img], [without], mpp=MPP, stain="he", matrix=default_stain_matrix("he")
+    )
+    assert clf.pale == ref.pale and clf.classes == ref.classes
+    if clf.groups is not None:
+        np.testing.assert_allclose(clf.groups.means, ref.groups.means)
     back = CellClassifier.from_state(json.loads(json.dumps(clf.to_state())))
     assert back.max_ink == clf.max_ink
     polys = labels_to_polygons(labels)
