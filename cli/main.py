@@ -649,9 +649,9 @@ def eval_(
     gt: Annotated[
         Path,
         typer.Argument(
-            help="Folder of annotations: outlines (MoNuSeg XML, label images) or points (a "
-            "BCData .h5 root, or <stem>.geojson point annotations from QuPath, or <stem>.csv "
-            "with x, y, class; classes Positive / Negative).",
+            help="Folder of annotations: outlines (MoNuSeg XML, label images, or <stem>.geojson "
+            "outlines from QuPath) or points (a BCData .h5 root, <stem>.geojson point annotations "
+            "from QuPath, or <stem>.csv with x, y, class; classes Positive / Negative).",
             metavar="GT",
         ),
     ],

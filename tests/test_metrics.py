@@ -616,3 +616,52 @@ def test_point_files_bad_and_ambiguous(tmp_path: Path) -> None:
 def _write_csv(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_outlines_from_qupath_score_as_the_xml_does(tmp_path: Path, monuseg_dir: Path) -> None:
+    """A MoNuSeg XML's outlines exported as QuPath would (GeoJSON polygons, pixel corners: +0.5)
+    are segmentation ground truth: the same scores as the XML, to the rasterisers' edge rules,
+    whether the prediction is a label image or polygons (sized from their extent)."""
+    from scipy import ndimage as ndi
+
+    from wsi_psm.evaluation import is_detection_gt
+    from wsi_psm.groundtruth import load_monuseg_xml, monuseg_cases, monuseg_polygons
+    from wsi_psm.polygons import labels_to_polygons
+
+    case = monuseg_cases(monuseg_dir, xml_only=True)[0]
+    outlines = [
+        _feature_polygon((np.vstack([p, p[:1]]) + 0.5).tolist())
+        for p in monuseg_polygons(case.annotation)
+        if len(p) >= 3
+    ]
+    gt_dir, xml_dir, pred_tif, pred_gj = (tmp_path / n for n in ("gt", "xml", "pt", "pg"))
+    for d in (gt_dir, xml_dir, pred_tif, pred_gj):
+        d.mkdir()
+    _write_geojson(gt_dir / f"{case.stem}.geojson", outlines)
+    (xml_dir / f"{case.stem}.xml").write_bytes(case.annotation.read_bytes())
+    # a prediction: the annotated nuclei, each eroded by a pixel (a known, imperfect answer)
+    lab = load_monuseg_xml(case.annotation)
+    pred = np.where(ndi.grey_erosion(lab, size=3) == lab, lab, 0).astype(np.int32)
+    tifffile.imwrite(pred_tif / f"{case.stem}_labels.tif", pred)
+    feats = [_feature_polygon(shapely_coords(p)) for _, p in labels_to_polygons(pred)]
+    _write_geojson(pred_gj / f"{case.stem}.geojson", feats)
+    assert not is_detection_gt(gt_dir)
+    want = evaluate_segmentation(pred_tif, xml_dir)["mean"]
+    assert 0.6 < want["aji"] < 0.95  # (the erosion costs something)
+    for folder in (pred_tif, pred_gj):
+        got = evaluate_segmentation(folder, gt_dir)
+        assert got["images"][case.stem]["gt_kind"] == "geojson"
+        for k in ("pixel_f1", "object_dice", "aji"):
+            assert got["mean"][k] == pytest.approx(want[k], abs=0.02), k
+
+
+def _feature_polygon(ring: list) -> dict:
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {"objectType": "annotation"},
+    }
+
+
+def shapely_coords(poly) -> list:
+    return [list(c) for c in poly.exterior.coords]

@@ -4,7 +4,8 @@ Segmentation (MoNuSeg-style): predictions are ``<stem>_labels.tif`` integer labe
 polygons in image pixels (``<stem>.geojson``, ``<stem>.geojson.gz`` or a run folder
 ``<stem>/cells.geojson[.gz]``), rasterised with the pixel-centre rule of DESIGN.md's pixel-corner
 convention (later features win where they overlap). Ground truth is a MoNuSeg folder (XML where
-present, else the derived colour mask), or a folder of ``<stem>.xml`` / label images / colour PNGs.
+present, else the derived colour mask), or a folder of ``<stem>.xml`` / label images / colour PNGs /
+``<stem>.geojson`` outlines (as QuPath exports nucleus annotations).
 
 Detection (BCData-style): prediction polygons (or points) reduced to centroids, matched one-to-one to
 the annotated points within a radius, per class (Positive / Negative). Points come from BCData's
@@ -93,7 +94,7 @@ def _find_predictions(folder: Path, *, labels: bool = True) -> dict[str, Path]:
 
 
 def _find_segmentation_gt(folder: Path) -> dict[str, tuple[Path, str]]:
-    """stem -> (annotation file, kind) with kind one of "xml", "mask", "labels"."""
+    """stem -> (annotation file, kind) with kind one of "xml", "mask", "labels", "geojson"."""
     _require_folder(folder, "ground-truth")
     if (folder / "images").is_dir() and (folder / "annotations").is_dir():
         try:
@@ -110,6 +111,9 @@ def _find_segmentation_gt(folder: Path) -> dict[str, tuple[Path, str]]:
         if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES:
             kind = "mask" if in_monuseg and p.suffix.lower() == ".png" else "labels"
             found.setdefault(_strip_labels(p.stem), (p, kind))
+    for stem, p in _point_files(folder).items():  # outlines exported from QuPath
+        if p.suffix.lower() == ".geojson":
+            found.setdefault(stem, (p, "geojson"))
     for p in sorted(folder.iterdir()):  # XML wins over an image of the same stem
         if p.is_file() and p.suffix.lower() == ".xml":
             found[p.stem] = (p, "xml")
@@ -307,6 +311,8 @@ def evaluate_segmentation(
                 if shape
                 else _load_gt_labels(gt_path, kind, merge_colour_overlaps)
             )
+        elif kind == "geojson":
+            gt_labels = _outline_labels(gt_path, preds[stem], stem)
         else:
             gt_labels = _load_gt_labels(gt_path, kind, merge_colour_overlaps)
         pred_labels = load_prediction_labels(preds[stem], gt_labels.shape)
@@ -330,6 +336,30 @@ def evaluate_segmentation(
         "unmatched_pred": sorted(set(preds) - set(gts)),
         "unmatched_gt": sorted(set(gts) - set(preds)),
     }
+
+
+def _outline_labels(gt_path: Path, pred_path: Path, stem: str) -> np.ndarray:
+    """Ground-truth outlines of a GeoJSON (QuPath's export of nucleus annotations) as labels, at
+    the size of a label-image prediction, else of the image beside them, else of the extent of both
+    (a prediction of polygons: nothing beyond either is scored)."""
+    import shapely.geometry
+
+    feats = [
+        f
+        for f in _read_features(gt_path)
+        if f["geometry"].get("type") in ("Polygon", "MultiPolygon")
+    ]
+    if not feats:
+        raise EvaluationError(f"{gt_path} holds no outlines (Polygon features) to score against")
+    shape = _prediction_shape(pred_path) or _xml_shape(gt_path.parent, stem)
+    if shape is None:
+        both = feats + _read_features(pred_path)
+        bounds = [shapely.geometry.shape(f["geometry"]).bounds for f in both]
+        shape = (
+            int(np.ceil(max(b[3] for b in bounds))),
+            int(np.ceil(max(b[2] for b in bounds))),
+        )
+    return rasterise_features(feats, shape)
 
 
 def _prediction_shape(path: Path) -> tuple[int, int] | None:
@@ -381,7 +411,21 @@ def is_detection_gt(gt_dir: str | Path) -> bool:
     outlines = any(
         p.suffix.lower() in (*LABEL_SUFFIXES, ".xml") for p in gt_dir.iterdir() if p.is_file()
     )
-    return not outlines and bool(_point_files(gt_dir))
+    files = _point_files(gt_dir)
+    if outlines or not files:
+        return False
+    # GeoJSON holds either: the first file's geometries say which (points, or nucleus outlines)
+    first = next(iter(files.values()))
+    return first.suffix.lower() == ".csv" or _holds_points(first)
+
+
+def _holds_points(path: Path) -> bool:
+    try:
+        feats = _read_features(path)
+    except EvaluationError:
+        return True  # (unreadable: the detection reader says why)
+    kinds = [f["geometry"].get("type") for f in feats]
+    return not kinds or any(k in ("Point", "MultiPoint") for k in kinds)
 
 
 PointLoader = Callable[[], tuple[dict[str, np.ndarray], int]]

@@ -319,8 +319,8 @@ def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
             raise AnnotationError(f"{path}: bad point coordinates: {err}") from err
     if outlines and not out:
         raise AnnotationError(
-            f"{path} holds outlines, not points: detection is scored against point annotations "
-            "(outlines: give them as MoNuSeg XML or label images)"
+            f"{path} holds outlines, not points: a folder of outlines is scored as segmentation "
+            "ground truth, one of points as detection; keep the two kinds in separate folders"
         )
     return out
 
