@@ -383,9 +383,11 @@ def run(
         counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items())) or "no cells"
         console.print(f"{s.name}: {res.cells} cells ({counts}) -> {res.out_dir}", highlight=False)
     try:
-        write_slides_table(output, [s.name for s in slides])
+        table = write_slides_table(output, [s.name for s in slides])
     except OSError as err:
         raise write_error(err, output) from err
+    if table is not None:
+        console.print(f"cell counts per slide -> {table}", highlight=False)
     if failed:
         raise WsiPsmError(f"{len(failed)} of {len(slides)} slides failed: {', '.join(failed)}")
 
@@ -582,7 +584,8 @@ def segment(
         typer.Option(
             "--skip-existing",
             help="Skip images whose two outputs exist (a stopped run goes on; the network and "
-            "classes are still fitted on all the images, so the outputs match one whole run).",
+            "classes are still fitted on all the images, so with the same images the outputs "
+            "match one whole run).",
         ),
     ] = False,
     quiet: QuietOpt = False,
@@ -593,7 +596,7 @@ def segment(
 
     Without --model: H&E images go through the network shipped with wsi-psm; IHC images (which it
     was not trained on) get a network fitted on themselves, label-free (4-11 minutes on 2 CPU
-    cores, about 2 on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
+    cores, 1-2 on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
     images' own cells (a --model's own classes of the images' stain are used instead); a mix of
     stains is segmented stain by stain. segmenter.default_model in
     --config changes the route (shipped, fit, none).
@@ -634,6 +637,8 @@ def segment(
         + (f": {counts.total():,} cells ({cells})" if counts else ""),
         highlight=False,
     )
+    if (output / "summary.csv").is_file():
+        console.print(f"cell counts per image -> {output / 'summary.csv'}", highlight=False)
     if save_model is not None:
         console.print(f"fitted model saved -> {save_model} (reuse: --model)", highlight=False)
 
@@ -643,7 +648,9 @@ def eval_(
     pred: Annotated[
         Path,
         typer.Argument(
-            help="Folder of predictions (<stem>_labels.tif or <stem>.geojson).", metavar="PRED"
+            help="Folder of predictions (<stem>_labels.tif, <stem>.geojson[.gz], or run folders "
+            "<stem>/cells.geojson).",
+            metavar="PRED",
         ),
     ],
     gt: Annotated[

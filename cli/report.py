@@ -14,7 +14,12 @@ from rich.table import Table
 SEG_COLS = ("pixel_f1", "object_dice", "aji", "pq")
 
 
-GT_KINDS = {"xml": "XML annotations", "mask": "derived colour masks", "labels": "label images"}
+GT_KINDS = {
+    "xml": "XML annotations",
+    "mask": "derived colour masks",
+    "labels": "label images",
+    "geojson": "GeoJSON outlines",
+}
 
 
 def _seg_table(report: dict[str, Any]) -> Table:
@@ -70,7 +75,7 @@ def print_eval(
         table = _det_table(report)
     else:
         if radius is not None:
-            raise WsiPsmError("a match radius is for detection (BCData points), not for masks")
+            raise WsiPsmError("a match radius is for detection (points), not for outlines")
         report = evaluate_segmentation(pred, gt)
         table = _seg_table(report)
     # piped or redirected output is not cut at 80 columns (image names would lose their ends)
@@ -78,12 +83,32 @@ def print_eval(
     for key, what in (("unmatched_gt", "annotated images had no prediction"),
                       ("unmatched_pred", "predictions had no annotation")):  # fmt: skip
         if report.get(key):
-            Console(stderr=True).print(f"note: {len(report[key])} {what}", highlight=False)
+            Console(stderr=True, soft_wrap=True).print(
+                f"note: {len(report[key])} {what}", highlight=False
+            )
+    note = Console(stderr=True, soft_wrap=True)  # (one line each, also in a log file)
     if report.get("ignored_gt_points"):
-        Console(stderr=True).print(
-            f"note: {report['ignored_gt_points']} annotated points of classes other than "
-            "Positive / Negative were not scored",
+        seen = ", ".join(f"{k} {v}" for k, v in sorted(report["ignored_gt_classes"].items()))
+        note.print(
+            f"note: {report['ignored_gt_points']} annotated points were not scored ({seen}): "
+            "only Positive and Negative are",
             highlight=False,
+            markup=False,
+        )
+    if report.get("images_without_points"):
+        empty = report["images_without_points"]
+        note.print(
+            f"note: {len(empty)} annotation files hold no points ({', '.join(empty[:3])}"
+            f"{', ...' if len(empty) > 3 else ''}): their predictions all count as false",
+            highlight=False,
+            markup=False,
+        )
+    if report.get("ignored_gt_regions"):
+        note.print(
+            f"note: {report['ignored_gt_regions']} annotated outlines holding other outlines "
+            "(regions, not nuclei) were left out",
+            highlight=False,
+            markup=False,
         )
     if json_out is not None:
         try:

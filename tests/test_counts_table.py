@@ -91,6 +91,17 @@ def test_someone_elses_csv_is_refused_not_replaced(tmp_path) -> None:
         check_counts_table(tmp_path)
 
 
+def test_semicolons_and_empty_files(tmp_path) -> None:
+    write_counts_table(tmp_path, [CountsRow("a", "he", 0.5, 1.0, {"Nucleus": 3})])
+    text = (tmp_path / "summary.csv").read_text()
+    (tmp_path / "summary.csv").write_text(text.replace(",", ";"))  # a European spreadsheet's save
+    with pytest.raises(OutputExistsError, match="semicolon-separated"):
+        check_counts_table(tmp_path)
+    (tmp_path / "summary.csv").write_text("")  # an empty file: nothing in it to lose
+    write_counts_table(tmp_path, [CountsRow("b", "he", 0.5, 1.0, {"Nucleus": 1})])
+    assert [r["name"] for r in _rows(tmp_path)[1]] == ["b"]
+
+
 def test_a_table_saved_by_a_spreadsheet_is_merged(tmp_path) -> None:
     """Excel's "CSV UTF-8" adds a byte-order mark and CRLF line ends; a stray extra field is
     dropped, the rows are kept."""

@@ -558,16 +558,24 @@ def test_point_files_score_as_bcdata_does(tmp_path: Path, bcdata_dir: Path, caps
         rows = ["x,y,class"] + [f"{x},{y},{k}" for k, v in pts.items() for x, y in v]
         (cs / f"{stem}.csv").write_text("\n".join(rows) + "\n")
     want = evaluate_detection(pred, bcdata_dir, radius_px=10)
+    # the tiles beside their point files (as QuPath users export them) are not annotations
+    for stem in ("0", "1", "2"):
+        (gj / f"{stem}.png").write_bytes(
+            (bcdata_dir / "images" / "test" / f"{stem}.png").read_bytes()
+        )
     assert is_detection_gt(gj) and is_detection_gt(cs)
     for folder, ignored in ((gj, 3), (cs, 0)):
         got = evaluate_detection(pred, folder, radius_px=10)
         assert got["pooled"] == want["pooled"] and got["mean"] == want["mean"]
         assert got["n_images"] == 3 and got["ignored_gt_points"] == ignored
+    _write_geojson(gj / "2.png.geojson", [])  # an image whose export holds no point
     with pytest.raises(SystemExit) as exc:
         main(["eval", str(pred), str(gj)])
     assert exc.value.code == 0
     out, err = capsys.readouterr()
-    assert "detection at 10 px" in out and "3 annotated points of classes other than" in err
+    assert "note: 1 annotation files hold no points (2): their predictions all count" in err
+    assert "detection at 10 px" in out
+    assert "note: 2 annotated points were not scored (Stroma 2): only Positive and Negative" in err
 
 
 def test_point_files_bad_and_ambiguous(tmp_path: Path) -> None:
@@ -580,6 +588,15 @@ def test_point_files_bad_and_ambiguous(tmp_path: Path) -> None:
     (tmp_path / "b.csv").write_text("x,y,class\n1,2,Positive\nten,2,Negative\n")
     with pytest.raises(AnnotationError, match="line 3"):
         load_point_annotations(tmp_path / "b.csv")
+    # a CSV that is not a point table is named as such
+    bad = tmp_path / "semicolons"
+    bad.mkdir()
+    (bad / "0.csv").write_text("x;y;class\n1;2;Positive\n")
+    preds = tmp_path / "p"
+    preds.mkdir()
+    _write_geojson(preds / "0.geojson", [])
+    with pytest.raises(EvaluationError, match=r"0\.csv is not a point table"):
+        evaluate_detection(preds, bad)
     # outlines given as point annotations are refused, not scored as "no cells"
     _write_geojson(
         tmp_path / "outlines.geojson",
@@ -595,7 +612,7 @@ def test_point_files_bad_and_ambiguous(tmp_path: Path) -> None:
         _write_csv(tmp_path / "c.csv", "X,Y,Class\n1.5,2,POSITIVE\n3,4,\n")
     )
     assert pts["Positive"].tolist() == [[1.5, 2.0]] and pts["Negative"].shape == (0, 2)
-    assert ignored == 1
+    assert ignored == {"(no class)": 1}
     # a folder of label images with a stray CSV is segmentation ground truth, not points
     lab = tmp_path / "labels"
     lab.mkdir()
@@ -653,6 +670,48 @@ def test_outlines_from_qupath_score_as_the_xml_does(tmp_path: Path, monuseg_dir:
         assert got["images"][case.stem]["gt_kind"] == "geojson"
         for k in ("pixel_f1", "object_dice", "aji"):
             assert got["mean"][k] == pytest.approx(want[k], abs=0.02), k
+
+
+def test_outline_folders_as_users_export_them(tmp_path: Path, monuseg_dir: Path, capsys) -> None:
+    """Outlines beside their tiles, with the annotated field's region drawn around the nuclei, and
+    an image without nuclei (an empty export): the tiles size the rasters, the region is left out
+    (said in a note), the empty image scores its predictions as false."""
+    from PIL import Image
+    from wsi_psm.cli.main import main
+
+    from wsi_psm.groundtruth import load_monuseg_xml, monuseg_cases, monuseg_polygons
+    from wsi_psm.polygons import labels_to_polygons
+
+    case = monuseg_cases(monuseg_dir, xml_only=True)[0]
+    outlines = [
+        _feature_polygon((np.vstack([p, p[:1]]) + 0.5).tolist())
+        for p in monuseg_polygons(case.annotation)
+        if len(p) >= 3
+    ]
+    region = _feature_polygon([[1, 1], [999, 1], [999, 999], [1, 999], [1, 1]])
+    gt, gt_plain, pred = tmp_path / "gt", tmp_path / "plain", tmp_path / "pred"
+    for d in (gt, gt_plain, pred):
+        d.mkdir()
+    _write_geojson(gt / f"{case.stem}.geojson", [region, *outlines])
+    _write_geojson(gt_plain / f"{case.stem}.geojson", outlines)
+    Image.new("RGB", (1000, 1000), "white").save(gt / f"{case.stem}.png")  # the tile, beside
+    _write_geojson(gt / "0-empty.geojson", [])  # (sorts first: an empty file decides nothing)
+    Image.new("RGB", (64, 48), "white").save(gt / "0-empty.png")
+    lab = load_monuseg_xml(case.annotation)
+    _write_geojson(pred / f"{case.stem}.geojson",
+                   [_feature_polygon(shapely_coords(p)) for _, p in labels_to_polygons(lab)])  # fmt: skip
+    _write_geojson(pred / "0-empty.geojson", [_feature_polygon([[2, 2], [9, 2], [9, 9], [2, 2]])])
+    r = evaluate_segmentation(pred, gt)
+    want = evaluate_segmentation(pred, gt_plain)["images"][case.stem]
+    # (the tile sizes the raster at 1000², the extent a pixel less: edge nuclei differ a little)
+    assert r["images"][case.stem]["aji"] == pytest.approx(want["aji"], abs=1e-3)
+    assert want["aji"] > 0.95
+    assert r["ignored_gt_regions"] == 1 and r["images"]["0-empty"]["n_gt"] == 0
+    assert r["images"]["0-empty"]["pixel_f1"] == 0.0
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(pred), str(gt)])
+    assert exc.value.code == 0
+    assert "1 annotated outlines holding other outlines" in capsys.readouterr().err
 
 
 def _feature_polygon(ring: list) -> dict:

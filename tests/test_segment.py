@@ -726,7 +726,9 @@ def test_the_command_line_ends_with_the_cells_per_class(tmp_path, monuseg_dir, c
     assert exc.value.code in (0, None)
     feats = json.loads((tmp_path / "o" / "TCGA-21-5784-01Z-00-DX1.geojson").read_text())["features"]
     per_class = Counter(f["properties"]["classification"]["name"] for f in feats)
-    said = capsys.readouterr().err.strip().splitlines()[-1]
+    lines = capsys.readouterr().err.strip().splitlines()
+    said = next(ln for ln in lines if "image(s) segmented" in ln)
+    assert lines[-1] == f"cell counts per image -> {tmp_path / 'o' / 'summary.csv'}"
     listed = ", ".join(f"{k} {v:,}" for k, v in per_class.most_common())
     assert said.endswith(f": {len(feats):,} cells ({listed})"), said
     # and `eval` says what it scored against

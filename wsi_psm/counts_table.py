@@ -118,7 +118,7 @@ def read_counts_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     p = Path(path)
     if p.is_dir():
         raise OutputWriteError(f"cannot write {p}: it is a folder")
-    if not p.is_file():
+    if not p.is_file() or p.stat().st_size == 0:  # (an empty file holds nothing to lose)
         return []
     try:
         with p.open(newline="", encoding="utf-8-sig") as fh:
@@ -130,6 +130,8 @@ def read_counts_table(path: str | os.PathLike[str]) -> list[dict[str, str]]:
     except OSError as err:
         raise OutputWriteError(f"cannot read {p}: {err.strerror or err}") from err
     if head[: len(HEAD)] != list(HEAD):
+        if head and head[0].startswith(f"{HEAD[0]};"):  # ours, re-saved by a spreadsheet
+            raise _not_ours(p, "it is semicolon-separated: save it as comma-separated CSV")
         raise _not_ours(p, f"its header is {', '.join(head[:5]) or 'empty'}")
     return rows
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -111,9 +112,9 @@ def _find_segmentation_gt(folder: Path) -> dict[str, tuple[Path, str]]:
         if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES:
             kind = "mask" if in_monuseg and p.suffix.lower() == ".png" else "labels"
             found.setdefault(_strip_labels(p.stem), (p, kind))
-    for stem, p in _point_files(folder).items():  # outlines exported from QuPath
-        if p.suffix.lower() == ".geojson":
-            found.setdefault(stem, (p, "geojson"))
+    for stem, p in _point_files(folder).items():  # outlines exported from QuPath (beside their
+        if p.suffix.lower() == ".geojson":  # tiles, perhaps: the GeoJSON is the annotation)
+            found[stem] = (p, "geojson")
     for p in sorted(folder.iterdir()):  # XML wins over an image of the same stem
         if p.is_file() and p.suffix.lower() == ".xml":
             found[p.stem] = (p, "xml")
@@ -130,7 +131,11 @@ def _match(
             "or <stem>/cells.geojson)"
         )
     if not gt:
-        raise EvaluationError(f"no ground truth in {gt_dir}")
+        raise EvaluationError(
+            f"no ground truth in {gt_dir}"
+            + _csv_hint(gt_dir, " (expected MoNuSeg XML, label images, QuPath GeoJSON, "
+                        "<stem>.csv points or BCData)")
+        )  # fmt: skip
     common = sorted(set(pred) & set(gt))
     if not common:
 
@@ -265,15 +270,24 @@ def _load_gt_labels(path: Path, kind: str, merge_colour_overlaps: bool) -> np.nd
         raise EvaluationError(str(err)) from err
 
 
-def _xml_shape(gt_labels_dir: Path, stem: str) -> tuple[int, int] | None:
-    """The image size for an XML's raster, when the image sits next to it (MoNuSeg layout)."""
-    for cand in (gt_labels_dir.parent / "images" / f"{stem}.tif", gt_labels_dir / f"{stem}.tif"):
-        if cand.is_file():
-            import tifffile
+def _image_shape(gt_labels_dir: Path, stem: str) -> tuple[int, int] | None:
+    """The image size for a raster of outlines (XML, GeoJSON), when the image sits next to them
+    (or in ``../images``, MoNuSeg's layout)."""
+    from PIL import Image
 
-            with tifffile.TiffFile(cand) as tf:
-                page = tf.pages[0]
-                return int(page.shape[0]), int(page.shape[1])
+    for folder in (gt_labels_dir.parent / "images", gt_labels_dir):
+        for suffix in (".tif", ".tiff", ".png", ".jpg", ".jpeg"):
+            cand = folder / f"{stem}{suffix}"
+            if not cand.is_file():
+                continue
+            if suffix in (".tif", ".tiff"):
+                import tifffile
+
+                with tifffile.TiffFile(cand) as tf:
+                    page = tf.pages[0]
+                    return int(page.shape[0]), int(page.shape[1])
+            with Image.open(cand) as im:  # (reads the header only)
+                return im.height, im.width
     return None
 
 
@@ -302,8 +316,9 @@ def evaluate_segmentation(
     rows: dict[str, dict[str, Any]] = {}
     for stem in common:
         gt_path, kind = gts[stem]
+        regions = 0
         if kind == "xml":
-            shape = _xml_shape(gt_path.parent, stem)
+            shape = _image_shape(gt_path.parent, stem)
             if shape is None:  # no image beside the XML: take the size from a label prediction
                 shape = _prediction_shape(preds[stem])
             gt_labels = (
@@ -312,7 +327,7 @@ def evaluate_segmentation(
                 else _load_gt_labels(gt_path, kind, merge_colour_overlaps)
             )
         elif kind == "geojson":
-            gt_labels = _outline_labels(gt_path, preds[stem], stem)
+            gt_labels, regions = _outline_labels(gt_path, preds[stem], stem)
         else:
             gt_labels = _load_gt_labels(gt_path, kind, merge_colour_overlaps)
         pred_labels = load_prediction_labels(preds[stem], gt_labels.shape)
@@ -322,6 +337,7 @@ def evaluate_segmentation(
             "n_pred": int(len(np.unique(pred_labels)) - (1 if (pred_labels == 0).any() else 0)),
             "n_gt": int(len(np.unique(gt_labels)) - (1 if (gt_labels == 0).any() else 0)),
             "gt_kind": kind,
+            "ignored_gt_regions": regions,
             "pred_file": preds[stem].name
             if preds[stem].parent == pred_dir
             else str(preds[stem].relative_to(pred_dir)),
@@ -335,13 +351,16 @@ def evaluate_segmentation(
         "mean": _mean(rows, SEGMENTATION_KEYS),
         "unmatched_pred": sorted(set(preds) - set(gts)),
         "unmatched_gt": sorted(set(gts) - set(preds)),
+        "ignored_gt_regions": sum(r["ignored_gt_regions"] for r in rows.values()),
     }
 
 
-def _outline_labels(gt_path: Path, pred_path: Path, stem: str) -> np.ndarray:
+def _outline_labels(gt_path: Path, pred_path: Path, stem: str) -> tuple[np.ndarray, int]:
     """Ground-truth outlines of a GeoJSON (QuPath's export of nucleus annotations) as labels, at
     the size of a label-image prediction, else of the image beside them, else of the extent of both
-    (a prediction of polygons: nothing beyond either is scored)."""
+    (a prediction of polygons: nothing beyond either is scored); and the number of region outlines
+    left out. A file without outlines is an image without nuclei."""
+    import shapely
     import shapely.geometry
 
     feats = [
@@ -349,17 +368,24 @@ def _outline_labels(gt_path: Path, pred_path: Path, stem: str) -> np.ndarray:
         for f in _read_features(gt_path)
         if f["geometry"].get("type") in ("Polygon", "MultiPolygon")
     ]
-    if not feats:
-        raise EvaluationError(f"{gt_path} holds no outlines (Polygon features) to score against")
-    shape = _prediction_shape(pred_path) or _xml_shape(gt_path.parent, stem)
+    # a region drawn around the nuclei (QuPath's annotated field) is no nucleus: an outline that
+    # holds two or more other outlines' centres is left out
+    regions = 0
+    if len(feats) > 2:
+        geoms = np.array([shapely.geometry.shape(f["geometry"]) for f in feats], dtype=object)
+        inside = shapely.STRtree(shapely.point_on_surface(geoms)).query(geoms, "contains")
+        holds = np.bincount(inside[0], minlength=len(geoms)) - 1  # (each holds its own point)
+        regions = int((holds >= 2).sum())
+        feats = [f for f, n in zip(feats, holds, strict=True) if n < 2]
+    shape = _prediction_shape(pred_path) or _image_shape(gt_path.parent, stem)
     if shape is None:
         both = feats + _read_features(pred_path)
-        bounds = [shapely.geometry.shape(f["geometry"]).bounds for f in both]
+        bounds = [shapely.geometry.shape(f["geometry"]).bounds for f in both] or [(0, 0, 1, 1)]
         shape = (
             int(np.ceil(max(b[3] for b in bounds))),
             int(np.ceil(max(b[2] for b in bounds))),
         )
-    return rasterise_features(feats, shape)
+    return rasterise_features(feats, shape), regions
 
 
 def _prediction_shape(path: Path) -> tuple[int, int] | None:
@@ -386,11 +412,19 @@ def _point_files(gt_dir: Path) -> dict[str, Path]:
     """stem -> ``<stem>.geojson`` / ``<stem>.csv`` point annotations (GeoJSON wins) in ``gt_dir``;
     a file named after the whole image name (``<stem>.png.geojson``) counts as ``<stem>``."""
     found: dict[str, Path] = {}
-    for p in sorted(gt_dir.iterdir(), key=lambda p: p.suffix.lower() == ".geojson"):
+    for p in sorted(gt_dir.iterdir(), key=lambda p: (p.suffix.lower() == ".geojson", p.name)):
         if p.is_file() and p.suffix.lower() in POINT_SUFFIXES and _may_hold_points(p):
             stem = Path(p.stem)
             found[stem.stem if stem.suffix.lower() in TILE_SUFFIXES else p.stem] = p
     return found
+
+
+def _csv_hint(gt_dir: Path, otherwise: str) -> str:
+    """Why a folder with CSVs held no ground truth: the first CSV is no point table."""
+    csvs = sorted(p.name for p in gt_dir.glob("*.csv")) if gt_dir.is_dir() else []
+    if csvs:
+        return f": {csvs[0]} is not a point table (expected comma-separated columns x, y, class)"
+    return otherwise
 
 
 def _may_hold_points(path: Path) -> bool:
@@ -408,54 +442,64 @@ def is_detection_gt(gt_dir: str | Path) -> bool:
         return True
     if (gt_dir / "images").is_dir():  # another dataset root (MoNuSeg's: its manifest is no points)
         return False
-    outlines = any(
-        p.suffix.lower() in (*LABEL_SUFFIXES, ".xml") for p in gt_dir.iterdir() if p.is_file()
-    )
     files = _point_files(gt_dir)
+    # (an image named like a point file is its tile, beside it: not an annotation)
+    outlines = any(
+        p.suffix.lower() in (*LABEL_SUFFIXES, ".xml") and p.stem not in files
+        for p in gt_dir.iterdir()
+        if p.is_file()
+    )
     if outlines or not files:
         return False
-    # GeoJSON holds either: the first file's geometries say which (points, or nucleus outlines)
-    first = next(iter(files.values()))
-    return first.suffix.lower() == ".csv" or _holds_points(first)
+    # GeoJSON holds either: the first file with any geometry says which (points, or outlines)
+    for path in files.values():
+        kind = "points" if path.suffix.lower() == ".csv" else _geometry_kind(path)
+        if kind is not None:
+            return kind == "points"
+    return True  # (only empty files: nothing to outline)
 
 
-def _holds_points(path: Path) -> bool:
+def _geometry_kind(path: Path) -> str | None:
+    """ "points" or "outlines" for a GeoJSON's features; None when it has none (or is unreadable:
+    the reader of either kind says why)."""
     try:
-        feats = _read_features(path)
+        kinds = {f["geometry"].get("type") for f in _read_features(path)}
     except EvaluationError:
-        return True  # (unreadable: the detection reader says why)
-    kinds = [f["geometry"].get("type") for f in feats]
-    return not kinds or any(k in ("Point", "MultiPoint") for k in kinds)
+        return None
+    if kinds & {"Point", "MultiPoint"}:
+        return "points"
+    return "outlines" if kinds else None
 
 
-PointLoader = Callable[[], tuple[dict[str, np.ndarray], int]]
+PointLoader = Callable[[], tuple[dict[str, np.ndarray], dict[str, int]]]
 
 
 def _detection_gt(gt_dir: Path) -> dict[str, PointLoader]:
     """stem -> loader of its annotated points per class (continuous pixel coordinates) and the
-    number of points of other classes."""
+    points not scored, by class name."""
     ann_dir = _bcdata_dir(gt_dir)
     if ann_dir is not None:
 
         def bcdata(stem: str) -> tuple[dict[str, np.ndarray], int]:
             # BCData's points are pixel indices; in the pixel-corner convention a pixel's
             # centre is +0.5
-            return {k: v + 0.5 for k, v in load_bcdata_points(ann_dir, stem).items()}, 0
+            return {k: v + 0.5 for k, v in load_bcdata_points(ann_dir, stem).items()}, {}
 
         stems = sorted(p.stem for p in (ann_dir / "positive").glob("*.h5"))
         return {s: functools.partial(bcdata, s) for s in stems}
     files = _point_files(gt_dir)
     if not files:
         raise EvaluationError(
-            f"no point annotations under {gt_dir} (expected BCData's [annotations/test/]"
-            "positive/<id>.h5, or <stem>.geojson / <stem>.csv point files)"
-        )
+            f"no point annotations under {gt_dir}"
+            + _csv_hint(gt_dir, " (expected BCData's [annotations/test/]positive/<id>.h5, or "
+                        "<stem>.geojson / <stem>.csv point files)")
+        )  # fmt: skip
     return {s: functools.partial(load_point_annotations, p) for s, p in files.items()}
 
 
 def _iter_detection(
     preds: dict[str, Path], gt: dict[str, PointLoader], common: list[str]
-) -> Iterator[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray], int]]:
+) -> Iterator[tuple[str, dict[str, np.ndarray], dict[str, np.ndarray], dict[str, int]]]:
     for stem in common:
         try:
             gt_pts, ignored = gt[stem]()
@@ -484,7 +528,8 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     its ``annotations`` folder, or ``annotations/test``; or a folder of ``<stem>.geojson`` point
     annotations (Point / MultiPoint, classified Positive / Negative, as QuPath exports them) or
     ``<stem>.csv`` (x, y, class), continuous pixel coordinates. Points of other classes are not
-    scored: their number is ``ignored_gt_points`` (per image and in all).
+    scored: their number is ``ignored_gt_points`` and their classes ``ignored_gt_classes`` (per
+    image and in all); ``images_without_points`` names annotation files that hold none.
 
     Returns ``{"task": "detection", "radius_px", "n_images", "images": {stem: detection_scores},
     "mean": {class: {precision, recall, f1, abs_count_error}, "mean_f1", "overall_f1"} (means over
@@ -503,7 +548,8 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     for stem, p, g, ignored in _iter_detection(preds, gt_points, common):
         s = detection_scores(p, g, radius_px)
         s["positive_index"] = _positive_index(s["classes"])
-        s["ignored_gt_points"] = ignored
+        s["ignored_gt_points"] = sum(ignored.values())
+        s["ignored_gt_classes"] = ignored
         images[stem] = s
         for name, c in [*s["classes"].items(), ("overall", s["overall"])]:
             t = totals.setdefault(name, {"tp": 0, "fp": 0, "fn": 0, "n_pred": 0, "n_gt": 0})
@@ -540,4 +586,10 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
         "unmatched_pred": sorted(set(preds) - set(gt_points)),
         "unmatched_gt": sorted(set(gt_points) - set(preds)),
         "ignored_gt_points": sum(s["ignored_gt_points"] for s in images.values()),
+        "ignored_gt_classes": dict(
+            sum((Counter(s["ignored_gt_classes"]) for s in images.values()), Counter())
+        ),
+        "images_without_points": [
+            k for k, s in images.items() if s["overall"]["n_gt"] + s["ignored_gt_points"] == 0
+        ],
     }

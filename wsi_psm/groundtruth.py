@@ -311,7 +311,7 @@ def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
             outlines += 1  # (e.g. the outline of the annotated field: not points)
             continue
         cls = (f.get("properties") or {}).get("classification")
-        name = point_class(cls.get("name") if isinstance(cls, dict) else cls)
+        name = cls.get("name") if isinstance(cls, dict) else cls
         coords = [geom["coordinates"]] if geom["type"] == "Point" else geom["coordinates"]
         try:
             out += [(name, float(c[0]), float(c[1])) for c in coords]
@@ -355,25 +355,36 @@ def _csv_points(path: Path) -> list[tuple[str | None, float, float]]:
     out = []
     for i, r in enumerate(rows, 2):
         try:
-            out.append((point_class(r["class"]), float(r["x"]), float(r["y"])))
+            out.append((r["class"] or None, float(r["x"]), float(r["y"])))
         except (TypeError, ValueError) as err:
             raise AnnotationError(f"{path}, line {i}: x and y must be numbers: {err}") from err
     return out
 
 
-def load_point_annotations(path: str | Path) -> tuple[dict[str, np.ndarray], int]:
+NO_CLASS = "(no class)"
+
+
+def load_point_annotations(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The Positive / Negative points of one image from a point file: GeoJSON Point / MultiPoint
     features with a classification (as QuPath exports point annotations), or a CSV with the
     columns x, y, class. Coordinates are image pixels, continuous (the pixel-corner convention:
-    a pixel's centre is at +0.5). Returns ``({"Positive": (N, 2), "Negative": (M, 2)}, number of
-    points of other classes, which are not scored)``."""
+    a pixel's centre is at +0.5). Returns ``({"Positive": (N, 2), "Negative": (M, 2)}, {class
+    name: number of points} of the points not scored: other classes, and ``NO_CLASS``)``."""
     p = Path(path)
-    pts = _csv_points(p) if p.suffix.lower() == ".csv" else _geojson_points(p)
+    pts = [
+        (point_class(n), n, x, y)
+        for n, x, y in (_csv_points(p) if p.suffix.lower() == ".csv" else _geojson_points(p))
+    ]
     out = {
-        c: np.asarray([(x, y) for n, x, y in pts if n == c], dtype=np.float64).reshape(-1, 2)
+        c: np.asarray([(x, y) for k, _, x, y in pts if k == c], dtype=np.float64).reshape(-1, 2)
         for c in BCDATA_CLASSES
     }
-    return out, sum(n is None for n, _, _ in pts)
+    ignored: dict[str, int] = {}
+    for k, n, _, _ in pts:
+        if k is None:
+            name = str(n) if n else NO_CLASS
+            ignored[name] = ignored.get(name, 0) + 1
+    return out, ignored
 
 
 # --------------------------------------------------------------------------- case listings
