@@ -164,3 +164,22 @@ def test_rows_follow_their_own_classes_and_natural_order(tmp_path) -> None:
     (tmp_path / "summary.csv").write_text("\n".join([", ".join(text[0].split(",")), *text[1:]]))
     assert [r["name"] for r in read_counts_table(tmp_path / "summary.csv")] == ["2", "10"]
     assert natural_key("tile1².png")  # a non-decimal digit is text, not a crash
+
+
+def test_a_lock_held_too_long_does_not_hang_the_run(tmp_path, monkeypatch, caplog) -> None:
+    """A lock that is never released (a stuck process, a network file system's lock service)
+    delays the update by LOCK_WAIT_S at most; the table is still written, with a warning."""
+    fcntl = pytest.importorskip("fcntl")
+    import os
+
+    import wsi_psm.counts_table
+
+    monkeypatch.setattr(wsi_psm.counts_table, "LOCK_WAIT_S", 0.2)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # (another open file description: it conflicts)
+        with caplog.at_level("WARNING", logger="wsi_psm.counts_table"):
+            write_counts_table(tmp_path, [CountsRow("a", "he", 0.5, 1.0, {"Nucleus": 1})])
+    finally:
+        os.close(fd)
+    assert "without its lock" in caplog.text and [r["name"] for r in _rows(tmp_path)[1]] == ["a"]

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from .errors import OutputExistsError, OutputWriteError
 log = logging.getLogger(__name__)
 
 TABLE_NAME = "summary.csv"
+LOCK_WAIT_S = 60.0
 HEAD = ("name", "stain", "mpp", "area_mm2", "cells")
 TAIL = ("positive_index", "cells_per_mm2")
 CLASS_ORDER = (POSITIVE[0], NEGATIVE[0], *GROUP_NAMES[4], NUCLEUS[0])
@@ -160,7 +162,9 @@ def check_counts_table(folder: str | os.PathLike[str]) -> None:
 def _locked(folder: Path) -> Iterator[None]:
     """Two calls updating one folder's table at once (an array job's slides) take turns, so
     neither drops the other's rows. A lock on the folder itself (POSIX ``flock``: nothing is left
-    behind); where there is none (Windows, a file system without locks) the update goes unlocked."""
+    behind); where there is none (Windows, a file system without locks) the update goes unlocked,
+    and so it does after LOCK_WAIT_S (a network file system whose lock service hangs must not
+    hang the run: an update takes milliseconds)."""
     try:
         import fcntl
     except ImportError:
@@ -172,8 +176,18 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
         return
     try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("%s: updating %s without its lock", folder, TABLE_NAME)
+                    break
+                time.sleep(0.01)
+            except OSError:  # no locks on this file system
+                break
         yield
     finally:
         os.close(fd)  # (releases the lock)
