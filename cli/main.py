@@ -572,9 +572,11 @@ def segment(
         Path | None,
         typer.Option(
             "--save-model",
-            help="Also save the network fitted on the images (IHC, or another --target-mpp), "
-            "with the cell classes fitted on them, to this file, to segment more images with "
-            "--model instead of fitting again.",
+            help="Also save the network (fitted on the images: IHC, another --target-mpp; or "
+            "the shipped one: H&E) with the cell classes fitted on them, to this file, to "
+            "segment more images with --model under the same classes, without fitting again "
+            "(H&E: also fits the activation net the file holds, +14 s for 3 MoNuSeg images on 2 "
+            "CPU cores).",
             dir_okay=False,
         ),
     ] = None,

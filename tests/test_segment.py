@@ -490,7 +490,7 @@ def test_fit_on_the_given_images(tmp_path, caplog, monkeypatch) -> None:
     assert "look ihc-dab but the model was fitted on he tissue" in caplog.text
 
 
-def test_save_model_is_refused_before_any_work_when_nothing_is_fitted(
+def test_save_model_is_refused_before_any_work_when_nothing_is_made(
     tmp_path, trained_net, monkeypatch
 ) -> None:
     import wsi_psm.segment
@@ -500,15 +500,36 @@ def test_save_model_is_refused_before_any_work_when_nothing_is_fitted(
     img, _ = synthetic_tile(64)
     write_png(tmp_path / "a.png", img)
     out = tmp_path / "o"
-    with pytest.raises(
-        InvalidArgumentError, match=r"no network is fitted here \(--model was given\)"
-    ):
+    with pytest.raises(InvalidArgumentError, match=r"no model is made here \(--model was given\)"):
         segment_images([tmp_path / "a.png"], out, CFG, model=trained_net, mpp=0.5,
                        save_model=tmp_path / "m.pt")  # fmt: skip
-    he = CFG.with_updates(stain="he")  # the shipped network's route at its resolution
-    with pytest.raises(InvalidArgumentError, match="use the shipped network"):
-        segment_images([tmp_path / "a.png"], out, he, mpp=0.5, save_model=tmp_path / "m.pt")
+    none = CFG.with_updates(**{"segmenter.default_model": "none"})
+    with pytest.raises(InvalidArgumentError, match="default_model is none"):
+        segment_images([tmp_path / "a.png"], out, none, mpp=0.5, save_model=tmp_path / "m.pt")
     assert not out.exists() and not (tmp_path / "m.pt").exists()
+
+
+def test_he_groups_kept_across_calls_with_the_shipped_network(tmp_path, monuseg_dir) -> None:
+    """H&E tiles: --save-model keeps the shipped network with the groups fitted in the call, so a
+    tile segmented later with --model gets the very cells and classes the whole call gave it."""
+    from wsi_psm.model import ModelBundle
+
+    img = np.asarray(
+        Image.open(monuseg_dir / "images" / "TCGA-21-5784-01Z-00-DX1.tif").convert("RGB")
+    )
+    srcs = []
+    for k, (r, c) in enumerate(((0, 0), (0, 500), (500, 0), (500, 500))):
+        srcs.append(tmp_path / f"q{k}.png")
+        write_png(srcs[-1], img[r : r + 500, c : c + 500])
+    small_psm = CFG.with_updates(**{"psm.fit_steps": 4, "psm.fit_batch": 2})
+    saved = tmp_path / "he.pt"
+    segment_images(srcs, tmp_path / "all", small_psm, mpp=0.25, save_model=saved)
+    bundle = ModelBundle.load(saved)
+    assert bundle.provenance["segmenter"] == "shipped" and bundle.stain == "he"
+    assert bundle.component_meta["classes"]["stain"] == "he"
+    alone = segment_images(srcs[2:3], tmp_path / "one", CFG, mpp=0.25, model=bundle)
+    assert alone[0].read_bytes() == (tmp_path / "all" / "q2.geojson").read_bytes()
+    assert alone[1].read_bytes() == (tmp_path / "all" / "q2_labels.tif").read_bytes()
 
 
 def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:

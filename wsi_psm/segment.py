@@ -694,6 +694,21 @@ def model_classes(model: Any, stain: str) -> CellClassifier | None:
     return CellClassifier.from_state(state)
 
 
+def _shipped_bundle(
+    paths: Sequence[Path], cfg: RunConfig, mpp: float | None, device: torch.device
+) -> Any:
+    """A model file's bundle for the shipped network's route (H&E): the shipped network, with the
+    activation net and pseudo-mask clustering fitted on a sample of the images (a model file holds
+    every stage, as `wsi-psm fit` writes it; the route itself uses none of them)."""
+    from .model import fit_model
+
+    sample = fit_sample(paths, cfg)
+    images = read_processing_images(sample, cfg, mpp)
+    bundle = fit_model(images, cfg, device=device, sources=[p.name for p in sample])
+    bundle.provenance["segmenter"] = attach_segmenter(bundle, images, cfg, device=device)
+    return bundle
+
+
 def _save_model(bundle: Any, annotator: CellAnnotator, path: Path) -> None:
     """--save-model: the network fitted on the images and the classes fitted on their cells,
     written once (atomically), so an interrupted call leaves no model file without its classes."""
@@ -722,13 +737,9 @@ def _check_save_model(
             f"--save-model: the images are of {len(groups)} stains ({', '.join(groups)}), each "
             "fitted apart: segment them stain by stain to save each network"
         )
-    fitted = model is None and cfg.segmenter.default_model != "none"
-    if not fitted or uses_shipped_network(next(iter(groups)), cfg):  # resolve_labeller's route
-        why = "--model was given" if model is not None else (
-            "segmenter.default_model is none" if cfg.segmenter.default_model == "none"
-            else "H&E images at the shipped network's resolution use the shipped network"
-        )  # fmt: skip
-        raise InvalidArgumentError(f"--save-model: no network is fitted here ({why})")
+    if model is not None or cfg.segmenter.default_model == "none":
+        why = "--model was given" if model is not None else "segmenter.default_model is none"
+        raise InvalidArgumentError(f"--save-model: no model is made here ({why})")
     if path.is_dir():
         raise InvalidArgumentError(
             f"--save-model {path} is a folder: give a file, e.g. {path / 'model.pt'}"
@@ -892,7 +903,8 @@ def _segment_images(
     if annotator is None:
         annotator = ShapeOnly()
     if save_to is not None:  # the network and its classes in one file, as `wsi-psm fit` keeps them
-        _save_model(fitted[0], annotator, save_to)
+        bundle = fitted[0] if fitted else _shipped_bundle(paths, cfg, mpp, device)
+        _save_model(bundle, annotator, save_to)
     try:  # the fits are done: only now the folder (a failed fit leaves none)
         made = make_dirs(out)
     except OSError as err:
