@@ -17,8 +17,6 @@ Both return plain dicts (the CLI renders them); annotations are only ever read h
 from __future__ import annotations
 
 import functools
-import gzip
-import json
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,6 +38,7 @@ from wsi_psm.groundtruth import (
     load_monuseg_xml,
     load_point_annotations,
     monuseg_cases,
+    read_geojson_features,
 )
 from wsi_psm.metrics import detection_scores, prf, segmentation_scores
 
@@ -155,20 +154,9 @@ def _match(
 
 def _read_features(path: Path) -> list[dict[str, Any]]:
     try:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError, EOFError) as err:
-        raise EvaluationError(f"cannot read GeoJSON {path}: {err}") from err
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        feats = data.get("features", [])
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        feats = [data]
-    elif isinstance(data, list):
-        feats = data
-    else:
-        raise EvaluationError(f"{path}: not a GeoJSON FeatureCollection")
-    return [f for f in feats if isinstance(f, dict) and isinstance(f.get("geometry"), dict)]
+        return read_geojson_features(path)
+    except AnnotationError as err:
+        raise EvaluationError(str(err)) from err
 
 
 def rasterise_features(features: list[dict[str, Any]], shape: tuple[int, int]) -> np.ndarray:
@@ -480,7 +468,7 @@ def _detection_gt(gt_dir: Path) -> dict[str, PointLoader]:
     ann_dir = _bcdata_dir(gt_dir)
     if ann_dir is not None:
 
-        def bcdata(stem: str) -> tuple[dict[str, np.ndarray], int]:
+        def bcdata(stem: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
             # BCData's points are pixel indices; in the pixel-corner convention a pixel's
             # centre is +0.5
             return {k: v + 0.5 for k, v in load_bcdata_points(ann_dir, stem).items()}, {}

@@ -17,10 +17,11 @@ the order in which a drawing tool paints them. A label can therefore come out in
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from skimage.draw import polygon as draw_polygon
@@ -291,23 +292,32 @@ def point_class(name: object) -> str | None:
     return next((c for c in BCDATA_CLASSES if c.lower() == last), None)
 
 
-def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
+def read_geojson_features(path: str | Path) -> list[dict[str, Any]]:
+    """The features with a geometry of a GeoJSON file (``.gz`` too): a FeatureCollection, one
+    Feature, or a bare list of features (QuPath's "export as array")."""
+    path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError, EOFError) as err:
         raise AnnotationError(f"cannot read GeoJSON {path}: {err}") from err
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         feats = data.get("features") or []
     elif isinstance(data, dict) and data.get("type") == "Feature":
         feats = [data]
-    elif isinstance(data, list):  # QuPath's "export as array"
+    elif isinstance(data, list):
         feats = data
     else:
         raise AnnotationError(f"{path}: not a GeoJSON FeatureCollection")
+    return [f for f in feats if isinstance(f, dict) and isinstance(f.get("geometry"), dict)]
+
+
+def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
     out, outlines = [], 0
-    for f in feats:
-        geom = f.get("geometry") if isinstance(f, dict) else None
-        if not isinstance(geom, dict) or geom.get("type") not in ("Point", "MultiPoint"):
+    for f in read_geojson_features(path):
+        geom = f["geometry"]
+        if geom.get("type") not in ("Point", "MultiPoint"):
             outlines += 1  # (e.g. the outline of the annotated field: not points)
             continue
         cls = (f.get("properties") or {}).get("classification")
@@ -338,11 +348,13 @@ def _csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def is_point_csv(path: str | Path) -> bool:
-    """Whether a CSV's header names the point columns x, y and class."""
+    """Whether a CSV's header names the point columns x, y and class (its first line only)."""
     try:
-        return POINT_COLUMNS <= set(_csv_rows(Path(path))[0])
+        with Path(path).open(newline="", encoding="utf-8-sig") as fh:
+            head = next(csv.reader(fh), [])
     except (OSError, UnicodeDecodeError, csv.Error):
         return False
+    return POINT_COLUMNS <= {h.strip().lower() for h in head}
 
 
 def _csv_points(path: Path) -> list[tuple[str | None, float, float]]:
