@@ -508,10 +508,11 @@ def positive_index(counts: Mapping[str, int]) -> float | None:
 def ink_fraction(image: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Share of each label's pixels (``ids``, rows of a :class:`CellFeatures`) that are marking
     ink (:func:`stain.ink_pixels`)."""
-    lab = np.asarray(labels).ravel()
-    n = max(int(lab.max()) + 1, int(ids.max(initial=0)) + 1)
-    ink = np.bincount(lab, ink_pixels(image).ravel(), n)
-    return ink[ids] / np.maximum(np.bincount(lab, minlength=n)[ids], 1)
+    lab = np.asarray(labels)
+    inside = lab > 0  # (only the objects' pixels are judged: a tile is mostly background)
+    n = max(int(lab.max(initial=0)) + 1, int(ids.max(initial=0)) + 1)
+    ink = np.bincount(lab[inside], ink_pixels(np.asarray(image)[inside]), n)
+    return ink[ids] / np.maximum(np.bincount(lab[inside], minlength=n)[ids], 1)
 
 
 Color = tuple[int, int, int]

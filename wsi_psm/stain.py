@@ -58,7 +58,7 @@ def stained_pixels(rgb: np.ndarray) -> np.ndarray:
 # Marking ink on H&E: hues neither stain makes (haematoxylin is blue-purple, eosin pink), from
 # yellow-green to cyan, with a chroma (max - min channel) that glass and grey dirt lack. Pathologists'
 # teal, green and light-blue pens fall here; blue and black ones do not (they look like haematoxylin).
-INK_HUE_DEG = (75.0, 200.0)
+INK_HUE_DEG = (75, 200)
 INK_MIN_CHROMA = 20  # of 255
 
 
@@ -66,16 +66,16 @@ def ink_pixels(rgb: np.ndarray) -> np.ndarray:
     """Boolean (H, W): pixels of uint8 RGB with an H&E-foreign hue (``INK_HUE_DEG``) and chroma
     at least ``INK_MIN_CHROMA``. On H&E these are marking ink; do not apply it to H-DAB, whose pale
     haematoxylin can reach cyan (hue 196-200 on some BCData nuclei)."""
-    f = np.asarray(rgb, dtype=np.float32)
-    r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    mx, mn = f.max(axis=-1), f.min(axis=-1)
+    a = np.asarray(rgb, dtype=np.int32)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    mx, mn = a.max(axis=-1), a.min(axis=-1)
     c = mx - mn
-    safe = np.maximum(c, 1.0)
-    # the hexcone hue in sixths of the circle; red-max pixels (hue under 60 or over 300) never pass
-    sixth = np.where(mx == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0)
-    hue = 60.0 * sixth
     lo, hi = INK_HUE_DEG
-    return (c >= INK_MIN_CHROMA) & (mx != r) & (hue > lo) & (hue < hi)
+    # the hexcone hue without a division: green-max pixels lie at 60-180° (hue = 120 + 60 (b - r)
+    # / c, so over lo when 60 (b - r) > (lo - 120) c), blue-max ones at 180-300° (hue = 240 + 60
+    # (r - g) / c, under hi when 60 (r - g) < (hi - 240) c); red-max ones (under 60°, over 300°) never
+    in_band = np.where(mx == g, 60 * (b - r) > (lo - 120) * c, 60 * (r - g) < (hi - 240) * c)
+    return (c >= INK_MIN_CHROMA) & (mx != r) & in_band
 
 
 def default_stain_matrix(stain: Stain = "he") -> np.ndarray:
