@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     elif args.detector == "pipeline":
         # what `run` does on an IHC slide: one bundle (activation net + two-stage DAB / haematoxylin
         # clustering) fitted on the images' pixels as if they were one slide, pseudo masks split by
-        # the watershed (no downstream network: see segment.attach_segmenter)
+        # the watershed (no downstream network: see networks.attach_segmenter)
         from wsi_psm.inference import make_predictor
         from wsi_psm.model import fit_model
 
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         # the downstream network that `segment` uses by default (the shipped model), read out at
         # the processing resolution with the run's thresholds
-        from wsi_psm.segment import default_model
+        from wsi_psm.networks import default_model
         from wsi_psm.segmenter.predict import predict_maps
         from wsi_psm.segmenter.readout import instances_from_maps
 
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu = torch.device("cpu")
         if args.detector == "segment-fit":
             # `segment`'s "fit" default: the whole label-free chain fitted on these images' pixels
-            from wsi_psm.segment import fit_on_images, resolve_model
+            from wsi_psm.networks import fit_on_images, resolve_model
 
             bundle = fit_on_images(proc, rc, device=cpu)
             net = resolve_model(bundle, paths=[], cfg=rc, mpp=None, device=cpu)

@@ -35,9 +35,9 @@ def agreement(slide: str, n_tiles: int, device: str) -> None:
     from wsi_psm.config import RunConfig
     from wsi_psm.fit import fit_model_on_context
     from wsi_psm.metrics import aji, pixel_f1
+    from wsi_psm.networks import default_model
     from wsi_psm.pipeline import prepare_slide, read_tile
     from wsi_psm.psm.maps import compute_psm
-    from wsi_psm.segment import default_model
     from wsi_psm.segmenter.predict import network_maps
     from wsi_psm.segmenter.readout import instances_from_maps
 

@@ -38,7 +38,8 @@ from wsi_psm.evaluation import SEGMENTATION_KEYS, evaluate_segmentation
 from wsi_psm.groundtruth import load_monuseg_labels, monuseg_cases
 from wsi_psm.instances import split_instances
 from wsi_psm.metrics import segmentation_scores
-from wsi_psm.segment import DEFAULT_MODEL, model_mpp, pseudo_masks_per_image, segment_images
+from wsi_psm.networks import DEFAULT_MODEL, model_mpp, pseudo_masks_per_image
+from wsi_psm.segment import segment_images
 from wsi_psm.slide import Slide
 
 ROOT = Path(__file__).resolve().parents[1]

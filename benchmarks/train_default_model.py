@@ -5,7 +5,7 @@ annotation of any kind is read), so the 13 images with XML stay unseen for measu
 (benchmarks/monuseg_segment.py). MoNuSeg: Kumar et al., IEEE TMI 2017/2020; licence CC BY-NC-SA 4.0,
 so the shipped weights are for non-commercial research use.
 
-Chain (``wsi_psm.segment.fit_on_images``, the same that ``segment`` runs with
+Chain (``wsi_psm.networks.fit_on_images``, the same that ``segment`` runs with
 ``segmenter.default_model = "fit"``): images read at ``RunConfig().target_mpp`` (0.5 µm/px, from
 0.25) -> self-supervised activation net fitted on all 17 -> PSM -> one PSM + haematoxylin k-means
 clustering per image -> pseudo masks -> downstream U-Net trained on them -> one point/Voronoi
@@ -41,7 +41,7 @@ from wsi_psm.allocator import tune_malloc
 from wsi_psm.config import RunConfig
 from wsi_psm.groundtruth import monuseg_cases
 from wsi_psm.model import ModelBundle
-from wsi_psm.segment import DEFAULT_MODEL, fit_on_images, read_processing_images
+from wsi_psm.networks import DEFAULT_MODEL, fit_on_images, read_processing_images
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "monuseg-train"

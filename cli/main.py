@@ -607,7 +607,8 @@ def segment(
     """
     from wsi_psm.classes import positive_index
     from wsi_psm.discovery import find_slides
-    from wsi_psm.segment import model_mpp, segment_images
+    from wsi_psm.networks import model_mpp
+    from wsi_psm.segment import segment_images
 
     from .progress import progress_bars
 

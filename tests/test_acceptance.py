@@ -89,7 +89,7 @@ def test_outputs_meet_the_contract(cmu_run):
 def test_slide_cells_come_from_the_downstream_network(cmu_run, quick_model):
     # an H&E slide gets the shipped segmenter, the same network `segment` uses on tiles
     from wsi_psm.model import ModelBundle
-    from wsi_psm.segment import bundle_segmenter
+    from wsi_psm.networks import bundle_segmenter
 
     summary = json.loads((cmu_run.out_dir / "summary.json").read_text())
     assert summary["model"]["provenance"]["segmenter"] == "shipped"

@@ -304,12 +304,12 @@ def test_segment_refuses_an_image_that_vanishes_before_any_fit(tmp_path, capsys,
     """A 1 x 1 px image at 0.25 µm/px is under a pixel at 0.5 µm/px: named at the input check,
     before a network is fitted on the folder it sits in (it used to end the fit with an internal
     ZeroDivisionError)."""
-    import wsi_psm.segment
+    import wsi_psm.networks
 
     def no_fit(*args, **kwargs):
         raise AssertionError("the fit started although an input is unusable")
 
-    monkeypatch.setattr(wsi_psm.segment, "fit_on_images", no_fit)
+    monkeypatch.setattr(wsi_psm.networks, "fit_on_images", no_fit)
     folder = tmp_path / "imgs"
     folder.mkdir()
     _he_png(folder / "ok.png", 128)

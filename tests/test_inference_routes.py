@@ -12,7 +12,7 @@ import torch
 
 from wsi_psm.config import RunConfig
 from wsi_psm.inference import MapsLabeller, NetworkPredictor
-from wsi_psm.segment import DEFAULT_MODEL, attach_segmenter, bundle_segmenter, default_model
+from wsi_psm.networks import DEFAULT_MODEL, attach_segmenter, bundle_segmenter, default_model
 from wsi_psm.segmenter.network import SegNet
 
 CPU = torch.device("cpu")
@@ -60,7 +60,7 @@ def test_fitted_networks_average_test_time_magnifications() -> None:
     """A fitted network's predictor averages ``segmenter.fitted_scales``; the shipped network's
     does not (it has the magnification check)."""
     from wsi_psm.inference import make_predictor
-    from wsi_psm.segment import set_segmenter
+    from wsi_psm.networks import set_segmenter
 
     cfg = RunConfig().with_updates(**{"classes.enabled": False})
     shipped = SimpleNamespace(stain="he", components={}, component_meta={}, provenance={})
@@ -79,7 +79,7 @@ def test_the_shipped_network_is_known_by_its_weights_however_it_arrives(tmp_path
     bundle; a network that differs in one weight is a fitted one."""
     import shutil
 
-    from wsi_psm.segment import is_shipped_network, load_segmenter
+    from wsi_psm.networks import is_shipped_network, load_segmenter
 
     copy = tmp_path / "copy.pt"
     shutil.copy(DEFAULT_MODEL, copy)

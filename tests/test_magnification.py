@@ -20,8 +20,8 @@ from wsi_psm.magnification import (
     magnified_run,
 )
 from wsi_psm.metrics import segmentation_scores
+from wsi_psm.networks import DEFAULT_MODEL, default_model
 from wsi_psm.pipeline import prepare_slide, run_slide
-from wsi_psm.segment import DEFAULT_MODEL, default_model
 
 # four MoNuSeg images of small, crowded nuclei (6-8 µm²; the shipped model's unlabelled training
 # pixels, scored here against their derived masks: this checks behaviour, nothing is tuned on it)

@@ -19,17 +19,14 @@ from wsi_psm.config import RunConfig
 from wsi_psm.errors import MissingMppError, ModelError, OutputExistsError
 from wsi_psm.evaluation import rasterise_features
 from wsi_psm.export import load_schema
-from wsi_psm.segment import (
+from wsi_psm.networks import (
     DEFAULT_MODEL,
-    SegmentInputError,
     load_segmenter,
-    model_classes,
     model_mpp,
-    output_paths,
     resolve_model,
-    segment_images,
     shipped_matches,
 )
+from wsi_psm.segment import SegmentInputError, model_classes, output_paths, segment_images
 from wsi_psm.segmenter.network import SegNet, save_segmenter
 from wsi_psm.segmenter.train import fit_segmenter, sample_from_labels
 

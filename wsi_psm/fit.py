@@ -2,7 +2,7 @@
 
 Order of the stages (each one's output feeds the next; no annotation anywhere): stain detection ->
 self-supervised activation net (+ PSM calibration) -> pseudo-mask clustering (model.fit_model) ->
-downstream segmenter (segment.attach_segmenter: the shipped one, or trained on the pseudo masks) ->
+downstream segmenter (networks.attach_segmenter: the shipped one, or trained on the pseudo masks) ->
 instances on the fit tiles (from the segmenter when there is one) -> cell classes.
 """
 
@@ -20,9 +20,9 @@ from .config import RunConfig
 from .errors import MixedStainError
 from .inference import make_predictor
 from .model import ModelBundle, fit_model
+from .networks import attach_segmenter, uses_shipped_network
 from .pipeline import SlideContext, prepare_slide, sample_tiles
 from .progress import NullProgress, ProgressHook
-from .segment import attach_segmenter, uses_shipped_network
 from .stain import detect_stain
 
 

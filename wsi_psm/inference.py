@@ -18,10 +18,10 @@ from .clustering import PseudoMaskModel
 from .config import RunConfig
 from .instances import split_instances
 from .model import ModelBundle
+from .networks import bundle_segmenter, is_shipped_network, network_scales
 from .pipeline import CellAnnotator, ShapeOnly, TilePredictor
 from .psm.maps import compute_psm
 from .psm.network import ActivationNet
-from .segment import bundle_segmenter, is_shipped_network, network_scales
 from .segmenter.network import Segmenter
 from .segmenter.predict import SegmenterPredictor
 from .segmenter.readout import MapsLabeller
