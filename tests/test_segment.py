@@ -26,6 +26,7 @@ from wsi_psm.networks import (
     resolve_model,
     shipped_matches,
 )
+from wsi_psm.pipeline import ShapeOnly
 from wsi_psm.segment import SegmentInputError, model_classes, output_paths, segment_images
 from wsi_psm.segmenter.network import SegNet, save_segmenter
 from wsi_psm.segmenter.train import fit_segmenter, sample_from_labels
@@ -181,6 +182,38 @@ def test_summary_table_across_reruns(tmp_path, trained_net) -> None:
     with pytest.raises(OutputExistsError, match=r"10\.geojson.*--skip-existing"):
         segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, skip_existing=True)
     assert not (out / "2.geojson").exists() and not (out / "summary.csv").exists()
+
+
+class _TwoGroups(ShapeOnly):
+    """A fitted class model with two groups, every cell in the first (the second is empty)."""
+
+    classes = (("Small nucleus", (0, 128, 255)), ("Large nucleus", (255, 0, 0)))
+
+    def annotate(self, image, labels, cands, mpp_l0) -> None:
+        super().annotate(image, labels, cands, mpp_l0)
+        for c in cands:
+            c.payload = (*self.classes[0], c.payload[2])
+
+
+def test_skipped_rows_count_empty_classes_as_zero(tmp_path, trained_net) -> None:
+    """A skipped image's row, rebuilt from its GeoJSON (which names only the classes present),
+    counts the call's empty class as 0, as the call that segmented it did, not blank."""
+    srcs = []
+    for i, name in enumerate("ab"):
+        srcs.append(tmp_path / f"{name}.png")
+        write_png(srcs[-1], synthetic_tile(64, i)[0])
+    out = tmp_path / "o"
+    segment_images(srcs, out, CFG, model=trained_net, mpp=0.5, annotator=_TwoGroups())
+    table = (out / "summary.csv").read_text()
+    with (out / "summary.csv").open() as fh:
+        assert {r["Large nucleus"] for r in csv.DictReader(fh)} == {"0"}
+    (out / "summary.csv").unlink()
+    for f in output_paths(srcs[0], out):  # a redone, b skipped
+        f.unlink()
+    segment_images(
+        srcs, out, CFG, model=trained_net, mpp=0.5, annotator=_TwoGroups(), skip_existing=True
+    )
+    assert (out / "summary.csv").read_text() == table
 
 
 def test_summary_table_refusals_and_mixed_stains(tmp_path, trained_net, monkeypatch) -> None:

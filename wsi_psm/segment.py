@@ -26,6 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -649,7 +650,9 @@ def _segment_images(
         remove_made(made)  # (only if nothing is in it: the first image failed, or was stopped)
         raise
     progress.done(SEGMENT_STAGE)
-    rows += skipped
+    # a skipped image's row rebuilt from its GeoJSON: this call's classes that it has no cell of
+    # are counted 0, as its own call counted them (the GeoJSON holds only the classes present)
+    rows += [replace(r, counts={**dict.fromkeys(class_names, 0), **r.counts}) for r in skipped]
     return written
 
 
