@@ -351,9 +351,9 @@ def run(
     pseudo masks and a segmentation network trained on them (4-11 minutes on 2 CPU cores, a
     minute or two on a GPU), then its Positive / Negative rule.
     """
+    from wsi_psm.atomic import write_error
     from wsi_psm.counts_table import check_counts_table, write_slides_table
     from wsi_psm.discovery import find_slides
-    from wsi_psm.export import write_error
     from wsi_psm.pipeline import process_slide
 
     from .progress import progress_bars
@@ -415,8 +415,8 @@ def fit(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit a model (self-supervised, no labels) on a cohort of slides, for `run --model`."""
+    from wsi_psm.atomic import check_writable, write_error
     from wsi_psm.discovery import find_slides
-    from wsi_psm.export import check_writable, write_error
     from wsi_psm.fit import fit_model_on_slides
     from wsi_psm.model import ModelBundle
 

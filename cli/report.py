@@ -60,9 +60,9 @@ def print_eval(
     pred: Path, gt: Path, *, radius: float | None, json_out: Path | None
 ) -> dict[str, Any]:
     """Evaluate ``pred`` against ``gt`` (segmentation, or detection when ``gt`` holds BCData .h5 files)."""
+    from wsi_psm.atomic import check_writable, write_error
     from wsi_psm.errors import OutputWriteError, WsiPsmError
     from wsi_psm.evaluation import evaluate_detection, evaluate_segmentation, is_detection_gt
-    from wsi_psm.export import check_writable, write_error
 
     if json_out is not None:  # before the scoring, not after it
         if json_out.is_dir():

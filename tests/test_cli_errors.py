@@ -475,7 +475,7 @@ def test_sigterm_removes_the_temporary_output(tmp_path, capsys, cmu_svs, monkeyp
     import time
 
     import wsi_psm.pipeline
-    from wsi_psm.export import OutputFolder
+    from wsi_psm.atomic import OutputFolder
 
     def terminated_mid_write(path, out_dir, cfg, **kwargs):
         with OutputFolder(out_dir) as tmp:

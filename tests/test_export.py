@@ -20,13 +20,13 @@ from PIL import Image
 from shapely.geometry import Polygon, box
 from skimage.draw import disk
 
+from wsi_psm.atomic import OutputFolder
 from wsi_psm.config import RunConfig
 from wsi_psm.errors import OutputExistsError, OutputWriteError
 from wsi_psm.export import (
     CellRecord,
     GeoJSONWriter,
     GeoParquetWriter,
-    OutputFolder,
     OverlayRenderer,
     PreparedCell,
     class_counts_summary,

@@ -1,14 +1,20 @@
 """Writing outputs so that a reader (or a crash) sees the old file or the whole new one, never
-part, and a failed write leaves no folders it made behind."""
+part, and a failed write leaves no folders it made behind: folders made for a write, a model file
+saved under a temporary name, a slide's output folder published whole (:class:`OutputFolder`), and
+the one-line error for a write the disk refused (:func:`write_error`)."""
 
 from __future__ import annotations
 
 import errno
 import io
 import os
+import shutil
 import uuid
 from pathlib import Path
+from types import TracebackType
 from typing import Any
+
+from .errors import OutputExistsError, OutputWriteError
 
 
 def make_dirs(folder: str | os.PathLike[str]) -> list[Path]:
@@ -68,3 +74,150 @@ def torch_save_atomic(payload: Any, path: str | Path) -> Path:
         remove_made(made)
         raise
     return path
+
+
+# errnos that mean "cannot write here"
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+
+
+def _is_write_error(err: OSError, *roots: Path) -> bool:
+    """An OSError that means "cannot write here": no space, read-only, no permission, on one of our
+    output paths (or with no path, as a failed write() reports)."""
+    if err.errno not in _WRITE_ERRNOS:
+        return False
+    if err.filename is None:
+        return True
+    name = os.path.abspath(os.fsdecode(err.filename))
+    return any(name == str(r) or name.startswith(str(r) + os.sep) for r in roots)
+
+
+def write_error(err: OSError, fallback: str | os.PathLike[str]) -> OutputWriteError:
+    """The one-line error for an OSError met writing an output (its own path, else ``fallback``)."""
+    where = os.fsdecode(err.filename) if err.filename else str(fallback)
+    reason = err.strerror or str(err)
+    return OutputWriteError(f"cannot write output {where}: {reason}")
+
+
+def _fsync(p: Path) -> None:
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the files and the folder to disk so the rename publishes complete data."""
+    for p in [*root.rglob("*"), root]:
+        _fsync(p)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def check_writable(final: str | os.PathLike[str]) -> None:
+    """Fail now, before hours of work, if ``final`` (a folder or file to be written later) could
+    not be created: a probe folder is made beside it and removed, as are any parent folders it
+    needed (they are made again when the output is written). OutputWriteError (one line) if not."""
+    final = Path(os.path.abspath(final))
+    made: list[Path] = []
+    probe = final.parent / f".{final.name}.probe-{uuid.uuid4().hex[:12]}"
+    try:
+        made = make_dirs(final.parent)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        if err.filename is not None and os.fsdecode(err.filename) == str(probe):
+            err.filename = None  # name the user's path, not the probe's
+        raise write_error(err, final) from err
+    finally:
+        remove_made(made)
+
+
+class OutputFolder:
+    """One slide's output folder, written under a temporary name and renamed when complete.
+
+    ``with OutputFolder(out_dir, overwrite) as tmp:`` checks at entry (before any work) that
+    ``out_dir`` does not exist unless ``overwrite`` (OutputExistsError), creates the hidden sibling
+    ``.<name>.tmp-<hex>`` (same file system, so the rename is atomic) and yields it. On a clean exit
+    the files are fsynced and the folder renamed to ``out_dir``; with ``overwrite`` the old output is
+    first renamed aside, then deleted once the new one is in place (restored if the swap fails). On
+    any exception the temporary folder is removed and an existing output is left untouched.
+    OSErrors meaning a full, read-only or forbidden disk on the output paths become OutputWriteError
+    (one line naming the path). A process killed outright can leave a ``.<name>.tmp-*`` folder
+    behind; it never has the final name, and is safe to delete.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike[str], overwrite: bool = False) -> None:
+        self.final = Path(os.path.abspath(out_dir))
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+        self.made: list[Path] = []  # parent folders made for it: removed again if it fails
+
+    def __enter__(self) -> Path:
+        final = self.final
+        if (final.exists() or final.is_symlink()) and not self.overwrite:
+            raise OutputExistsError(
+                f"output exists: {final} (use --overwrite to replace it, or choose another folder)"
+            )
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            self.made = make_dirs(final.parent)
+            tmp.mkdir()
+        except OSError as err:
+            remove_made(self.made)
+            raise write_error(err, final) from err
+        self.tmp = tmp
+        return tmp
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tmp, final = self.tmp, self.final
+        assert tmp is not None
+        self.tmp = None
+        if exc is not None:
+            _remove(tmp)
+            remove_made(self.made)
+            if isinstance(exc, OSError) and _is_write_error(exc, tmp, final):
+                raise write_error(exc, final) from exc
+            return  # re-raised by the with statement
+        try:
+            self._commit(tmp, final)
+        except BaseException as err:
+            _remove(tmp)
+            remove_made(self.made)
+            if isinstance(err, OSError) and _is_write_error(err, tmp, final, final.parent):
+                raise write_error(err, final) from err
+            raise
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        _fsync_tree(tmp)
+        exists = final.exists() or final.is_symlink()
+        if exists and not self.overwrite:  # appeared while we worked
+            raise OutputExistsError(f"output exists: {final} (another run wrote it meanwhile)")
+        aside = None
+        if exists:
+            aside = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(final, aside)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside, final)
+            raise
+        _fsync(final.parent)
+        if aside is not None:
+            _remove(aside)

@@ -14,10 +14,10 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from .atomic import write_error
 from .config import RunConfig
 from .counts_table import check_counts_table, write_slides_table
 from .errors import OutputExistsError
-from .export import write_error
 from .pipeline import SlideRun, process_slide
 from .progress import ProgressHook
 

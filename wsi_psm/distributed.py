@@ -124,12 +124,12 @@ def run_batch(
                 f"cannot reach the Dask scheduler at {scheduler!r}: {err}"
             ) from err
         # made once here, not by the first task, so that concurrent slides never race to make it
-        # (or to remove it again after a probe: export.check_writable); after the connection, so
+        # (or to remove it again after a probe: atomic.check_writable); after the connection, so
         # a wrong address leaves no folder behind; removed at the end if no slide wrote into it
         try:
             made = make_dirs(out_root)
         except OSError as err:
-            from .export import write_error
+            from .atomic import write_error
 
             client.close()
             if cluster is not None:
@@ -181,7 +181,7 @@ def run_batch(
     try:  # the cohort table: every slide of the batch with a finished folder, skipped ones too
         write_slides_table(out_root, [s.name for s in slides])
     except OSError as err:
-        from .export import write_error
+        from .atomic import write_error
 
         raise write_error(err, out_root) from err
     return [outcomes[s.name] for s in slides]

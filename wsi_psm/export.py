@@ -1,5 +1,6 @@
 """Writing one slide's results: cells as streamed GeoJSON and GeoParquet, summary.json, overlay.png,
-all inside an output folder that appears under its final name only when complete.
+written into an output folder that appears under its final name only when complete
+(:class:`wsi_psm.atomic.OutputFolder`).
 
 Contract (DESIGN.md "Outputs"): every cell is a Feature with a UUID ``id``, a Polygon in level-0 px and
 ``properties = {"objectType": "detection", "classification": {"name", "color"}, "measurements": {..}}``;
@@ -9,7 +10,6 @@ hold the same cells with the same ids and the same (rounded) geometry.
 
 from __future__ import annotations
 
-import errno
 import gzip as _gzip
 import importlib.metadata
 import importlib.resources
@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,16 +35,13 @@ from PIL import Image, ImageDraw
 from shapely.geometry import Polygon
 
 from wsi_psm import __version__
-from wsi_psm.atomic import make_dirs, remove_made
 from wsi_psm.config import RunConfig
-from wsi_psm.errors import OutputExistsError, OutputWriteError
 
 JSON_SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SUMMARY_SCHEMA_VERSION = "1.0"
 # Namespace of the deterministic cell ids (uuid5); changing it changes every id ever written.
 CELL_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "wsi-psm:cell")
 # errno values that mean "this output cannot be written here" rather than a bug.
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -909,162 +905,13 @@ def render_overlay(
     return r.save(path)
 
 
-# --------------------------------------------------------------------------------------------------
-# the output folder
-
-
-def _is_write_error(err: OSError, *roots: Path) -> bool:
-    """An OSError that means "cannot write here": no space, read-only, no permission, on one of our
-    output paths (or with no path, as a failed write() reports)."""
-    if err.errno not in _WRITE_ERRNOS:
-        return False
-    if err.filename is None:
-        return True
-    name = os.path.abspath(os.fsdecode(err.filename))
-    return any(name == str(r) or name.startswith(str(r) + os.sep) for r in roots)
-
-
-def write_error(err: OSError, fallback: str | os.PathLike[str]) -> OutputWriteError:
-    """The one-line error for an OSError met writing an output (its own path, else ``fallback``)."""
-    where = os.fsdecode(err.filename) if err.filename else str(fallback)
-    reason = err.strerror or str(err)
-    return OutputWriteError(f"cannot write output {where}: {reason}")
-
-
-def _fsync(p: Path) -> None:
-    try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush the files and the folder to disk so the rename publishes complete data."""
-    for p in [*root.rglob("*"), root]:
-        _fsync(p)
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
-
-
-def check_writable(final: str | os.PathLike[str]) -> None:
-    """Fail now, before hours of work, if ``final`` (a folder or file to be written later) could
-    not be created: a probe folder is made beside it and removed, as are any parent folders it
-    needed (they are made again when the output is written). OutputWriteError (one line) if not."""
-    final = Path(os.path.abspath(final))
-    made: list[Path] = []
-    probe = final.parent / f".{final.name}.probe-{uuid.uuid4().hex[:12]}"
-    try:
-        made = make_dirs(final.parent)
-        probe.mkdir()
-        probe.rmdir()
-    except OSError as err:
-        if err.filename is not None and os.fsdecode(err.filename) == str(probe):
-            err.filename = None  # name the user's path, not the probe's
-        raise write_error(err, final) from err
-    finally:
-        remove_made(made)
-
-
-class OutputFolder:
-    """One slide's output folder, written under a temporary name and renamed when complete.
-
-    ``with OutputFolder(out_dir, overwrite) as tmp:`` checks at entry (before any work) that
-    ``out_dir`` does not exist unless ``overwrite`` (OutputExistsError), creates the hidden sibling
-    ``.<name>.tmp-<hex>`` (same file system, so the rename is atomic) and yields it. On a clean exit
-    the files are fsynced and the folder renamed to ``out_dir``; with ``overwrite`` the old output is
-    first renamed aside, then deleted once the new one is in place (restored if the swap fails). On
-    any exception the temporary folder is removed and an existing output is left untouched.
-    OSErrors meaning a full, read-only or forbidden disk on the output paths become OutputWriteError
-    (one line naming the path). A process killed outright can leave a ``.<name>.tmp-*`` folder
-    behind; it never has the final name, and is safe to delete.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike[str], overwrite: bool = False) -> None:
-        self.final = Path(os.path.abspath(out_dir))
-        self.overwrite = overwrite
-        self.tmp: Path | None = None
-        self.made: list[Path] = []  # parent folders made for it: removed again if it fails
-
-    def __enter__(self) -> Path:
-        final = self.final
-        if (final.exists() or final.is_symlink()) and not self.overwrite:
-            raise OutputExistsError(
-                f"output exists: {final} (use --overwrite to replace it, or choose another folder)"
-            )
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
-        try:
-            self.made = make_dirs(final.parent)
-            tmp.mkdir()
-        except OSError as err:
-            remove_made(self.made)
-            raise write_error(err, final) from err
-        self.tmp = tmp
-        return tmp
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        tmp, final = self.tmp, self.final
-        assert tmp is not None
-        self.tmp = None
-        if exc is not None:
-            _remove(tmp)
-            remove_made(self.made)
-            if isinstance(exc, OSError) and _is_write_error(exc, tmp, final):
-                raise write_error(exc, final) from exc
-            return  # re-raised by the with statement
-        try:
-            self._commit(tmp, final)
-        except BaseException as err:
-            _remove(tmp)
-            remove_made(self.made)
-            if isinstance(err, OSError) and _is_write_error(err, tmp, final, final.parent):
-                raise write_error(err, final) from err
-            raise
-
-    def _commit(self, tmp: Path, final: Path) -> None:
-        _fsync_tree(tmp)
-        exists = final.exists() or final.is_symlink()
-        if exists and not self.overwrite:  # appeared while we worked
-            raise OutputExistsError(f"output exists: {final} (another run wrote it meanwhile)")
-        aside = None
-        if exists:
-            aside = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
-            os.rename(final, aside)
-        try:
-            os.rename(tmp, final)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, final)
-            raise
-        _fsync(final.parent)
-        if aside is not None:
-            _remove(aside)
-
-
 __all__ = [
     "CELL_ID_NAMESPACE",
     "CellRecord",
     "GeoJSONWriter",
     "GeoParquetWriter",
-    "OutputFolder",
     "OverlayRenderer",
     "cell_id",
-    "check_writable",
     "class_counts_summary",
     "config_json_schema",
     "load_schema",
@@ -1072,6 +919,5 @@ __all__ = [
     "software_versions",
     "utc_now_iso",
     "write_config_schema",
-    "write_error",
     "write_summary",
 ]

@@ -28,16 +28,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .allocator import tune_malloc
+from .atomic import OutputFolder, check_writable
 from .config import RunConfig
 from .export import (
     CellBlock,
     CellRecord,
     GeoJSONWriter,
     GeoParquetWriter,
-    OutputFolder,
     OverlayRenderer,
     PreparedCell,
-    check_writable,
     class_counts_summary,
     pack_cells,
     prepare_cells,

@@ -35,7 +35,7 @@ import tifffile
 import torch
 from torch.nn import functional as F
 
-from .atomic import make_dirs, remove_made
+from .atomic import check_writable, make_dirs, remove_made, write_error
 from .classes import CLASSES_COMPONENT, CellClassifier
 from .config import RunConfig
 from .counts_table import (
@@ -51,7 +51,7 @@ from .errors import (
     OutputWriteError,
     WsiPsmError,
 )
-from .export import CellRecord, GeoJSONWriter, check_writable, prepare_cells, write_error
+from .export import CellRecord, GeoJSONWriter, prepare_cells
 from .instances import resize_labels
 from .magnification import zoom_resolves
 from .networks import (
