@@ -269,7 +269,11 @@ def info(
     backend: BackendOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Print a slide's size, pyramid levels, resolution, vendor and reader."""
+    """Print a slide's size, pyramid levels, resolution, vendor and reader.
+
+    Also says whether `run` would take the slide (brightfield, stained); exit code 1 when it would
+    refuse it, after the facts (for scripts that screen a folder), 0 otherwise.
+    """
     import json
 
     from rich.table import Table
@@ -280,9 +284,10 @@ def info(
         warn_mpp_override(s.info)
         d = s.info.to_dict()
         d["input_check"] = _input_check(s)
+    refused = str(d["input_check"]).startswith("refused")
     if as_json:
         print(json.dumps(d, indent=2))
-        return
+        raise typer.Exit(1 if refused else 0)
     rows = [
         ("name", d["name"]),
         ("path", d["path"]),
@@ -308,13 +313,15 @@ def info(
     out = Console()
     if not out.is_terminal:  # piped: one unwrapped line per row, for grep and scripts
         print("\n".join(f"{k:<10} {v}" for k, v in rows))
-        return
-    t = Table(show_header=False, box=None)
-    t.add_column(no_wrap=True)
-    t.add_column(overflow="fold")  # long paths wrap whole, not cut with an ellipsis
-    for k, v in rows:
-        t.add_row(k, v)
-    out.print(t)
+    else:
+        t = Table(show_header=False, box=None)
+        t.add_column(no_wrap=True)
+        t.add_column(overflow="fold")  # long paths wrap whole, not cut with an ellipsis
+        for k, v in rows:
+            t.add_row(k, v)
+        out.print(t)
+    if refused:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -351,10 +358,10 @@ def run(
     pseudo masks and a segmentation network trained on them (4-11 minutes on 2 CPU cores, a
     minute or two on a GPU), then its Positive / Negative rule.
     """
-    from wsi_psm.atomic import write_error
-    from wsi_psm.counts_table import check_counts_table, write_slides_table
+    from wsi_psm.atomic import remove_stale_temps
+    from wsi_psm.counts_table import check_counts_table
     from wsi_psm.discovery import find_slides
-    from wsi_psm.pipeline import process_slide
+    from wsi_psm.pipeline import finished_output, process_slide
 
     from .progress import progress_bars
 
@@ -365,31 +372,49 @@ def run(
     check_counts_table(output)  # a summary.csv that is not ours stops the run before any work
     bundle = _load_model(model) if model else None
     failed = []
-    for s in slides:
-        out_dir = output / s.name
-        if skip_existing and out_dir.exists():
-            console.print(f"{s.name}: output exists, skipped ({out_dir})")
-            continue
-        try:
-            with progress_bars(not quiet, prefix=f"{s.name}: ") as prog:
-                res = process_slide(s.path, out_dir, cfg, model=bundle, mpp=mpp, backend=backend,
-                                    overwrite=overwrite, progress=prog)  # fmt: skip
-        except WsiPsmError as err:
-            if len(slides) == 1:
-                raise
-            console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
-            failed.append(s.name)
-            continue
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items())) or "no cells"
-        console.print(f"{s.name}: {res.cells} cells ({counts}) -> {res.out_dir}", highlight=False)
+    completed = False
     try:
-        table = write_slides_table(output, [s.name for s in slides])
-    except OSError as err:
-        raise write_error(err, output) from err
+        for s in slides:
+            out_dir = output / s.name
+            remove_stale_temps(out_dir)  # left by an earlier run killed outright on this host
+            try:
+                if skip_existing and finished_output(out_dir):
+                    console.print(f"{s.name}: output exists, skipped ({out_dir})")
+                    continue
+                with progress_bars(not quiet, prefix=f"{s.name}: ") as prog:
+                    res = process_slide(s.path, out_dir, cfg, model=bundle, mpp=mpp, backend=backend,
+                                        overwrite=overwrite, progress=prog)  # fmt: skip
+            except WsiPsmError as err:
+                if len(slides) == 1:
+                    raise
+                console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+                failed.append(s.name)
+                continue
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items())) or "no cells"
+            console.print(
+                f"{s.name}: {res.cells} cells ({counts}) -> {res.out_dir}", highlight=False
+            )
+        completed = True
+    finally:  # the finished slides' rows, also when a stop (Ctrl-C) or an error ends the run
+        table = _slides_table(output, [s.name for s in slides], completed)
     if table is not None:
         console.print(f"cell counts per slide -> {table}", highlight=False)
     if failed:
         raise WsiPsmError(f"{len(failed)} of {len(slides)} slides failed: {', '.join(failed)}")
+
+
+def _slides_table(output: Path, names: list[str], completed: bool) -> Path | None:
+    """OUTPUT/summary.csv updated with the slides whose folders are finished; when the run is being
+    stopped, a failure to write it is not reported over the stop's own error."""
+    from wsi_psm.atomic import write_error
+    from wsi_psm.counts_table import write_slides_table
+
+    try:
+        return write_slides_table(output, names)
+    except OSError as err:
+        if completed:
+            raise write_error(err, output) from err
+        return None
 
 
 @app.command()
@@ -480,10 +505,21 @@ def batch(
         ),
     ] = None,
     n_workers: Annotated[
-        int, typer.Option("--n-workers", help="Local cluster: worker processes.", min=1)
+        int,
+        typer.Option(
+            "--n-workers",
+            help="Local cluster: worker processes. Slides at once = n-workers x "
+            "threads-per-worker, each about 2 GB of memory on a CPU.",
+            min=1,
+        ),
     ] = 1,
     threads_per_worker: Annotated[
-        int, typer.Option("--threads-per-worker", help="Local cluster: threads per worker.", min=1)
+        int,
+        typer.Option(
+            "--threads-per-worker",
+            help="Local cluster: slides each worker runs at once; also its torch threads.",
+            min=1,
+        ),
     ] = 2,
     model: ModelOpt = None,
     mpp: MppOpt = None,
@@ -506,7 +542,8 @@ def batch(
 
     Each worker opens, processes, writes and closes its own slide; finished slides are skipped on a
     rerun with --skip-existing, so an interrupted batch can be resumed. Without --model each slide
-    goes the way `wsi-psm run` takes it (a model fitted on the slide itself).
+    goes the way `wsi-psm run` takes it (a model fitted on the slide itself). With --scheduler, the
+    workers need wsi-psm installed and the slides and OUTPUT at the same paths.
     """
     from wsi_psm.discovery import find_slides
     from wsi_psm.distributed import run_batch

@@ -213,6 +213,7 @@ def test_dicom_gives_the_same_cells_as_svs(cmu_run, quick_model, tmp_path):
 
 
 def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path):
+    from wsi_psm.atomic import host_tag
     from wsi_psm.demo import write_demo_slide
     from wsi_psm.discovery import find_slides
     from wsi_psm.distributed import run_batch
@@ -240,8 +241,20 @@ def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path):
     assert table.loc["a", "cells"] == summary["cells_total"] == by_name["a"].cells
     assert table.loc["a", "area_mm2"] == pytest.approx(summary["tissue_area_mm2"], rel=1e-5)
     before = (out / "summary.csv").read_bytes()
-    again = run_batch(slides, out, cfg, model_path=quick_model, skip_existing=True, n_workers=1)
-    assert {r.name for r in again if r.skipped} == {"a", "b"}
+    # resumed: a folder that a worker killed outright left (its process gone) is removed; a slide
+    # whose folder is not a finished output (made by hand, or a copy cut short) is refused
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = out / f".a.tmp-0123456789ab-{gone.pid}@{host_tag()}"
+    stale.mkdir()
+    write_demo_slide(slides_dir / "c.tiff")
+    (out / "c").mkdir()
+    again = run_batch(
+        find_slides([slides_dir]), out, cfg, model_path=quick_model, skip_existing=True,
+        n_workers=1,
+    )  # fmt: skip
+    assert {r.name for r in again if r.skipped} == {"a", "b"} and not stale.exists()
+    assert "not a finished wsi-psm output" in {r.name: r for r in again}["c"].error
     assert (out / "summary.csv").read_bytes() == before  # skipped slides keep their rows
     # a batch in which every slide fails leaves no empty folder behind
     broken = [s for s in slides if s.name == "broken"]

@@ -10,6 +10,8 @@ import pytest
 import tifffile
 from wsi_psm.cli.main import main
 
+from wsi_psm.errors import WsiPsmError
+
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exc:
@@ -56,12 +58,21 @@ def test_missing_file(tmp_path, capsys):
     _assert_clean_failure(code, err, tmp_path / "out", "no such file")
 
 
-def test_truncated_slide(tmp_path, capsys, cmu_svs):
+def test_empty_file(tmp_path, capsys):
+    empty = tmp_path / "x.svs"
+    empty.touch()
+    code, _, err = _run(["run", str(empty), "-o", str(tmp_path / "out"), "-q"], capsys)
+    _assert_clean_failure(code, err, tmp_path / "out", "x.svs': the file is empty (0 bytes)")
+
+
+@pytest.mark.parametrize("keep", [0.4, 0.0005])  # cut in the pixel data; cut before the first IFD
+def test_truncated_slide(tmp_path, capsys, cmu_svs, keep):
     data = cmu_svs.read_bytes()
     cut = tmp_path / "truncated.svs"
-    cut.write_bytes(data[: int(len(data) * 0.4)])
+    cut.write_bytes(data[: int(len(data) * keep)])
     code, _, err = _run(["run", str(cut), "-o", str(tmp_path / "out"), "-q"], capsys)
     _assert_clean_failure(code, err, tmp_path / "out", "truncated.svs")
+    assert "Error:" not in err and "index" not in err  # no internal exception text
 
 
 @pytest.mark.parametrize(
@@ -162,13 +173,16 @@ def test_info_prints_slide_facts(capsys, cmu_svs):
 
 
 def test_info_says_what_run_would_refuse(capsys):
-    """`info` describes a fluorescence scan (exit 0) and says `run` refuses it, and why."""
+    """`info` describes a fluorescence scan, says `run` refuses it, and why, and exits 1 (a
+    script can screen a folder by the exit code); the JSON says the same."""
     from conftest import data_path
 
     ndpi = data_path("wsi", "hamamatsu-ndpi-fluorescence", "test3-DAPI-2-(387).ndpi")
     code, out, _ = _run(["info", str(ndpi)], capsys)
-    assert code == 0 and "3968 x 4864" in out
+    assert code == 1 and "3968 x 4864" in out
     assert "check      refused: looks like a fluorescence or dark-field scan" in out
+    code, out, _ = _run(["info", str(ndpi), "--json"], capsys)
+    assert code == 1 and '"input_check": "refused: looks like a fluorescence' in out
 
 
 def test_info_on_a_copy_with_spaces_in_the_name(tmp_path, capsys, cmu_svs):
@@ -606,3 +620,83 @@ def test_out_of_range_seeds_and_eval_mpp_are_usage_errors(tmp_path, capsys):
     code, _, err = _run(["eval", str(tmp_path), str(tmp_path), "--mpp", "500"], capsys)
     assert code == 2 and "between 0.05 and 20" in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def _fake_summary(out_dir: Path, cells: int) -> None:
+    """What a finished slide folder holds for the checks below (a summary naming its outputs)."""
+    import json
+
+    out_dir.mkdir(parents=True)
+    (out_dir / "cells.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    summary = {
+        "slide": {"name": out_dir.name, "mpp": 0.5},
+        "tissue_area_mm2": 1.0,
+        "cells_total": cells,
+        "class_counts": {"Nucleus": {"count": cells}},
+        "outputs": ["cells.geojson", "summary.json"],
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_run_stopped_keeps_the_finished_slides_rows(tmp_path, capsys, monkeypatch, fixtures_dir):
+    """Ctrl-C during the second slide: exit 130, and summary.csv has the first slide's row."""
+    import wsi_psm.pipeline
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(fixtures_dir / "small.svs", slides / f"{name}.svs")
+
+    def process(path, out_dir, *args, **kwargs):
+        if Path(path).stem == "b":
+            raise KeyboardInterrupt
+        _fake_summary(Path(out_dir), 7)
+        return type("Run", (), {"cells": 7, "counts": {"Nucleus": 7}, "out_dir": out_dir})
+
+    monkeypatch.setattr(wsi_psm.pipeline, "process_slide", process)
+    code, _, _ = _run(["run", str(slides), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code == 130
+    table = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[:5] for r in table[1:]] == [["a", "", "0.5", "1", "7"]]
+
+
+def test_skip_existing_takes_only_finished_folders_for_finished(tmp_path, capsys, fixtures_dir):
+    """--skip-existing skips a slide whose folder is a finished output, and refuses (that slide
+    only) a folder made by hand or cut short, instead of calling it finished."""
+    from wsi_psm.pipeline import finished_output
+
+    out = tmp_path / "out"
+    _fake_summary(out / "done", 3)
+    assert finished_output(out / "done") and not finished_output(out / "absent")
+    (out / "empty").mkdir()
+    _fake_summary(out / "cut", 3)
+    (out / "cut" / "cells.geojson").unlink()
+    (out / "file").write_text("x")
+    for name, why in (("empty", "no summary.json"), ("cut", "cells.geojson missing"),
+                      ("file", "not a folder")):  # fmt: skip
+        with pytest.raises(WsiPsmError, match=why):
+            finished_output(out / name)
+    shutil.copy(fixtures_dir / "small.svs", tmp_path / "empty.svs")
+    code, _, err = _run(
+        ["run", str(tmp_path / "empty.svs"), "-o", str(out), "-q", "--skip-existing"], capsys
+    )
+    _assert_clean_failure(code, err, tmp_path / "nothing", "not a finished wsi-psm output")
+    assert not any((out / "empty").iterdir())  # left as it was
+
+
+def test_a_stopped_batch_finishes_its_cleanup_through_a_second_signal():
+    """A stop signal that comes again while a stopped batch cleans up (Ctrl-C pressed twice;
+    `timeout` signals the process, then its group) is ignored until the cleanup ends, then the
+    handlers are back; a batch that is not stopping is not shielded."""
+    import os
+    import signal
+
+    from wsi_psm.distributed import shielded
+
+    before = signal.getsignal(signal.SIGINT)
+    with shielded(True):
+        os.kill(os.getpid(), signal.SIGINT)  # (would raise KeyboardInterrupt here)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt), shielded(False):
+        os.kill(os.getpid(), signal.SIGINT)

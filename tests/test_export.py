@@ -126,6 +126,38 @@ def load_geojson(path: Path) -> dict:
         return json.load(f)
 
 
+@pytest.mark.skipif(os.name != "posix", reason="stale folders are judged by POSIX process ids")
+def test_stale_temporary_folders_of_gone_processes_are_removed(tmp_path):
+    """A temporary folder left by a process killed outright (its pid gone) is removed when the same
+    output is written again; one of a live process, of another host, or without an owner stays."""
+    import subprocess
+    import sys
+
+    from wsi_psm.atomic import host_tag, remove_stale_temps
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # (reaped: its pid names no process)
+    host = host_tag()
+    final = tmp_path / "slide"
+    names = {
+        "dead": f".slide.tmp-0123456789ab-{gone.pid}@{host}",
+        "alive": f".slide.tmp-0123456789ab-{os.getpid()}@{host}",
+        "elsewhere": f".slide.tmp-0123456789ab-{gone.pid}@{host}x",
+        "old": ".slide.tmp-0123456789ab",
+        "other slide": f".slide2.tmp-0123456789ab-{gone.pid}@{host}",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "cells.geojson").write_text("[")
+    assert remove_stale_temps(final) == [tmp_path / names["dead"]]
+    (tmp_path / names["dead"]).mkdir()
+    with OutputFolder(final) as folder:  # (writing the slide again cleans up too)
+        assert not (tmp_path / names["dead"]).exists()
+        assert folder.name.endswith(f"-{os.getpid()}@{host}")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"slide", *(v for k, v in names.items() if k != "dead")}
+
+
 @pytest.mark.parametrize("gz", [False, True])
 def test_outputs_round_trip_and_pass_the_checker(tmp_path, cells, gz):
     final = tmp_path / "out" / "synthetic"

@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
+import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from .errors import OutputExistsError, OutputWriteError
+
+log = logging.getLogger(__name__)
 
 
 def make_dirs(folder: str | os.PathLike[str]) -> list[Path]:
@@ -143,18 +148,67 @@ def check_writable(final: str | os.PathLike[str]) -> None:
         remove_made(made)
 
 
+def host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:40] or "host"
+
+
+def _temp_folder(final: Path) -> Path:
+    """``.<name>.tmp-<hex>-<pid>@<host>``: the owner in the name, so that a later run can tell a
+    folder left by a process that is gone from one still being written."""
+    return final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}-{os.getpid()}@{host_tag()}"
+
+
+def process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this host any more (POSIX; an exited child that its
+    parent has not reaped yet counts as gone)."""
+    try:
+        os.kill(pid, 0)  # signal 0: asks only whether the process exists
+    except ProcessLookupError:
+        return True
+    except OSError:  # e.g. another user's process: it exists
+        return False
+    try:  # Linux: a zombie has finished all it will do
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary folders of the output ``final`` that processes of this host left when
+    they were killed outright (SIGKILL, out of memory, a batch's worker taken down with its
+    cluster), i.e. whose owner process no longer exists; returns them. Folders of other hosts
+    (a shared file system), of running processes, or without an owner in their name are left.
+    POSIX only (elsewhere nothing is removed: Windows has no harmless existence probe)."""
+    if os.name != "posix":
+        return []
+    final = Path(os.path.abspath(final))
+    prefix, host, removed = f".{final.name}.tmp-", host_tag(), []
+    try:
+        entries = [e for e in os.scandir(final.parent) if e.name.startswith(prefix)]
+    except OSError:  # no parent yet, or unreadable: nothing of ours to clean
+        return []
+    for e in entries:
+        m = re.fullmatch(r"[0-9a-f]{12}-(\d+)@([A-Za-z0-9-]+)", e.name[len(prefix) :])
+        if m and m.group(2) == host and process_gone(int(m.group(1))):
+            _remove(Path(e.path))
+            removed.append(Path(e.path))
+            log.info("removed %s: left by a stopped run", e.path)
+    return removed
+
+
 class OutputFolder:
     """One slide's output folder, written under a temporary name and renamed when complete.
 
     ``with OutputFolder(out_dir, overwrite) as tmp:`` checks at entry (before any work) that
     ``out_dir`` does not exist unless ``overwrite`` (OutputExistsError), creates the hidden sibling
-    ``.<name>.tmp-<hex>`` (same file system, so the rename is atomic) and yields it. On a clean exit
+    ``.<name>.tmp-<hex>-<pid>@<host>`` (same file system, so the rename is atomic) and yields it. On a clean exit
     the files are fsynced and the folder renamed to ``out_dir``; with ``overwrite`` the old output is
     first renamed aside, then deleted once the new one is in place (restored if the swap fails). On
     any exception the temporary folder is removed and an existing output is left untouched.
     OSErrors meaning a full, read-only or forbidden disk on the output paths become OutputWriteError
     (one line naming the path). A process killed outright can leave a ``.<name>.tmp-*`` folder
-    behind; it never has the final name, and is safe to delete.
+    behind; it never has the final name, and the next ``OutputFolder`` of the same output on the
+    same host removes it (:func:`remove_stale_temps`).
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], overwrite: bool = False) -> None:
@@ -169,7 +223,8 @@ class OutputFolder:
             raise OutputExistsError(
                 f"output exists: {final} (use --overwrite to replace it, or choose another folder)"
             )
-        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+        remove_stale_temps(final)
+        tmp = _temp_folder(final)
         try:
             self.made = make_dirs(final.parent)
             tmp.mkdir()

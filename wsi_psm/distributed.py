@@ -8,17 +8,21 @@ lost mid-slide leaves no finished-looking output, and the scheduler retries the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import make_dirs, remove_made
+from .atomic import make_dirs, process_gone, remove_made, remove_stale_temps, write_error
 from .config import RunConfig
 from .counts_table import check_counts_table, write_slides_table
 from .discovery import SlideInput
-from .errors import ClusterStartError, InvalidArgumentError
+from .errors import ClusterStartError, InvalidArgumentError, WsiPsmError
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ def process_slide_task(
     from .pipeline import process_slide
 
     tune_malloc()
+    _torch_threads()
     t0 = time.perf_counter()
     name = Path(out_dir).name
     try:
@@ -60,6 +65,21 @@ def process_slide_task(
     except WsiPsmError as err:
         return SlideOutcome(name, path, out_dir, error=str(err), seconds=time.perf_counter() - t0)
     return SlideOutcome(name, path, out_dir, res.cells, res.counts, time.perf_counter() - t0)
+
+
+def _torch_threads() -> None:
+    """torch's threads = the worker's Dask threads (the cores it was given): Dask starts its
+    workers with OMP_NUM_THREADS=1, which left a slide's network on one core whatever the worker's
+    size (its slides at once share the one torch pool of the process)."""
+    from distributed import get_worker
+
+    try:
+        n = get_worker().state.nthreads
+    except ValueError:  # not on a worker (called directly)
+        return
+    import torch
+
+    torch.set_num_threads(max(1, int(n)))
 
 
 def run_batch(
@@ -85,7 +105,7 @@ def run_batch(
     ``report`` gets a line per slide as it finishes; ``report_failures`` False leaves failures to
     the caller (the CLI's one-slide batch says its error once, at exit).
     """
-    from distributed import Client, LocalCluster, as_completed
+    from .pipeline import finished_output
 
     report = report or (lambda line: None)
     out_root = Path(out_root).resolve()
@@ -94,94 +114,175 @@ def run_batch(
     todo = []
     for s in slides:
         out_dir = out_root / s.name
-        if skip_existing and out_dir.exists():
+        remove_stale_temps(out_dir)  # left by an earlier run killed outright on this host
+        try:
+            finished = skip_existing and finished_output(out_dir)
+        except WsiPsmError as err:  # something unfinished is there: this slide fails, not the batch
+            outcomes[s.name] = SlideOutcome(s.name, str(s.path), str(out_dir), error=str(err))
+            if report_failures:
+                report(f"{s.name}: error: {err}")
+            continue
+        if finished:
             outcomes[s.name] = SlideOutcome(s.name, str(s.path), str(out_dir), skipped=True)
             report(f"{s.name}: output exists, skipped")
         else:
             todo.append((s, out_dir))
-    if todo:
-        cluster = None
-        if scheduler is None:
-            try:
-                # the workers' own log lines off (CRITICAL only): a slide's failure comes back
-                # with its task and is reported once, and at the cluster's close a heartbeat in
-                # flight logged a traceback ("Failed to communicate with scheduler", 1 run in 7)
-                cluster = LocalCluster(
-                    n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                    dashboard_address=None, silence_logs=logging.CRITICAL,
-                )  # fmt: skip
-            except (OSError, RuntimeError, TimeoutError) as err:  # e.g. a worker failed to start
-                raise ClusterStartError(
-                    f"cannot start a local Dask cluster of {n_workers} worker(s): {err}"
-                ) from err
+    completed = False
+    try:
+        if todo:
+            _run_on_cluster(
+                todo, out_root, cfg, model_path=model_path, mpp=mpp, backend=backend,
+                overwrite=overwrite, scheduler=scheduler, n_workers=n_workers,
+                threads_per_worker=threads_per_worker, retries=retries, outcomes=outcomes,
+                report=report, report_failures=report_failures,
+            )  # fmt: skip
+        completed = True
+    finally:  # the cohort table: every slide with a finished folder, skipped ones too, also when
+        # the batch is stopped (Ctrl-C) or fails
         try:
-            client = Client(cluster if cluster is not None else scheduler)
-        except (OSError, ValueError, TypeError) as err:  # unreachable, or not an address
-            if cluster is not None:
-                cluster.close()
-                raise
-            raise InvalidArgumentError(
-                f"cannot reach the Dask scheduler at {scheduler!r}: {err}"
-            ) from err
-        # made once here, not by the first task, so that concurrent slides never race to make it
-        # (or to remove it again after a probe: atomic.check_writable); after the connection, so
-        # a wrong address leaves no folder behind; removed at the end if no slide wrote into it
-        try:
-            made = make_dirs(out_root)
+            with shielded(not completed):
+                write_slides_table(out_root, [s.name for s in slides])
         except OSError as err:
-            from .atomic import write_error
-
-            client.close()
-            if cluster is not None:
-                cluster.close()
-            raise write_error(err, out_root) from err
-        try:
-            cfg_dict = cfg.to_dict()
-            model = str(Path(model_path).resolve()) if model_path else None
-            futures = {
-                client.submit(
-                    process_slide_task,
-                    str(Path(s.path).resolve()),
-                    str(out_dir),
-                    cfg_dict,
-                    model,
-                    mpp,
-                    backend,
-                    overwrite,
-                    key=f"slide-{s.name}",
-                    retries=retries,
-                    pure=False,
-                ): s
-                for s, out_dir in todo
-            }
-            for fut in as_completed(futures):
-                s = futures[fut]
-                try:
-                    out = fut.result()
-                except (
-                    Exception
-                ) as err:  # the task itself crashed (worker lost beyond retries, bug)
-                    out = SlideOutcome(
-                        s.name,
-                        str(s.path),
-                        str(out_root / s.name),
-                        error=f"{type(err).__name__}: {err}",
-                    )
-                outcomes[s.name] = out
-                if out.error:
-                    if report_failures:
-                        report(f"{s.name}: error: {out.error.removeprefix(s.name + ': ')}")
-                else:
-                    report(f"{s.name}: {out.cells} cells in {out.seconds:.0f} s -> {out.out_dir}")
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
-            remove_made(made)  # (only where still empty: every slide failed, or was stopped)
-    try:  # the cohort table: every slide of the batch with a finished folder, skipped ones too
-        write_slides_table(out_root, [s.name for s in slides])
-    except OSError as err:
-        from .atomic import write_error
-
-        raise write_error(err, out_root) from err
+            if completed:  # (when stopping, the stop's own error is the one to report)
+                raise write_error(err, out_root) from err
     return [outcomes[s.name] for s in slides]
+
+
+@contextlib.contextmanager
+def shielded(on: bool) -> Iterator[None]:
+    """While a stopped batch cleans up (``on``), a second Ctrl-C or SIGTERM is ignored, so that the
+    cleanup ends: a terminal's Ctrl-C pressed again, or `timeout`, which signals the process and
+    then its whole group, stopped it halfway (temporary folders kept, no summary.csv)."""
+    if not on or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    before = {k: signal.signal(k, signal.SIG_IGN) for k in kinds}
+    try:
+        yield
+    finally:
+        for k, handler in before.items():
+            if handler is not None:  # (None: set outside Python, cannot be put back)
+                signal.signal(k, handler)
+
+
+WORKER_EXIT_S = 30.0  # s: how long a stopped batch waits for its local workers to exit
+
+
+def _wait_gone(pids: Sequence[int], timeout: float) -> None:
+    """Wait until the processes ``pids`` have exited, at most ``timeout`` seconds."""
+    import time
+
+    end = time.monotonic() + timeout
+    while any(not process_gone(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.1)
+
+
+def _connect(scheduler: str | None, n_workers: int, threads_per_worker: int) -> tuple[Any, Any]:
+    """A Dask client, and the local cluster it runs on (None with a ``scheduler`` address)."""
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if scheduler is None:
+        try:
+            # the workers' own log lines off (CRITICAL only): a slide's failure comes back with its
+            # task and is reported once, and at the cluster's close a heartbeat in flight logged a
+            # traceback ("Failed to communicate with scheduler", 1 run in 7)
+            cluster = LocalCluster(
+                n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                dashboard_address=None, silence_logs=logging.CRITICAL,
+            )  # fmt: skip
+        except (OSError, RuntimeError, TimeoutError) as err:  # e.g. a worker failed to start
+            raise ClusterStartError(
+                f"cannot start a local Dask cluster of {n_workers} worker(s): {err}"
+            ) from err
+    try:
+        return Client(cluster if cluster is not None else scheduler), cluster
+    except (OSError, ValueError, TypeError) as err:  # unreachable, or not an address
+        if cluster is not None:
+            cluster.close()
+            raise
+        raise InvalidArgumentError(
+            f"cannot reach the Dask scheduler at {scheduler!r}: {err}"
+        ) from err
+
+
+def _run_on_cluster(
+    todo: list[tuple[SlideInput, Path]],
+    out_root: Path,
+    cfg: RunConfig,
+    *,
+    model_path: str | Path | None,
+    mpp: float | None,
+    backend: str,
+    overwrite: bool,
+    scheduler: str | None,
+    n_workers: int,
+    threads_per_worker: int,
+    retries: int,
+    outcomes: dict[str, SlideOutcome],
+    report: Callable[[str], None],
+    report_failures: bool,
+) -> None:
+    """The slides of ``todo`` as tasks of one cluster; ``outcomes`` gets each as it finishes."""
+    from distributed import as_completed
+
+    client, cluster = _connect(scheduler, n_workers, threads_per_worker)
+    # a local cluster's worker processes, to wait for at the end: its close() can return while a
+    # worker still finishes (and publishes) the slide it was writing
+    pids = list(client.run(os.getpid).values()) if cluster is not None else []
+    # made once here, not by the first task, so that concurrent slides never race to make it (or
+    # to remove it again after a probe: atomic.check_writable); after the connection, so a wrong
+    # address leaves no folder behind; removed at the end if no slide wrote into it
+    try:
+        made = make_dirs(out_root)
+    except OSError as err:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        raise write_error(err, out_root) from err
+    stopping = True
+    try:
+        cfg_dict = cfg.to_dict()
+        model = str(Path(model_path).resolve()) if model_path else None
+        futures = {
+            client.submit(
+                process_slide_task, str(Path(s.path).resolve()), str(out_dir), cfg_dict, model,
+                mpp, backend, overwrite, key=f"slide-{s.name}", retries=retries, pure=False,
+            ): s
+            for s, out_dir in todo
+        }  # fmt: skip
+        if report_failures:  # (not for the CLI's batch of one slide: that is said as `run` says it)
+            slots = sum(client.nthreads().values())
+            where = "a local cluster" if cluster is not None else scheduler
+            report(f"{len(todo)} slide(s) sent to {where}: {slots} at a time")
+        for fut in as_completed(futures):
+            s = futures[fut]
+            try:
+                out = fut.result()
+            except Exception as err:  # the task itself crashed (worker lost beyond retries, bug)
+                out = SlideOutcome(
+                    s.name,
+                    str(s.path),
+                    str(out_root / s.name),
+                    error=f"{type(err).__name__}: {err}",
+                )
+            outcomes[s.name] = out
+            if out.error:
+                if report_failures:
+                    report(f"{s.name}: error: {out.error.removeprefix(s.name + ': ')}")
+            else:
+                report(f"{s.name}: {out.cells} cells in {out.seconds:.0f} s -> {out.out_dir}")
+        stopping = False
+    finally:
+        with shielded(stopping):
+            client.close()
+            if cluster is not None:
+                cluster.close()
+                _wait_gone(pids, WORKER_EXIT_S)
+                # its workers are gone: the folders of the slides they were writing when the
+                # batch stopped (or when one was killed and its slide retried) go too (a remote
+                # worker's are removed by the next run of that slide on its host)
+                for _, out_dir in todo:
+                    remove_stale_temps(out_dir)
+            remove_made(made)  # (only where still empty: every slide failed, or was stopped)

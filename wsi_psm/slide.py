@@ -476,9 +476,9 @@ class _TiffSlideBackend(_GridBackend):
                 raise _Unrecognised(_short(exc)) from exc
             raise
         except (IndexError, KeyError) as exc:  # tifffile found no usable page: the IFDs are gone
+            # (tifffile's own words, e.g. "index 0 out of range(0)", would say nothing more)
             raise ValueError(
-                "no readable image in the TIFF structure (truncated or corrupt file?): "
-                f"{type(exc).__name__}: {_short(exc)}"
+                "no readable image in the TIFF structure (truncated or corrupt file?)"
             ) from exc
         vendor = p.get("tiffslide.vendor")
         meta = _Meta(
@@ -643,6 +643,8 @@ class Slide:
             raise SlideOpenError(f"cannot open '{p}': no such file or folder")
         elif not p.is_file():
             raise SlideOpenError(f"cannot open '{p}': not a regular file")
+        elif p.stat().st_size == 0:
+            raise SlideOpenError(f"cannot open '{p}': the file is empty (0 bytes)")
 
         if backend != "auto":
             order = [backend]
