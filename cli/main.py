@@ -271,8 +271,8 @@ def info(
 ) -> None:
     """Print a slide's size, pyramid levels, resolution, vendor and reader.
 
-    Also says whether `run` would take the slide (brightfield, stained); exit code 1 when it would
-    refuse it, after the facts (for scripts that screen a folder), 0 otherwise.
+    Also says whether `run` would take the slide (brightfield, stained, a known resolution); exit
+    code 1 when it would refuse it, after the facts (for scripts that screen a folder), else 0.
     """
     import json
 
@@ -284,7 +284,8 @@ def info(
         warn_mpp_override(s.info)
         d = s.info.to_dict()
         d["input_check"] = _input_check(s)
-    refused = str(d["input_check"]).startswith("refused")
+    # (`run` refuses a slide without a resolution too, unless given --mpp)
+    refused = not d["mpp"] or str(d["input_check"]).startswith("refused")
     if as_json:
         print(json.dumps(d, indent=2))
         raise typer.Exit(1 if refused else 0)
@@ -359,9 +360,9 @@ def run(
     minute or two on a GPU), then its Positive / Negative rule.
     """
     from wsi_psm.atomic import remove_stale_temps
-    from wsi_psm.counts_table import check_counts_table
+    from wsi_psm.counts_table import check_counts_table, finished_output
     from wsi_psm.discovery import find_slides
-    from wsi_psm.pipeline import finished_output, process_slide
+    from wsi_psm.pipeline import process_slide
 
     from .progress import progress_bars
 
@@ -789,8 +790,19 @@ class Terminated(BaseException):
     outputs' context managers remove their temporary files as they do on Ctrl-C."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+_STOPS = {"SIGINT": KeyboardInterrupt, "SIGTERM": Terminated}
+
+
+def _stop(signum: int, frame: object) -> None:
+    """Ctrl-C or SIGTERM: stop, cleaning up (temporary folders, a batch's workers, the table of
+    finished slides). Once: further stop signals are ignored from here on, so that a second one
+    (Ctrl-C pressed again; `timeout`, which signals the process and then its group) cannot cut
+    that cleanup short (it takes at most a minute or two; SIGKILL still ends it at once)."""
+    import signal
+
+    for name in _STOPS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise _STOPS[signal.Signals(signum).name]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -800,12 +812,14 @@ def main(argv: list[str] | None = None) -> None:
     if threading.current_thread() is not threading.main_thread():  # signals: main thread only
         _main(argv)
         return
-    before = signal.signal(signal.SIGTERM, _terminate)
+    kinds = [getattr(signal, name) for name in _STOPS]
+    before = {k: signal.signal(k, _stop) for k in kinds}
     try:
         _main(argv)
-    finally:  # (a caller that goes on, e.g. a test runner, keeps its own handler)
-        if before is not None:  # (None: set outside Python, cannot be put back)
-            signal.signal(signal.SIGTERM, before)
+    finally:  # (a caller that goes on, e.g. a test runner, keeps its own handlers)
+        for k, handler in before.items():
+            if handler is not None:  # (None: set outside Python, cannot be put back)
+                signal.signal(k, handler)
 
 
 def _main(argv: list[str] | None) -> None:

@@ -262,6 +262,36 @@ def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path):
     assert failed[0].error and not (tmp_path / "none").exists()
 
 
+def test_a_stopped_batch_leaves_finished_slides_and_no_temporary_folders(quick_model, tmp_path):
+    """Stopped (Ctrl-C) once the first slide is reported: the local workers are waited for, no
+    temporary folder stays, and summary.csv has a row for every finished slide (the first; the
+    second too if its worker finished it while closing), and for no other."""
+    from wsi_psm.demo import write_demo_slide
+    from wsi_psm.discovery import find_slides
+    from wsi_psm.distributed import run_batch
+
+    slides_dir = tmp_path / "slides"
+    slides_dir.mkdir()
+    for name in ("a", "b"):
+        write_demo_slide(slides_dir / f"{name}.tiff")
+    cfg = CONTRACT.with_updates(**{"tiles.core_um": 128.0})
+    out = tmp_path / "out"
+
+    def stop_at_first_slide(line: str) -> None:
+        if " cells in " in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(
+            find_slides([slides_dir]), out, cfg, model_path=quick_model, n_workers=1,
+            threads_per_worker=1, report=stop_at_first_slide,
+        )  # fmt: skip
+    assert [p.name for p in out.iterdir() if ".tmp-" in p.name] == []
+    finished = sorted(p.name for p in out.iterdir() if (p / "summary.json").is_file())
+    assert len(finished) >= 1
+    assert sorted(pd.read_csv(out / "summary.csv")["name"]) == finished
+
+
 def test_a_model_on_a_slide_of_another_stain_is_flagged(cmu_run, quick_model, tmp_path, caplog):
     """The H&E model of CMU-1 on the Ki-67 demo slide: one warning line, kept in the summary; the
     same model on its own kind of slide: none."""

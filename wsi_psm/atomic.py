@@ -6,6 +6,8 @@ the one-line error for a write the disk refused (:func:`write_error`)."""
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import io
 import logging
 import os
@@ -148,8 +150,18 @@ def check_writable(final: str | os.PathLike[str]) -> None:
         remove_made(made)
 
 
+@functools.cache
 def host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "", socket.gethostname())[:40] or "host"
+    """This host, as temporary folder names carry it: the start of its name, and a hash of its
+    whole name and of this process's PID namespace (containers that share a host name and a disk
+    have separate PIDs: a PID of one means nothing in another)."""
+    name = socket.gethostname()
+    try:
+        ns = os.readlink("/proc/self/ns/pid")  # Linux: e.g. "pid:[4026531836]"
+    except OSError:
+        ns = ""
+    digest = hashlib.sha1(f"{name}\0{ns}".encode()).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9-]', '', name)[:24] or 'host'}-{digest}"
 
 
 def _temp_folder(final: Path) -> Path:
@@ -165,7 +177,7 @@ def process_gone(pid: int) -> bool:
         os.kill(pid, 0)  # signal 0: asks only whether the process exists
     except ProcessLookupError:
         return True
-    except OSError:  # e.g. another user's process: it exists
+    except (OSError, OverflowError):  # another user's process (it exists); not a PID at all
         return False
     try:  # Linux: a zombie has finished all it will do
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
@@ -188,11 +200,12 @@ def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
     except OSError:  # no parent yet, or unreadable: nothing of ours to clean
         return []
     for e in entries:
-        m = re.fullmatch(r"[0-9a-f]{12}-(\d+)@([A-Za-z0-9-]+)", e.name[len(prefix) :])
+        m = re.fullmatch(r"[0-9a-f]{12}-(\d{1,10})@([A-Za-z0-9-]+)", e.name[len(prefix) :])
         if m and m.group(2) == host and process_gone(int(m.group(1))):
             _remove(Path(e.path))
-            removed.append(Path(e.path))
-            log.info("removed %s: left by a stopped run", e.path)
+            if not os.path.lexists(e.path):
+                removed.append(Path(e.path))
+                log.info("removed %s: left by a stopped run", e.path)
     return removed
 
 

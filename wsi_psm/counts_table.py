@@ -63,14 +63,51 @@ def row_from_summary(path: str | os.PathLike[str]) -> CountsRow:
     )
 
 
+def finished_output(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` is a finished slide output, for ``--skip-existing``: False when nothing
+    is there, True for a folder whose ``summary.json`` (written last) names outputs that are all
+    present. Anything else at that path (a file, a folder made by hand, a copy cut short) is not
+    taken for finished, nor silently replaced: OutputExistsError, naming what to do."""
+    out_dir = Path(out_dir)
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return False
+    why = "it is not a folder"
+    if out_dir.is_dir():
+        try:
+            summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
+            # (outputs from before summary.json listed them: at least the cells)
+            names = summary.get("outputs") or [_cells_file(out_dir)]
+            missing = [n for n in names if not (out_dir / n).is_file()]
+        except FileNotFoundError:
+            why = "it holds no summary.json"
+        except (OSError, ValueError, AttributeError, TypeError):
+            why = "its summary.json cannot be read"
+        else:
+            if not missing:
+                return True
+            why = f"{', '.join(missing)} missing"
+    raise OutputExistsError(
+        f"{out_dir} exists but is not a finished wsi-psm output ({why}): remove it and rerun"
+    )
+
+
+def _cells_file(out_dir: Path) -> str:
+    gz = "cells.geojson.gz"
+    return gz if (out_dir / gz).is_file() else "cells.geojson"
+
+
 def write_slides_table(out_root: str | os.PathLike[str], names: Iterable[str]) -> Path | None:
-    """Update ``out_root/summary.csv`` with the slides ``names`` whose ``out_root/<name>/summary.json``
-    exists (processed now or skipped as finished); a summary that cannot be read is left out with a
-    warning (its slide's folder is the truth). None when there is no row."""
+    """Update ``out_root/summary.csv`` with the slides ``names`` whose ``out_root/<name>`` is a
+    finished output (:func:`finished_output`: processed now or skipped as finished); a summary that
+    cannot be read as a row is left out with a warning (its slide's folder is the truth). None
+    when there is no row."""
     rows = []
     for name in names:
         path = Path(out_root) / name / "summary.json"
-        if not path.is_file():
+        try:  # (an unfinished folder is not a row: `--skip-existing` refuses it too)
+            if not finished_output(path.parent):
+                continue
+        except OutputExistsError:
             continue
         try:
             rows.append(replace(row_from_summary(path), name=name))

@@ -20,9 +20,11 @@ from typing import Any
 
 from .atomic import make_dirs, process_gone, remove_made, remove_stale_temps, write_error
 from .config import RunConfig
-from .counts_table import check_counts_table, write_slides_table
+from .counts_table import check_counts_table, finished_output, write_slides_table
 from .discovery import SlideInput
 from .errors import ClusterStartError, InvalidArgumentError, WsiPsmError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,6 @@ def run_batch(
     ``report`` gets a line per slide as it finishes; ``report_failures`` False leaves failures to
     the caller (the CLI's one-slide batch says its error once, at exit).
     """
-    from .pipeline import finished_output
 
     report = report or (lambda line: None)
     out_root = Path(out_root).resolve()
@@ -228,21 +229,21 @@ def _run_on_cluster(
     from distributed import as_completed
 
     client, cluster = _connect(scheduler, n_workers, threads_per_worker)
-    # a local cluster's worker processes, to wait for at the end: its close() can return while a
-    # worker still finishes (and publishes) the slide it was writing
-    pids = list(client.run(os.getpid).values()) if cluster is not None else []
-    # made once here, not by the first task, so that concurrent slides never race to make it (or
-    # to remove it again after a probe: atomic.check_writable); after the connection, so a wrong
-    # address leaves no folder behind; removed at the end if no slide wrote into it
-    try:
-        made = make_dirs(out_root)
-    except OSError as err:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-        raise write_error(err, out_root) from err
+    pids: list[int] = []
+    made: list[Path] = []
     stopping = True
     try:
+        # a local cluster's worker processes, to wait for at the end: its close() can return
+        # while a worker still finishes (and publishes) the slide it was writing
+        if cluster is not None:
+            pids = list(client.run(os.getpid).values())
+        # made once here, not by the first task, so that concurrent slides never race to make it
+        # (or to remove it again after a probe: atomic.check_writable); after the connection, so
+        # a wrong address leaves no folder behind; removed at the end if no slide wrote into it
+        try:
+            made = make_dirs(out_root)
+        except OSError as err:
+            raise write_error(err, out_root) from err
         cfg_dict = cfg.to_dict()
         model = str(Path(model_path).resolve()) if model_path else None
         futures = {
@@ -276,13 +277,25 @@ def _run_on_cluster(
         stopping = False
     finally:
         with shielded(stopping):
-            client.close()
+            _close(client, cluster, pids, stopping)
+            # the workers are gone: the folders of the slides they were writing when the batch
+            # stopped (or when one was killed and its slide retried) go too (a remote worker's
+            # are removed by the next run of that slide on its host)
             if cluster is not None:
-                cluster.close()
-                _wait_gone(pids, WORKER_EXIT_S)
-                # its workers are gone: the folders of the slides they were writing when the
-                # batch stopped (or when one was killed and its slide retried) go too (a remote
-                # worker's are removed by the next run of that slide on its host)
                 for _, out_dir in todo:
                     remove_stale_temps(out_dir)
             remove_made(made)  # (only where still empty: every slide failed, or was stopped)
+
+
+def _close(client: Any, cluster: Any, pids: Sequence[int], stopping: bool) -> None:
+    """Close the client and a local cluster, and wait for its workers to exit; when stopping, a
+    failure to close (e.g. a timeout) does not replace the stop nor skip the rest of the cleanup."""
+    steps = [client.close] + ([cluster.close] if cluster is not None else [])
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            if not stopping:
+                raise
+            log.debug("closing the Dask cluster failed while stopping", exc_info=True)
+    _wait_gone(pids, WORKER_EXIT_S)

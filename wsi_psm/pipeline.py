@@ -529,36 +529,6 @@ def model_stain_warning(ctx: SlideContext, model_stain: str) -> str | None:
     )
 
 
-def finished_output(out_dir: str | Path) -> bool:
-    """Whether ``out_dir`` is a finished slide output, for ``--skip-existing``: False when nothing
-    is there, True for a folder whose ``summary.json`` (written last) names outputs that are all
-    present. Anything else at that path (a file, a folder made by hand, a copy cut short) is not
-    taken for finished, nor silently replaced: OutputExistsError, naming what to do."""
-    import json
-
-    from .errors import OutputExistsError
-
-    out_dir = Path(out_dir)
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        return False
-    why = "it is not a folder"
-    if out_dir.is_dir():
-        try:
-            summary = json.loads((out_dir / "summary.json").read_text(encoding="utf-8"))
-            missing = [n for n in summary["outputs"] if not (out_dir / n).is_file()]
-        except FileNotFoundError:
-            why = "it holds no summary.json"
-        except (OSError, ValueError, KeyError, TypeError):
-            why = "its summary.json cannot be read"
-        else:
-            if not missing:
-                return True
-            why = f"{', '.join(missing)} missing"
-    raise OutputExistsError(
-        f"{out_dir} exists but is not a finished wsi-psm output ({why}): remove it and rerun"
-    )
-
-
 def process_slide(
     path: str | Path,
     out_dir: str | Path,
