@@ -184,6 +184,29 @@ def test_summary_table_across_reruns(tmp_path, trained_net) -> None:
     assert not (out / "2.geojson").exists() and not (out / "summary.csv").exists()
 
 
+def test_temporary_files_of_a_killed_call_are_removed(tmp_path, trained_net) -> None:
+    """A call killed outright leaves an image's temporary files; the next call that writes that
+    image (here --skip-existing, after the pair was lost) removes them; a live call's stay."""
+    import subprocess
+    import sys
+
+    from wsi_psm.atomic import host_tag
+
+    src = tmp_path / "x.png"
+    write_png(src, synthetic_tile(64, 0)[0])
+    out = tmp_path / "o"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = out / f".x.geojson.tmp-0123456789ab-{gone.pid}@{host_tag()}"
+    alive = out / f".x_labels.tif.tmp-0123456789ab-{os.getpid()}@{host_tag()}"
+    dead.write_text('{"type": "Feat')
+    alive.write_bytes(b"II*")
+    segment_images([src], out, CFG, model=trained_net, mpp=0.5, skip_existing=True)
+    assert not dead.exists() and alive.exists()
+    assert all(p.exists() for p in output_paths(src, out))
+
+
 class _TwoGroups(ShapeOnly):
     """A fitted class model with two groups, every cell in the first (the second is empty)."""
 

@@ -67,7 +67,8 @@ def torch_save_atomic(payload: Any, path: str | Path) -> Path:
     buf = io.BytesIO()
     torch.save(payload, buf)
     made = make_dirs(path.parent)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    remove_stale_temps(path)  # left by a save killed outright on this host
+    tmp = temp_path(path)
     try:
         # mode 0o666 under the umask, as any other output gets (mkstemp's 0o600 hid models from a group)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -164,9 +165,10 @@ def host_tag() -> str:
     return f"{re.sub(r'[^A-Za-z0-9-]', '', name)[:24] or 'host'}-{digest}"
 
 
-def _temp_folder(final: Path) -> Path:
-    """``.<name>.tmp-<hex>-<pid>@<host>``: the owner in the name, so that a later run can tell a
-    folder left by a process that is gone from one still being written."""
+def temp_path(final: Path) -> Path:
+    """Where to write ``final`` before renaming it into place: the hidden sibling
+    ``.<name>.tmp-<hex>-<pid>@<host>``, its owner in its name, so that a later run can tell one
+    left by a process that is gone (:func:`remove_stale_temps`) from one still being written."""
     return final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}-{os.getpid()}@{host_tag()}"
 
 
@@ -186,10 +188,11 @@ def process_gone(pid: int) -> bool:
 
 
 def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary folders of the output ``final`` that processes of this host left when
-    they were killed outright (SIGKILL, out of memory, a batch's worker taken down with its
-    cluster), i.e. whose owner process no longer exists; returns them. Folders of other hosts
-    (a shared file system), of running processes, or without an owner in their name are left.
+    """Remove the temporary files or folders of the output ``final`` (:func:`temp_path`) that
+    processes of this host left when they were killed outright (SIGKILL, out of memory, a batch's
+    worker taken down with its cluster), i.e. whose owner process no longer exists; returns them.
+    Those of other hosts (a shared file system), of running processes, or without an owner in
+    their name are left.
     POSIX only (elsewhere nothing is removed: Windows has no harmless existence probe)."""
     if os.name != "posix":
         return []
@@ -237,7 +240,7 @@ class OutputFolder:
                 f"output exists: {final} (use --overwrite to replace it, or choose another folder)"
             )
         remove_stale_temps(final)
-        tmp = _temp_folder(final)
+        tmp = temp_path(final)
         try:
             self.made = make_dirs(final.parent)
             tmp.mkdir()

@@ -22,11 +22,11 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .atomic import remove_stale_temps, temp_path
 from .classes import GROUP_NAMES, NEGATIVE, NUCLEUS, POSITIVE, positive_index
 from .errors import OutputExistsError, OutputWriteError
 
@@ -253,7 +253,8 @@ def _write(path: Path, records: list[dict[str, str]]) -> None:
     )
     writer.writeheader()
     writer.writerows(records)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    remove_stale_temps(path)  # left by a call killed outright on this host
+    tmp = temp_path(path)
     try:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
         os.replace(tmp, path)

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -35,7 +34,14 @@ import tifffile
 import torch
 from torch.nn import functional as F
 
-from .atomic import check_writable, make_dirs, remove_made, write_error
+from .atomic import (
+    check_writable,
+    make_dirs,
+    remove_made,
+    remove_stale_temps,
+    temp_path,
+    write_error,
+)
 from .classes import CLASSES_COMPONENT, CellClassifier
 from .config import RunConfig
 from .counts_table import (
@@ -118,10 +124,6 @@ def _check_outputs(paths: Sequence[Path], out_dir: Path, overwrite: bool) -> Non
 def _finished(path: Path, out_dir: Path) -> bool:
     """Both outputs there: the GeoJSON is published last, so the pair is complete."""
     return all(o.exists() for o in output_paths(path, out_dir))
-
-
-def _temp_name(final: Path) -> Path:
-    return final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
 
 
 def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
@@ -255,7 +257,9 @@ def _write_outputs(
     if dropped:
         cands = [c for c in cands if c.payload is not None]
         labels = np.where(np.isin(labels, dropped), 0, labels)
-    tmp_json, tmp_tif = _temp_name(geojson), _temp_name(labels_tif)
+    for final in (geojson, labels_tif):  # left by a call killed outright on this host
+        remove_stale_temps(final)
+    tmp_json, tmp_tif = temp_path(geojson), temp_path(labels_tif)
     try:
         with GeoJSONWriter(tmp_json, slide_key=slide_key) as gj:
             # encoded all at once (one image's cells: GEOS arrays, not one call per cell)
