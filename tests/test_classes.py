@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -414,6 +415,11 @@ def test_he_groups_stable_across_seeds_on_cmu(cmu_tiles) -> None:
     )
     means = [area[pa == k].mean() for k in range(len(a.classes))]
     assert means == sorted(means)
+    # the description gives each group's centre, its area near the group's median cell area
+    text = a.describe()
+    for k, (name, _) in enumerate(a.classes):
+        said = float(re.search(rf"{name} \(about (\d+) µm²", text).group(1))
+        assert 0.7 < said / np.median(area[pa == k]) < 1.4, (name, said)
 
 
 def test_disabled_classes_give_one_nucleus_class(cmu_tiles) -> None:

@@ -711,8 +711,19 @@ class CellClassifier:
         if self.max_ink is not None:
             pale += f"; objects at least {self.max_ink:.0%} marking ink are not nuclei"
         if self.groups is not None:
-            names = ", ".join(n for n, _ in self.classes)
-            return f"H&E: {self.groups.k} groups, ordered by mean area: {names}{pale}"
+            g = self.groups
+            # each group's centre in natural units: the groups part four features, not area alone
+            # (a "Small nucleus" can be larger than some "Large" ones: darker, rounder, ...)
+            centre = g.means * g.scale + g.center
+            names = ", ".join(
+                f"{n} (about {math.exp(c[0]):.0f} µm², haematoxylin {math.exp(c[1]):.2f}, "
+                f"spread {c[2]:.2f}, eccentricity {c[3]:.2f})"
+                for (n, _), c in zip(self.classes, centre, strict=True)
+            )
+            return (
+                f"H&E: {g.k} groups (by area, haematoxylin, its spread and eccentricity), named "
+                f"by size rank: {names}{pale}"
+            )
         return f"{self.stain}: one class (Nucleus){pale}"
 
     # ------------------------------------------------------------------ state
