@@ -699,7 +699,8 @@ def eval_(
         typer.Argument(
             help="Folder of annotations: outlines (MoNuSeg XML, label images, or <stem>.geojson "
             "outlines from QuPath) or points (a BCData .h5 root, <stem>.geojson point annotations "
-            "from QuPath, or <stem>.csv with x, y, class; classes Positive / Negative).",
+            "from QuPath, <stem>.csv with x, y, class, or SHIDC-B-Ki-67's <stem>.json records "
+            "with x, y, label_id; classes Positive / Negative).",
             metavar="GT",
         ),
     ],

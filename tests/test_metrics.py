@@ -524,8 +524,9 @@ def _qupath_points(path: Path, pts: dict[str, np.ndarray], extra: list[dict] | N
 
 
 def test_point_files_score_as_bcdata_does(tmp_path: Path, bcdata_dir: Path, capsys) -> None:
-    """The same points as QuPath GeoJSON or as CSV (pixel centres at +0.5) give the very scores
-    BCData's .h5 files give; points of other classes, and region outlines, are not scored."""
+    """The same points as QuPath GeoJSON or as CSV (pixel centres at +0.5), or as SHIDC-B-Ki-67's
+    JSON records (pixel indices, label_id), give the very scores BCData's .h5 files give; points
+    of other classes, and region outlines, are not scored."""
     from wsi_psm.cli.main import main
 
     from wsi_psm.evaluation import is_detection_gt
@@ -534,9 +535,10 @@ def test_point_files_score_as_bcdata_does(tmp_path: Path, bcdata_dir: Path, caps
     pred = tmp_path / "pred"
     pred.mkdir()
     _bcdata_predictions(pred, bcdata_dir)
-    gj, cs = tmp_path / "gj", tmp_path / "csv"
+    gj, cs, sh = tmp_path / "gj", tmp_path / "csv", tmp_path / "shidc"
     gj.mkdir()
     cs.mkdir()
+    sh.mkdir()
     other = {  # an unscored class, and the outline of the annotated field
         "type": "Feature",
         "geometry": {"type": "Point", "coordinates": [100.0, 100.0]},
@@ -557,14 +559,25 @@ def test_point_files_score_as_bcdata_does(tmp_path: Path, bcdata_dir: Path, caps
         )
         rows = ["x,y,class"] + [f"{x},{y},{k}" for k, v in pts.items() for x, y in v]
         (cs / f"{stem}.csv").write_text("\n".join(rows) + "\n")
+        # SHIDC-B-Ki-67's JSON: pixel indices, label_id 1 / 2 (3, a lymphocyte, is not scored)
+        ids = {"Positive": 1, "Negative": 2}
+        records = [
+            {"x": int(x), "y": int(y), "label_id": ids[k]}
+            for k, v in load_bcdata_points(bcdata_dir, stem).items()
+            for x, y in v
+        ]
+        records.append({"x": 5, "y": 5, "label_id": 3})
+        (sh / f"{stem}.json").write_text(json.dumps(records))
+        (sh / f"{stem}.jpg").write_bytes(b"")  # (its tile beside it, as SHIDC ships them)
     want = evaluate_detection(pred, bcdata_dir, radius_px=10)
     # the tiles beside their point files (as QuPath users export them) are not annotations
     for stem in ("0", "1", "2"):
         (gj / f"{stem}.png").write_bytes(
             (bcdata_dir / "images" / "test" / f"{stem}.png").read_bytes()
         )
-    assert is_detection_gt(gj) and is_detection_gt(cs)
-    for folder, ignored in ((gj, 3), (cs, 0)):
+    (sh / "dataset.json").write_text('{"name": "not points"}')  # (another JSON: not an annotation)
+    assert is_detection_gt(gj) and is_detection_gt(cs) and is_detection_gt(sh)
+    for folder, ignored in ((gj, 3), (cs, 0), (sh, 3)):
         got = evaluate_detection(pred, folder, radius_px=10)
         assert got["pooled"] == want["pooled"] and got["mean"] == want["mean"]
         assert got["n_images"] == 3 and got["ignored_gt_points"] == ignored

@@ -9,7 +9,8 @@ present, else the derived colour mask), or a folder of ``<stem>.xml`` / label im
 
 Detection (BCData-style): prediction polygons (or points) reduced to centroids, matched one-to-one to
 the annotated points within a radius, per class (Positive / Negative). Points come from BCData's
-``.h5`` files, or from ``<stem>.geojson`` (QuPath point annotations) / ``<stem>.csv`` files.
+``.h5`` files, or from ``<stem>.geojson`` (QuPath point annotations) / ``<stem>.csv`` /
+``<stem>.json`` (SHIDC-B-Ki-67's point records) files.
 
 Both return plain dicts (the CLI renders them); annotations are only ever read here, for measuring.
 """
@@ -32,6 +33,7 @@ from wsi_psm.groundtruth import (
     POINT_SUFFIXES,
     AnnotationError,
     is_point_csv,
+    is_point_list,
     load_bcdata_points,
     load_instance_png,
     load_label_image,
@@ -133,7 +135,7 @@ def _match(
         raise EvaluationError(
             f"no ground truth in {gt_dir}"
             + _csv_hint(gt_dir, " (expected MoNuSeg XML, label images, QuPath GeoJSON, "
-                        "<stem>.csv points or BCData)")
+                        "<stem>.csv / <stem>.json points or BCData)")
         )  # fmt: skip
     common = sorted(set(pred) & set(gt))
     if not common:
@@ -397,7 +399,7 @@ def _bcdata_dir(gt_dir: Path) -> Path | None:
 
 
 def _point_files(gt_dir: Path) -> dict[str, Path]:
-    """stem -> ``<stem>.geojson`` / ``<stem>.csv`` point annotations (GeoJSON wins) in ``gt_dir``;
+    """stem -> ``<stem>.geojson`` / ``.csv`` / ``.json`` point annotations (GeoJSON wins) in ``gt_dir``;
     a file named after the whole image name (``<stem>.png.geojson``) counts as ``<stem>``."""
     found: dict[str, Path] = {}
     for p in sorted(gt_dir.iterdir(), key=lambda p: (p.suffix.lower() == ".geojson", p.name)):
@@ -416,8 +418,14 @@ def _csv_hint(gt_dir: Path, otherwise: str) -> str:
 
 
 def _may_hold_points(path: Path) -> bool:
-    """A GeoJSON, or a CSV whose header names x, y and class (a dataset's manifest.csv does not)."""
-    return path.suffix.lower() != ".csv" or is_point_csv(path)
+    """A GeoJSON, a CSV whose header names x, y and class (a dataset's manifest.csv does not), or
+    a .json point list or GeoJSON (not, e.g., a COCO file or a config)."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return is_point_csv(path)
+    if suffix == ".json":
+        return is_point_list(path) or _geometry_kind(path) is not None
+    return True
 
 
 def is_detection_gt(gt_dir: str | Path) -> bool:
@@ -441,7 +449,10 @@ def is_detection_gt(gt_dir: str | Path) -> bool:
         return False
     # GeoJSON holds either: the first file with any geometry says which (points, or outlines)
     for path in files.values():
-        kind = "points" if path.suffix.lower() == ".csv" else _geometry_kind(path)
+        listed = path.suffix.lower() == ".csv" or (
+            path.suffix.lower() == ".json" and is_point_list(path)
+        )
+        kind = "points" if listed else _geometry_kind(path)
         if kind is not None:
             return kind == "points"
     return True  # (only empty files: nothing to outline)
@@ -480,7 +491,7 @@ def _detection_gt(gt_dir: Path) -> dict[str, PointLoader]:
         raise EvaluationError(
             f"no point annotations under {gt_dir}"
             + _csv_hint(gt_dir, " (expected BCData's [annotations/test/]positive/<id>.h5, or "
-                        "<stem>.geojson / <stem>.csv point files)")
+                        "<stem>.geojson / <stem>.csv / <stem>.json point files)")
         )  # fmt: skip
     return {s: functools.partial(load_point_annotations, p) for s, p in files.items()}
 
@@ -515,7 +526,8 @@ def evaluate_detection(pred: str | Path, gt: str | Path, radius_px: float = 10.0
     ``properties.classification.name`` Positive / Negative (any case); ``gt``: the BCData folder,
     its ``annotations`` folder, or ``annotations/test``; or a folder of ``<stem>.geojson`` point
     annotations (Point / MultiPoint, classified Positive / Negative, as QuPath exports them) or
-    ``<stem>.csv`` (x, y, class), continuous pixel coordinates. Points of other classes are not
+    ``<stem>.csv`` (x, y, class), continuous pixel coordinates, or ``<stem>.json`` point records
+    (SHIDC-B-Ki-67: x, y pixel indices, label_id 1 / 2). Points of other classes are not
     scored: their number is ``ignored_gt_points`` and their classes ``ignored_gt_classes`` (per
     image and in all); ``images_without_points`` names annotation files that hold none.
 

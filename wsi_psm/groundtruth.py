@@ -280,7 +280,10 @@ def load_bcdata_points(annotations_root: str | Path, image_id: str | int) -> dic
     return out
 
 
-POINT_SUFFIXES = (".geojson", ".csv")
+POINT_SUFFIXES = (".geojson", ".csv", ".json")
+# ``label_id`` of a JSON point list (SHIDC-B-Ki-67: 1 immunopositive, 2 immunonegative, 3 a
+# tumour-infiltrating lymphocyte, which is not scored)
+LABEL_IDS = {1: "Positive", 2: "Negative"}
 
 
 def point_class(name: object) -> str | None:
@@ -335,6 +338,50 @@ def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
     return out
 
 
+def _point_list(path: Path) -> list[dict[str, Any]] | None:
+    """A JSON list of point records (objects with x and y, as SHIDC-B-Ki-67 ships them), or None
+    when the file holds something else (GeoJSON: read as such)."""
+    try:
+        with path.open(encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise AnnotationError(f"cannot read {path}: {err}") from err
+    if isinstance(data, list) and all(
+        isinstance(d, dict) and "x" in d and "y" in d and "geometry" not in d for d in data
+    ):
+        return data
+    return None
+
+
+def is_point_list(path: str | Path) -> bool:
+    """Whether a ``.json`` file is a list of point records (x, y, and a label_id or class)."""
+    try:
+        return _point_list(Path(path)) is not None
+    except AnnotationError:
+        return False
+
+
+def _json_points(path: Path) -> list[tuple[str | None, float, float]]:
+    records = _point_list(path)
+    if records is None:  # a GeoJSON saved as .json (QuPath's export can be named so)
+        return _geojson_points(path)
+    out = []
+    for i, d in enumerate(records):
+        if "label_id" in d:
+            try:
+                name = LABEL_IDS.get(int(d["label_id"]), f"label_id {d['label_id']}")
+            except (TypeError, ValueError):
+                name = f"label_id {d['label_id']}"
+        else:
+            name = d.get("class", d.get("label"))
+        try:
+            # pixel indices, as BCData's: a pixel's centre is +0.5 in the pixel-corner convention
+            out.append((name, float(d["x"]) + 0.5, float(d["y"]) + 0.5))
+        except (TypeError, ValueError) as err:
+            raise AnnotationError(f"{path}, point {i}: x and y must be numbers: {err}") from err
+    return out
+
+
 POINT_COLUMNS = {"x", "y", "class"}
 
 
@@ -378,15 +425,14 @@ NO_CLASS = "(no class)"
 
 def load_point_annotations(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The Positive / Negative points of one image from a point file: GeoJSON Point / MultiPoint
-    features with a classification (as QuPath exports point annotations), or a CSV with the
-    columns x, y, class. Coordinates are image pixels, continuous (the pixel-corner convention:
-    a pixel's centre is at +0.5). Returns ``({"Positive": (N, 2), "Negative": (M, 2)}, {class
+    features with a classification (as QuPath exports point annotations), a CSV with the
+    columns x, y, class, or a JSON list of ``{"x", "y", "label_id"}`` records (SHIDC-B-Ki-67:
+    label_id 1 Positive, 2 Negative; or a "class" name). Coordinates are image pixels, continuous
+    (the pixel-corner convention: a pixel's centre is at +0.5; a JSON list's are pixel indices). Returns ``({"Positive": (N, 2), "Negative": (M, 2)}, {class
     name: number of points} of the points not scored: other classes, and ``NO_CLASS``)``."""
     p = Path(path)
-    pts = [
-        (point_class(n), n, x, y)
-        for n, x, y in (_csv_points(p) if p.suffix.lower() == ".csv" else _geojson_points(p))
-    ]
+    read = {".csv": _csv_points, ".json": _json_points}.get(p.suffix.lower(), _geojson_points)
+    pts = [(point_class(n), n, x, y) for n, x, y in read(p)]
     out = {
         c: np.asarray([(x, y) for k, _, x, y in pts if k == c], dtype=np.float64).reshape(-1, 2)
         for c in BCDATA_CLASSES
