@@ -697,7 +697,8 @@ def eval_(
     gt: Annotated[
         Path,
         typer.Argument(
-            help="Folder of annotations: outlines (MoNuSeg XML, label images, or <stem>.geojson "
+            help="Folder of annotations: outlines (MoNuSeg XML, label images or .mat inst_map "
+            "files, or <stem>.geojson "
             "outlines from QuPath) or points (a BCData .h5 root, <stem>.geojson point annotations "
             "from QuPath, <stem>.csv with x, y, class, or SHIDC-B-Ki-67's <stem>.json records "
             "with x, y, label_id; classes Positive / Negative).",

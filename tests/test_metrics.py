@@ -335,6 +335,20 @@ def test_evaluate_segmentation_label_images_and_polygons(tmp_path: Path) -> None
     for stem in ("a", "b"):
         for key in ("pixel_f1", "object_dice", "aji", "pq"):
             assert r2["images"][stem][key] == pytest.approx(r["images"][stem][key]), (stem, key)
+    # the same ground truth as MATLAB instance maps (CoNSeP / CPM / HoVer-Net's Kumar copy:
+    # variable inst_map, float64 as MATLAB saves it; beside it another variable, as they ship)
+    from scipy.io import savemat
+
+    (tmp_path / "mat").mkdir()
+    for stem in ("a", "b"):
+        savemat(
+            tmp_path / "mat" / f"{stem}.mat", {"inst_map": gt.astype(float), "type_map": gt > 0}
+        )
+    r3 = evaluate_segmentation(tmp_path / "tif", tmp_path / "mat")
+    assert r3["mean"] == r["mean"] and r3["unmatched_pred"] == ["extra"]
+    savemat(tmp_path / "mat" / "a.mat", {"inst": gt, "type_map": gt > 0})
+    with pytest.raises(EvaluationError, match="no 'inst_map' and 2 2-D arrays"):
+        evaluate_segmentation(tmp_path / "tif", tmp_path / "mat")
     # polygons of a larger image (another image's, or another scale's): refused, not cut off
     big = np.zeros((gt.shape[0] * 2, gt.shape[1] * 2), gt.dtype)
     big[-gt.shape[0] :, -gt.shape[1] :] = gt

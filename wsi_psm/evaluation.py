@@ -45,7 +45,7 @@ from wsi_psm.groundtruth import (
 from wsi_psm.metrics import detection_scores, prf, segmentation_scores
 
 SEGMENTATION_KEYS = ("pixel_f1", "object_dice", "aji", "pq", "dq", "sq")
-LABEL_SUFFIXES = (".tif", ".tiff", ".png")
+LABEL_SUFFIXES = (".tif", ".tiff", ".png", ".mat")
 
 
 class EvaluationError(WsiPsmError):

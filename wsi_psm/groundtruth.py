@@ -187,10 +187,26 @@ def merge_overlap_fragments(labels: np.ndarray, colours: np.ndarray, tol: int = 
     return lut[target][labels]
 
 
+def _read_mat(path: Path) -> np.ndarray:
+    """The instance map of a MATLAB file, as CoNSeP, CPM and HoVer-Net's Kumar copy ship them:
+    the variable ``inst_map``, else the file's one 2-D numeric array."""
+    from scipy.io import loadmat
+
+    data = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
+    if "inst_map" in data:
+        return np.asarray(data["inst_map"])
+    arrays = [v for v in data.values() if isinstance(v, np.ndarray) and v.ndim == 2]
+    if len(arrays) != 1:
+        raise ValueError(f"no 'inst_map' and {len(arrays)} 2-D arrays ({', '.join(data)})")
+    return arrays[0]
+
+
 def _read_image(path: Path) -> np.ndarray:
     if not path.is_file():
         raise AnnotationError(f"label image not found: {path}")
     try:
+        if path.suffix.lower() == ".mat":
+            return _read_mat(path)
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
@@ -218,7 +234,8 @@ def load_instance_png(path: str | Path, *, merge_overlaps: bool = False) -> np.n
 
 
 def load_label_image(path: str | Path) -> np.ndarray:
-    """Instance labels from an integer label TIFF/PNG (0 = background); RGB files are read as colour masks."""
+    """Instance labels from an integer label TIFF / PNG, or a MATLAB file's ``inst_map`` (0 =
+    background); RGB files are read as colour masks."""
     arr = _read_image(Path(path))
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):
         return colours_to_labels(arr, source=str(path))
