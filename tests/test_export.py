@@ -156,6 +156,16 @@ def test_stale_temporary_folders_of_gone_processes_are_removed(tmp_path):
         assert folder.name.endswith(f"-{os.getpid()}@{host}")
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {"slide", *(v for k, v in names.items() if k != "dead")}
+    # killed between the two renames of an overwrite: the old output set aside, the new one
+    # still temporary; the next write of it puts the old one back (and removes the new one)
+    old = tmp_path / f".slide.old-0123456789ab-{gone.pid}@{host}"
+    (tmp_path / "slide").rename(old)
+    (tmp_path / names["dead"]).mkdir()
+    assert remove_stale_temps(final) == [tmp_path / names["dead"]]
+    assert (tmp_path / "slide").is_dir() and not old.exists()
+    # ... and with the output there (the overwrite finished), a stale old copy is removed
+    old.mkdir()
+    assert remove_stale_temps(final) == [old] and (tmp_path / "slide").is_dir()
 
 
 @pytest.mark.parametrize("gz", [False, True])

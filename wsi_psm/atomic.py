@@ -165,11 +165,12 @@ def host_tag() -> str:
     return f"{re.sub(r'[^A-Za-z0-9-]', '', name)[:24] or 'host'}-{digest}"
 
 
-def temp_path(final: Path) -> Path:
+def temp_path(final: Path, kind: str = "tmp") -> Path:
     """Where to write ``final`` before renaming it into place: the hidden sibling
     ``.<name>.tmp-<hex>-<pid>@<host>``, its owner in its name, so that a later run can tell one
-    left by a process that is gone (:func:`remove_stale_temps`) from one still being written."""
-    return final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}-{os.getpid()}@{host_tag()}"
+    left by a process that is gone (:func:`remove_stale_temps`) from one still being written.
+    ``kind`` "old": where an output being replaced waits until its replacement is in place."""
+    return final.parent / f".{final.name}.{kind}-{uuid.uuid4().hex[:12]}-{os.getpid()}@{host_tag()}"
 
 
 def process_gone(pid: int) -> bool:
@@ -191,24 +192,33 @@ def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files or folders of the output ``final`` (:func:`temp_path`) that
     processes of this host left when they were killed outright (SIGKILL, out of memory, a batch's
     worker taken down with its cluster), i.e. whose owner process no longer exists; returns them.
-    Those of other hosts (a shared file system), of running processes, or without an owner in
-    their name are left.
-    POSIX only (elsewhere nothing is removed: Windows has no harmless existence probe)."""
+    A replaced output set aside (``.old-``) by such a process is put back when ``final`` is
+    missing (the kill fell between the two renames of an overwrite), else removed. Those of other
+    hosts (a shared file system), of running processes, or without an owner in their name are
+    left. POSIX only (elsewhere nothing is removed: Windows has no harmless existence probe)."""
     if os.name != "posix":
         return []
     final = Path(os.path.abspath(final))
-    prefix, host, removed = f".{final.name}.tmp-", host_tag(), []
+    host, removed = host_tag(), []
+    stem = re.escape(f".{final.name}.")
+    owned = re.compile(stem + r"(tmp|old)-[0-9a-f]{12}-(\d{1,10})@([A-Za-z0-9-]+)")
     try:
-        entries = [e for e in os.scandir(final.parent) if e.name.startswith(prefix)]
+        entries = [e for e in os.scandir(final.parent) if e.name.startswith(f".{final.name}.")]
     except OSError:  # no parent yet, or unreadable: nothing of ours to clean
         return []
-    for e in entries:
-        m = re.fullmatch(r"[0-9a-f]{12}-(\d{1,10})@([A-Za-z0-9-]+)", e.name[len(prefix) :])
-        if m and m.group(2) == host and process_gone(int(m.group(1))):
-            _remove(Path(e.path))
-            if not os.path.lexists(e.path):
-                removed.append(Path(e.path))
-                log.info("removed %s: left by a stopped run", e.path)
+    # (the old outputs last: a stale new one is gone before an old one is put back)
+    for e in sorted(entries, key=lambda e: ".old-" in e.name):
+        m = owned.fullmatch(e.name)
+        if not (m and m.group(3) == host and process_gone(int(m.group(2)))):
+            continue
+        if m.group(1) == "old" and not os.path.lexists(final):
+            os.rename(e.path, final)
+            log.warning("%s put back from %s: a replacement of it was stopped", final, e.path)
+            continue
+        _remove(Path(e.path))
+        if not os.path.lexists(e.path):
+            removed.append(Path(e.path))
+            log.info("removed %s: left by a stopped run", e.path)
     return removed
 
 
@@ -235,11 +245,13 @@ class OutputFolder:
 
     def __enter__(self) -> Path:
         final = self.final
+        remove_stale_temps(
+            final
+        )  # (first: it may put back an output a stopped overwrite set aside)
         if (final.exists() or final.is_symlink()) and not self.overwrite:
             raise OutputExistsError(
                 f"output exists: {final} (use --overwrite to replace it, or choose another folder)"
             )
-        remove_stale_temps(final)
         tmp = temp_path(final)
         try:
             self.made = make_dirs(final.parent)
@@ -281,7 +293,7 @@ class OutputFolder:
             raise OutputExistsError(f"output exists: {final} (another run wrote it meanwhile)")
         aside = None
         if exists:
-            aside = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:12]}"
+            aside = temp_path(final, "old")
             os.rename(final, aside)
         try:
             os.rename(tmp, final)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from .allocator import tune_malloc
-from .atomic import OutputFolder, check_writable
+from .atomic import OutputFolder, check_writable, remove_stale_temps
 from .config import RunConfig
 from .export import (
     CellBlock,
@@ -551,6 +551,7 @@ def process_slide(
     """
     progress = progress or NullProgress()
     out_dir = Path(out_dir)
+    remove_stale_temps(out_dir)  # left by a run killed outright on this host (an old output back)
     if out_dir.exists() and not overwrite:
         from .errors import OutputExistsError
 
