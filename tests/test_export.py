@@ -7,6 +7,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,16 +157,19 @@ def test_stale_temporary_folders_of_gone_processes_are_removed(tmp_path):
         assert folder.name.endswith(f"-{os.getpid()}@{host}")
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {"slide", *(v for k, v in names.items() if k != "dead")}
-    # killed between the two renames of an overwrite: the old output set aside, the new one
-    # still temporary; the next write of it puts the old one back (and removes the new one)
+    # killed between the two renames of an overwrite (the old output set aside, the new one,
+    # synced, not yet renamed in): the next write of it finishes the overwrite
     old = tmp_path / f".slide.old-0123456789ab-{gone.pid}@{host}"
     (tmp_path / "slide").rename(old)
     (tmp_path / names["dead"]).mkdir()
-    assert remove_stale_temps(final) == [tmp_path / names["dead"]]
-    assert (tmp_path / "slide").is_dir() and not old.exists()
-    # ... and with the output there (the overwrite finished), a stale old copy is removed
+    (tmp_path / names["dead"] / "new").write_text("")
+    assert remove_stale_temps(final) == [old]
+    assert (tmp_path / "slide" / "new").is_file()
+    # an old copy left after the new output was in (then deleted by its user): removed, not put
+    # back over the user's deletion
+    shutil.rmtree(tmp_path / "slide")
     old.mkdir()
-    assert remove_stale_temps(final) == [old] and (tmp_path / "slide").is_dir()
+    assert remove_stale_temps(final) == [old] and not (tmp_path / "slide").exists()
 
 
 @pytest.mark.parametrize("gz", [False, True])

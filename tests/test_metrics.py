@@ -346,6 +346,14 @@ def test_evaluate_segmentation_label_images_and_polygons(tmp_path: Path) -> None
         )
     r3 = evaluate_segmentation(tmp_path / "tif", tmp_path / "mat")
     assert r3["mean"] == r["mean"] and r3["unmatched_pred"] == ["extra"]
+    # MATLAB v7.3 files are HDF5, their arrays stored transposed
+    import h5py
+
+    with h5py.File(tmp_path / "mat" / "a.mat", "w", userblock_size=512) as f:
+        f["inst_map"] = gt.T.astype(float)
+    with open(tmp_path / "mat" / "a.mat", "r+b") as fh:  # (MATLAB's own header in the userblock)
+        fh.write(b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Sat Nov 28 2026 HDF5 schema")
+    assert evaluate_segmentation(tmp_path / "tif", tmp_path / "mat")["mean"] == r["mean"]
     savemat(tmp_path / "mat" / "a.mat", {"inst": gt, "type_map": gt > 0})
     with pytest.raises(EvaluationError, match="no 'inst_map' and 2 2-D arrays"):
         evaluate_segmentation(tmp_path / "tif", tmp_path / "mat")
@@ -595,6 +603,10 @@ def test_point_files_score_as_bcdata_does(tmp_path: Path, bcdata_dir: Path, caps
         got = evaluate_detection(pred, folder, radius_px=10)
         assert got["pooled"] == want["pooled"] and got["mean"] == want["mean"]
         assert got["n_images"] == 3 and got["ignored_gt_points"] == ignored
+    # a point file cut short is an error naming it, not an image quietly left unscored
+    (sh / "1.json").write_text((sh / "1.json").read_text()[:50])
+    with pytest.raises(EvaluationError, match=r"1\.json"):
+        evaluate_detection(pred, sh, radius_px=10)
     _write_geojson(gj / "2.png.geojson", [])  # an image whose export holds no point
     with pytest.raises(SystemExit) as exc:
         main(["eval", str(pred), str(gj)])

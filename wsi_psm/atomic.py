@@ -192,33 +192,48 @@ def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
     """Remove the temporary files or folders of the output ``final`` (:func:`temp_path`) that
     processes of this host left when they were killed outright (SIGKILL, out of memory, a batch's
     worker taken down with its cluster), i.e. whose owner process no longer exists; returns them.
-    A replaced output set aside (``.old-``) by such a process is put back when ``final`` is
-    missing (the kill fell between the two renames of an overwrite), else removed. Those of other
-    hosts (a shared file system), of running processes, or without an owner in their name are
-    left. POSIX only (elsewhere nothing is removed: Windows has no harmless existence probe)."""
+
+    An overwrite killed between its two renames (the old output set aside as ``.old-``, the new
+    one not yet renamed in: ``final`` missing, both left by one process) is finished: the new
+    output, complete since it is synced before the renames, goes in, and the old one is removed.
+    Entries of other hosts (a shared file system), of running processes, or without an owner in
+    their name are left. POSIX only (elsewhere nothing is removed: Windows has no harmless
+    existence probe)."""
     if os.name != "posix":
         return []
     final = Path(os.path.abspath(final))
-    host, removed = host_tag(), []
-    stem = re.escape(f".{final.name}.")
-    owned = re.compile(stem + r"(tmp|old)-[0-9a-f]{12}-(\d{1,10})@([A-Za-z0-9-]+)")
+    host = host_tag()
+    owned = re.compile(
+        re.escape(f".{final.name}.") + r"(tmp|old)-[0-9a-f]{12}-(\d{1,10})@([A-Za-z0-9-]+)"
+    )
     try:
-        entries = [e for e in os.scandir(final.parent) if e.name.startswith(f".{final.name}.")]
+        names = [e.name for e in os.scandir(final.parent) if e.name.startswith(f".{final.name}.")]
     except OSError:  # no parent yet, or unreadable: nothing of ours to clean
         return []
-    # (the old outputs last: a stale new one is gone before an old one is put back)
-    for e in sorted(entries, key=lambda e: ".old-" in e.name):
-        m = owned.fullmatch(e.name)
-        if not (m and m.group(3) == host and process_gone(int(m.group(2)))):
-            continue
-        if m.group(1) == "old" and not os.path.lexists(final):
-            os.rename(e.path, final)
-            log.warning("%s put back from %s: a replacement of it was stopped", final, e.path)
-            continue
-        _remove(Path(e.path))
-        if not os.path.lexists(e.path):
-            removed.append(Path(e.path))
-            log.info("removed %s: left by a stopped run", e.path)
+    stale: dict[tuple[str, int], list[Path]] = {}
+    for name in sorted(names):
+        m = owned.fullmatch(name)
+        if m and m.group(3) == host and process_gone(int(m.group(2))):
+            stale.setdefault((m.group(1), int(m.group(2))), []).append(final.parent / name)
+    if not os.path.lexists(final):
+        for pid in sorted({pid for kind, pid in stale if kind == "old"}):
+            new = stale.get(("tmp", pid), [])
+            if len(new) != 1:  # (not the kill between the two renames, or not only that)
+                continue
+            try:
+                os.rename(new[0], final)
+            except OSError as err:  # e.g. another run got there first: theirs stands
+                log.warning("cannot finish the stopped overwrite of %s: %s", final, err)
+                break
+            stale.pop(("tmp", pid))
+            log.warning("%s: a stopped overwrite finished (its new output renamed in)", final)
+            break
+    removed = []
+    for path in (p for paths in stale.values() for p in paths):
+        _remove(path)
+        if not os.path.lexists(path):
+            removed.append(path)
+            log.info("removed %s: left by a stopped run", path)
     return removed
 
 
@@ -233,8 +248,9 @@ class OutputFolder:
     any exception the temporary folder is removed and an existing output is left untouched.
     OSErrors meaning a full, read-only or forbidden disk on the output paths become OutputWriteError
     (one line naming the path). A process killed outright can leave a ``.<name>.tmp-*`` folder
-    behind; it never has the final name, and the next ``OutputFolder`` of the same output on the
-    same host removes it (:func:`remove_stale_temps`).
+    (and, killed between the two renames of an overwrite, a ``.<name>.old-*`` one) behind; neither
+    has the final name, and the next ``OutputFolder`` of the same output on the same host cleans
+    them up (:func:`remove_stale_temps`: an overwrite stopped between its renames is finished).
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], overwrite: bool = False) -> None:

@@ -40,6 +40,7 @@ from wsi_psm.groundtruth import (
     load_monuseg_xml,
     load_point_annotations,
     monuseg_cases,
+    point_list,
     read_geojson_features,
 )
 from wsi_psm.metrics import detection_scores, prf, segmentation_scores
@@ -423,8 +424,11 @@ def _may_hold_points(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return is_point_csv(path)
-    if suffix == ".json":
-        return is_point_list(path) or _geometry_kind(path) is not None
+    if suffix == ".json":  # (one that cannot be read is kept: its loader says why, in one line)
+        try:
+            return point_list(path) is not None or _geometry_kind(path) is not None
+        except AnnotationError:
+            return True
     return True
 
 

@@ -17,6 +17,7 @@ the order in which a drawing tool paints them. A label can therefore come out in
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import json
 import xml.etree.ElementTree as ET
@@ -190,8 +191,14 @@ def merge_overlap_fragments(labels: np.ndarray, colours: np.ndarray, tol: int = 
 def _read_mat(path: Path) -> np.ndarray:
     """The instance map of a MATLAB file, as CoNSeP, CPM and HoVer-Net's Kumar copy ship them:
     the variable ``inst_map``, else the file's one 2-D numeric array."""
+    import h5py
     from scipy.io import loadmat
 
+    if h5py.is_hdf5(path):  # MATLAB v7.3 saves HDF5, its arrays stored transposed
+        with h5py.File(path, "r") as f:
+            if "inst_map" not in f:
+                raise ValueError("a MATLAB v7.3 (HDF5) file without 'inst_map'")
+            return np.asarray(f["inst_map"][()]).T
     data = {k: v for k, v in loadmat(path).items() if not k.startswith("__")}
     if "inst_map" in data:
         return np.asarray(data["inst_map"])
@@ -312,14 +319,26 @@ def point_class(name: object) -> str | None:
     return next((c for c in BCDATA_CLASSES if c.lower() == last), None)
 
 
+@functools.lru_cache(maxsize=8)  # (a few files: a whole-slide export can be large)
+def _parsed(path: str, mtime_ns: int, size: int) -> Any:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, parsed once while unchanged: eval asks of one annotation file what
+    it holds (points? outlines?) before reading it. Not to be modified by the caller."""
+    st = path.stat()
+    return _parsed(str(path), st.st_mtime_ns, st.st_size)
+
+
 def read_geojson_features(path: str | Path) -> list[dict[str, Any]]:
     """The features with a geometry of a GeoJSON file (``.gz`` too): a FeatureCollection, one
     Feature, or a bare list of features (QuPath's "export as array")."""
     path = Path(path)
     try:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = _read_json(path)
     except (OSError, ValueError, EOFError) as err:
         raise AnnotationError(f"cannot read GeoJSON {path}: {err}") from err
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
@@ -355,12 +374,13 @@ def _geojson_points(path: Path) -> list[tuple[str | None, float, float]]:
     return out
 
 
-def _point_list(path: Path) -> list[dict[str, Any]] | None:
+def point_list(path: str | Path) -> list[dict[str, Any]] | None:
     """A JSON list of point records (objects with x and y, as SHIDC-B-Ki-67 ships them), or None
-    when the file holds something else (GeoJSON: read as such)."""
+    when the file holds something else (GeoJSON: read as such); AnnotationError when it cannot
+    be read."""
+    path = Path(path)
     try:
-        with path.open(encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = _read_json(path)
     except (OSError, ValueError) as err:
         raise AnnotationError(f"cannot read {path}: {err}") from err
     if isinstance(data, list) and all(
@@ -373,13 +393,13 @@ def _point_list(path: Path) -> list[dict[str, Any]] | None:
 def is_point_list(path: str | Path) -> bool:
     """Whether a ``.json`` file is a list of point records (x, y, and a label_id or class)."""
     try:
-        return _point_list(Path(path)) is not None
+        return point_list(Path(path)) is not None
     except AnnotationError:
         return False
 
 
 def _json_points(path: Path) -> list[tuple[str | None, float, float]]:
-    records = _point_list(path)
+    records = point_list(path)
     if records is None:  # a GeoJSON saved as .json (QuPath's export can be named so)
         return _geojson_points(path)
     out = []
