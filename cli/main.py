@@ -374,10 +374,11 @@ def run(
     bundle = _load_model(model) if model else None
     failed = []
     completed = False
+    # left by an earlier run killed outright on this host (the processed ones: process_slide too)
+    remove_stale_temps(*(output / s.name for s in slides))
     try:
         for s in slides:
             out_dir = output / s.name
-            remove_stale_temps(out_dir)  # left by an earlier run killed outright on this host
             try:
                 if skip_existing and finished_output(out_dir):
                     console.print(f"{s.name}: output exists, skipped ({out_dir})")

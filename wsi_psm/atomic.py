@@ -188,53 +188,68 @@ def process_gone(pid: int) -> bool:
         return False
 
 
-def remove_stale_temps(final: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary files or folders of the output ``final`` (:func:`temp_path`) that
+# a temporary name of :func:`temp_path`: output name, kind, owner PID and host
+_OWNED = re.compile(r"\.(.+)\.(tmp|old)-[0-9a-f]{12}-(\d{1,10})@([A-Za-z0-9-]+)")
+
+
+def remove_stale_temps(*finals: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files or folders of the outputs ``finals`` (:func:`temp_path`) that
     processes of this host left when they were killed outright (SIGKILL, out of memory, a batch's
     worker taken down with its cluster), i.e. whose owner process no longer exists; returns them.
+    One listing per folder, however many outputs it holds.
 
     An overwrite killed between its two renames (the old output set aside as ``.old-``, the new
-    one not yet renamed in: ``final`` missing, both left by one process) is finished: the new
+    one not yet renamed in: the output missing, both left by one process) is finished: the new
     output, complete since it is synced before the renames, goes in, and the old one is removed.
     Entries of other hosts (a shared file system), of running processes, or without an owner in
     their name are left. POSIX only (elsewhere nothing is removed: Windows has no harmless
     existence probe)."""
     if os.name != "posix":
         return []
-    final = Path(os.path.abspath(final))
-    host = host_tag()
-    owned = re.compile(
-        re.escape(f".{final.name}.") + r"(tmp|old)-[0-9a-f]{12}-(\d{1,10})@([A-Za-z0-9-]+)"
-    )
-    try:
-        names = [e.name for e in os.scandir(final.parent) if e.name.startswith(f".{final.name}.")]
-    except OSError:  # no parent yet, or unreadable: nothing of ours to clean
-        return []
-    stale: dict[tuple[str, int], list[Path]] = {}
-    for name in sorted(names):
-        m = owned.fullmatch(name)
-        if m and m.group(3) == host and process_gone(int(m.group(2))):
-            stale.setdefault((m.group(1), int(m.group(2))), []).append(final.parent / name)
-    if not os.path.lexists(final):
-        for pid in sorted({pid for kind, pid in stale if kind == "old"}):
-            new = stale.get(("tmp", pid), [])
-            if len(new) != 1:  # (not the kill between the two renames, or not only that)
-                continue
-            try:
-                os.rename(new[0], final)
-            except OSError as err:  # e.g. another run got there first: theirs stands
-                log.warning("cannot finish the stopped overwrite of %s: %s", final, err)
-                break
-            stale.pop(("tmp", pid))
-            log.warning("%s: a stopped overwrite finished (its new output renamed in)", final)
-            break
-    removed = []
-    for path in (p for paths in stale.values() for p in paths):
-        _remove(path)
-        if not os.path.lexists(path):
-            removed.append(path)
-            log.info("removed %s: left by a stopped run", path)
+    wanted: dict[Path, set[str]] = {}
+    for f in finals:
+        p = Path(os.path.abspath(f))
+        wanted.setdefault(p.parent, set()).add(p.name)
+    host, removed = host_tag(), []
+    for folder, names in wanted.items():
+        try:
+            entries = sorted(e.name for e in os.scandir(folder) if e.name.startswith("."))
+        except OSError:  # no folder yet, or unreadable: nothing of ours to clean
+            continue
+        # per output: (kind, owner PID) -> its entries left by processes that are gone
+        stale: dict[str, dict[tuple[str, int], list[Path]]] = {}
+        for entry in entries:
+            m = _OWNED.fullmatch(entry)
+            if m and m.group(1) in names and m.group(4) == host and process_gone(int(m.group(3))):
+                key = (m.group(2), int(m.group(3)))
+                stale.setdefault(m.group(1), {}).setdefault(key, []).append(folder / entry)
+        for name, left in stale.items():
+            _finish_overwrite(folder / name, left)
+            for path in (p for paths in left.values() for p in paths):
+                _remove(path)
+                if not os.path.lexists(path):
+                    removed.append(path)
+                    log.info("removed %s: left by a stopped run", path)
     return removed
+
+
+def _finish_overwrite(final: Path, stale: dict[tuple[str, int], list[Path]]) -> None:
+    """The new output of an overwrite killed between its two renames, renamed in (and taken out
+    of ``stale``); nothing when ``final`` is there or the leftovers are not that case."""
+    if os.path.lexists(final):
+        return
+    for pid in sorted({pid for kind, pid in stale if kind == "old"}):
+        new = stale.get(("tmp", pid), [])
+        if len(new) != 1:  # (not the kill between the two renames, or not only that)
+            continue
+        try:
+            os.rename(new[0], final)
+        except OSError as err:  # e.g. another run got there first: theirs stands
+            log.warning("cannot finish the stopped overwrite of %s: %s", final, err)
+            return
+        stale.pop(("tmp", pid))
+        log.warning("%s: a stopped overwrite finished (its new output renamed in)", final)
+        return
 
 
 class OutputFolder:

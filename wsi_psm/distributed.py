@@ -113,9 +113,10 @@ def run_batch(
     check_counts_table(out_root)  # a summary.csv that is not ours stops the batch before any work
     outcomes: dict[str, SlideOutcome] = {}
     todo = []
+    # left by an earlier run killed outright on this host
+    remove_stale_temps(*(out_root / s.name for s in slides))
     for s in slides:
         out_dir = out_root / s.name
-        remove_stale_temps(out_dir)  # left by an earlier run killed outright on this host
         try:
             finished = skip_existing and finished_output(out_dir)
         except WsiPsmError as err:  # something unfinished is there: this slide fails, not the batch
@@ -282,8 +283,7 @@ def _run_on_cluster(
             # stopped (or when one was killed and its slide retried) go too (a remote worker's
             # are removed by the next run of that slide on its host)
             if cluster is not None:
-                for _, out_dir in todo:
-                    remove_stale_temps(out_dir)
+                remove_stale_temps(*(out_dir for _, out_dir in todo))
             remove_made(made)  # (only where still empty: every slide failed, or was stopped)
 
 

@@ -257,8 +257,6 @@ def _write_outputs(
     if dropped:
         cands = [c for c in cands if c.payload is not None]
         labels = np.where(np.isin(labels, dropped), 0, labels)
-    for final in (geojson, labels_tif):  # left by a call killed outright on this host
-        remove_stale_temps(final)
     tmp_json, tmp_tif = temp_path(geojson), temp_path(labels_tif)
     try:
         with GeoJSONWriter(tmp_json, slide_key=slide_key) as gj:
@@ -622,6 +620,8 @@ def _segment_images(
         made = make_dirs(out)
     except OSError as err:
         raise OutputWriteError(f"cannot create output folder {out}: {err.strerror or err}") from err
+    # left by a call killed outright on this host (one listing of the folder for all the images)
+    remove_stale_temps(*(o for p in todo for o in output_paths(p, out)))
     written: list[Path] = []
     class_names = [name for name, _ in getattr(annotator, "classes", ())]
     progress.start(SEGMENT_STAGE, len(todo))
