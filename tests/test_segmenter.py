@@ -9,6 +9,14 @@ import torch
 from scipy import ndimage as ndi
 
 from wsi_psm.config import RunConfig
+from wsi_psm.segmenter.crops import (
+    DeviceCrops,
+    _apply_jitter,
+    _apply_jitter_batch,
+    _draw_jitter,
+    colour_jitter,
+    sample_batch,
+)
 from wsi_psm.segmenter.network import (
     SegEnsemble,
     SegNet,
@@ -20,13 +28,11 @@ from wsi_psm.segmenter.network import (
 from wsi_psm.segmenter.predict import SegmenterPredictor, network_maps, predict_maps
 from wsi_psm.segmenter.readout import _h_maxima_above, maps_to_instances
 from wsi_psm.segmenter.train import (
-    colour_jitter,
     distance_peaks,
     distance_target,
     fit_on_pseudo_masks,
     fit_segmenter,
     label_centroids,
-    sample_batch,
     sample_from_labels,
     voronoi_sample,
 )
@@ -333,6 +339,58 @@ def test_fit_is_seeded_and_learns() -> None:
     # better than chance after a few steps: nucleus pixels score higher than background ones
     assert maps[0][labels > 0].mean() > maps[0][labels == 0].mean() + 0.2
     assert fg.any()
+
+
+def test_fit_with_crops_made_on_the_device_learns() -> None:
+    """The GPU fit's crop path (DeviceCrops), run on the CPU: seeded, and it learns the discs."""
+    torch.set_num_threads(1)
+    img, labels = synthetic_tile(96)
+    samples = [sample_from_labels(img, labels)]
+    kw = {"width": 4, "depth": 2, "steps": 30, "batch": 4, "crop": 48, "lr": 5e-3, "colour": 1.0}
+    a = fit_segmenter(samples, seed=3, device_crops=True, **kw)
+    b = fit_segmenter(samples, seed=3, device_crops=True, **kw)
+    assert all(
+        torch.equal(va, vb)
+        for va, vb in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    maps = predict_maps(a, img, CPU, tta=False)
+    assert maps[0][labels > 0].mean() > maps[0][labels == 0].mean() + 0.2
+
+
+@pytest.mark.parametrize("size", [96, 40])
+def test_device_crops_without_jitter_are_the_cpu_batches(size: int) -> None:
+    """Cut and warped on the device, the batch is sample_batch's exactly (the same draws), a
+    weight map and an image smaller than the window (reflect-padded) included."""
+    img, labels = synthetic_tile(size)
+    weighted = sample_from_labels(
+        img, labels, weight=np.linspace(0, 1, size * size).reshape(size, -1).astype(np.float32)
+    )
+    samples = [sample_from_labels(img, labels), weighted]
+    crops = DeviceCrops(samples, CPU)
+    for seed in range(3):
+        a = sample_batch(samples, np.random.default_rng(seed), 5, 48, colour=0.0)
+        b = crops.batch(np.random.default_rng(seed), 5, 48, colour=0.0)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_device_jitter_is_the_cpu_jitter() -> None:
+    """The batch jitter in torch gives the numpy jitter's crops (the same draws and noise): at
+    most one grey level apart (float rounding at .5), blur and noise included."""
+    img, _ = synthetic_tile(64)
+    rng = np.random.default_rng(5)
+    draws = [_draw_jitter(rng, img.shape, 1.0) for _ in range(24)]
+    assert any(d.blur for d in draws) and any(d.noise is not None for d in draws)
+    want = np.stack([_apply_jitter(img, d) for d in draws]).astype(np.float32)
+    noise = torch.from_numpy(
+        np.stack(
+            [d.noise / d.noise_sigma if d.noise is not None else np.zeros(img.shape) for d in draws]
+        )
+    ).float()
+    x = torch.from_numpy(np.repeat(img[None], len(draws), 0)).float()
+    got = _apply_jitter_batch(x, draws, noise).numpy()
+    diff = np.abs(got - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert not np.array_equal(want[0], img)  # the jitter did something
 
 
 def test_batch_does_not_depend_on_the_jitter_threads() -> None:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 from sklearn.cluster import KMeans
+from threadpoolctl import threadpool_limits
 
 from wsi_psm.config import ClusterConfig
 from wsi_psm.errors import NoTissueError
@@ -147,6 +148,15 @@ def _large_regions(mask: np.ndarray, min_px: float) -> np.ndarray:
     return mask & large[lab]
 
 
+def fit_kmeans(x: np.ndarray, k: int, *, n_init: int, seed: int) -> KMeans:
+    """scikit-learn's k-means on one OpenMP thread. The fits here are small (at most a few hundred
+    thousand rows of 2-6 features): on a 16-core GPU machine its 16 threads, beside torch's
+    spinning ones, took 4x the 2-core machine's time (BCData's 83 fits: 20 s against 5 s), and
+    on the 2-core machine one thread is as fast as two (benchmarks/README.md)."""
+    with threadpool_limits(1, user_api="openmp"):
+        return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+
+
 class _Stage:
     """One k-means over some feature columns: z-scoring, weights, centroids, nucleus cluster."""
 
@@ -162,7 +172,7 @@ class _Stage:
     def fit(cls, cols: list[str], x: np.ndarray, cfg: ClusterConfig, seed: int) -> _Stage:
         mean, std = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
         w = np.array([cfg.psm_weight if c == "psm" else 1.0 for c in cols], np.float32)
-        km = KMeans(n_clusters=cfg.k, n_init=4, random_state=seed).fit((x - mean) / std * w)
+        km = fit_kmeans((x - mean) / std * w, cfg.k, n_init=4, seed=seed)
         cents = km.cluster_centers_.astype(np.float32)
         return cls(cols, mean, std, w, cents, int(np.argmax(_nucleus_score(cents / w, cols))))
 

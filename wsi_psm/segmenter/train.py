@@ -4,26 +4,19 @@ Targets come from instance labels (pseudo masks split into nuclei, or a previous
 predictions): the foreground, and each nucleus's distance to its edge normalised to 1 at its centre.
 A per-pixel weight lets uncertain pixels (where a previous round hesitated) be ignored.
 
-Augmentation is strong, because one fit must serve other organs, stains and scanners: stain-space
-colour jitter (haematoxylin / eosin amounts scaled and shifted), brightness, contrast, saturation,
-blur and noise on the uint8 crop, then one random affine per crop (any rotation, a flip, a scale
-in ``segmenter.fit_scale``, 0.8-1.25 by default) applied to image and targets together with
-``grid_sample``.
+The training crops and their augmentation are :mod:`wsi_psm.segmenter.crops`'s.
 
 Seeded: crops and jitter come from a numpy Generator and the weights from a forked torch RNG, so a
-fit with the same seed, data and config gives the same weights on CPU.
+fit with the same seed, data and config gives the same weights on CPU. On a GPU the crops are made
+on the device (:class:`DeviceCrops`): the same draws but the noise, and another float path.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import math
-import os
+import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,10 +26,12 @@ from torch.nn import functional as F
 from wsi_psm.config import InstanceConfig, RunConfig
 from wsi_psm.errors import NoNucleiError
 from wsi_psm.instances import split_instances
-from wsi_psm.preprocess import to_network_input
 from wsi_psm.psm.train import one_cycle
+from wsi_psm.segmenter.crops import DeviceCrops, Sample, sample_batch
 from wsi_psm.segmenter.network import DIST, FG, SegEnsemble, Segmenter, SegNet
-from wsi_psm.stain import Stain, default_stain_matrix, rgb_to_od, stain_channels
+from wsi_psm.stain import Stain, stain_channels
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]
 
@@ -44,16 +39,6 @@ Progress = Callable[[int, int, float], None]
 # The read-out that gives the refinement's teacher points: fixed (not the inference defaults, which
 # were tuned later on the finished net), so the shipped model stays what this fit makes.
 TEACHER_READOUT = {"fg_threshold": 0.5, "marker_h": 0.0, "shrink_um": 0.0, "merge_solidity": 0.0}
-
-
-@dataclass
-class Sample:
-    """One training image at the processing resolution with its targets (all the same H x W)."""
-
-    image: np.ndarray  # uint8 (H, W, 3)
-    fg: np.ndarray  # float32 in [0, 1]
-    dist: np.ndarray  # float32 in [0, 1]
-    weight: np.ndarray | None = None  # float32 >= 0; None = all ones
 
 
 def distance_target(labels: np.ndarray) -> np.ndarray:
@@ -81,146 +66,6 @@ def sample_from_labels(
     return Sample(image, (labels > 0).astype(np.float32), distance_target(labels), weight)
 
 
-# ------------------------------------------------------------------------------------- augmentation
-
-_HE = default_stain_matrix("he")
-_M = np.vstack([_HE, np.cross(_HE[0], _HE[1]) / np.linalg.norm(np.cross(_HE[0], _HE[1]))]).astype(
-    np.float32
-)
-_M_INV = np.linalg.inv(_M).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class _JitterDraw:
-    """One crop's random colour-jitter numbers (:func:`colour_jitter`), drawn apart from its
-    arithmetic: a batch's draws are made in order on one Generator, then its crops are jittered in
-    threads, so the random stream and the batch are the same as one crop after another."""
-
-    alpha: np.ndarray  # per stain: amount factor
-    beta: np.ndarray  # per stain: shift
-    contrast: float
-    brightness: float
-    saturation: float
-    blur: float | None  # Gaussian sigma, px
-    noise: np.ndarray | None  # additive, the crop's shape
-
-
-def _draw_jitter(rng: np.random.Generator, shape: tuple[int, ...], s: float) -> _JitterDraw:
-    alpha = rng.uniform(1 - 0.35 * s, 1 + 0.35 * s, size=3).astype(np.float32)
-    beta = rng.uniform(-0.05 * s, 0.05 * s, size=3).astype(np.float32)
-    contrast = rng.uniform(1 - 0.2 * s, 1 + 0.2 * s)
-    brightness = rng.uniform(-15, 15) * s
-    saturation = rng.uniform(1 - 0.3 * s, 1 + 0.3 * s)
-    blur = rng.uniform(0.3, 1.2) if rng.random() < 0.25 * s else None
-    noise = rng.normal(0, rng.uniform(2, 8), size=shape) if rng.random() < 0.25 * s else None
-    return _JitterDraw(alpha, beta, contrast, brightness, saturation, blur, noise)
-
-
-def _apply_jitter(rgb: np.ndarray, j: _JitterDraw) -> np.ndarray:
-    od = rgb_to_od(rgb)
-    conc = od @ _M_INV
-    conc = conc * j.alpha + j.beta
-    od = np.maximum(conc @ _M, 0.0)
-    img = 256.0 * np.power(10.0, -od) - 1.0
-    # brightness / contrast around the mean, saturation against the grey value
-    mean = img.mean()
-    img = (img - mean) * j.contrast + mean + j.brightness
-    grey = img.mean(axis=-1, keepdims=True)
-    img = grey + (img - grey) * j.saturation
-    if j.blur is not None:
-        img = ndi.gaussian_filter(img, (j.blur, j.blur, 0))
-    if j.noise is not None:
-        img = img + j.noise
-    return np.clip(img, 0, 255).round().astype(np.uint8)
-
-
-def colour_jitter(rgb: np.ndarray, rng: np.random.Generator, strength: float = 1.0) -> np.ndarray:
-    """A randomly restained copy of a uint8 RGB crop (stain amounts, brightness, contrast, saturation)."""
-    return _apply_jitter(rgb, _draw_jitter(rng, rgb.shape, strength))
-
-
-@functools.cache
-def _jitter_pool() -> ThreadPoolExecutor:
-    # numpy releases the GIL on whole-crop arithmetic: beside a GPU, whose training step takes a
-    # few ms, jittering a batch's crops one after another on one core was most of a step
-    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="wsi-psm-jitter")
-
-
-def _affine_batch(
-    x: torch.Tensor, y: torch.Tensor, out: int, rng: np.random.Generator, scale: tuple[float, float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random rotation / flip / scale per sample, the same for image and targets; centre ``out``^2."""
-    b, _, h, w = x.shape
-    theta = np.zeros((b, 2, 3), np.float32)
-    for i in range(b):
-        a = rng.uniform(0, 2 * math.pi)
-        s = math.exp(rng.uniform(math.log(scale[0]), math.log(scale[1])))
-        f = -1.0 if rng.random() < 0.5 else 1.0
-        # output pixel grid spans out px; in input normalised coords that is out/w * s
-        sx, sy = out / w / s, out / h / s
-        c, si = math.cos(a), math.sin(a)
-        theta[i] = [[c * sx * f, -si * sy, 0.0], [si * sx * f, c * sy, 0.0]]
-    grid = F.affine_grid(
-        torch.from_numpy(theta).to(x.device), [b, 1, out, out], align_corners=False
-    )
-    xo = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    yo = F.grid_sample(y, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return xo, yo
-
-
-def _cut(a: np.ndarray, box: tuple[slice, slice], win: int) -> np.ndarray:
-    """``a[box]``, reflect-padded to ``win`` x ``win`` when the image is smaller than the window."""
-    c = a[box]
-    if c.shape[0] < win or c.shape[1] < win:
-        pad = [(0, win - c.shape[0]), (0, win - c.shape[1])] + [(0, 0)] * (c.ndim - 2)
-        c = np.pad(c, pad, mode="reflect")
-    return c
-
-
-def sample_batch(
-    samples: Sequence[Sample],
-    rng: np.random.Generator,
-    batch: int,
-    crop: int,
-    *,
-    colour: float = 1.0,
-    scale: tuple[float, float] = (0.8, 1.25),
-    pool: Executor | None = None,
-    device: torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of augmented crops: inputs (B, 3, crop, crop) and targets (B, 3, crop, crop) =
-    (foreground, distance, weight), on ``device`` (the warp runs there: beside a GPU the CPU only
-    cuts and jitters). The crops' colour jitter runs on ``pool`` (default: a shared thread pool);
-    the batch does not depend on it."""
-    # read a window large enough that any rotation at the smallest scale stays inside it
-    win = math.ceil(crop * math.sqrt(2) / scale[0]) + 2
-    imgs = np.empty((batch, win, win, 3), np.uint8)
-    tg = np.empty((batch, 3, win, win), np.float32)
-    draws: list[_JitterDraw] = []
-    for i in range(batch):
-        s = samples[rng.integers(len(samples))]
-        h, w = s.fg.shape
-        y0 = rng.integers(max(h - win, 0) + 1)
-        x0 = rng.integers(max(w - win, 0) + 1)
-        box = (slice(y0, y0 + win), slice(x0, x0 + win))
-
-        imgs[i] = _cut(s.image, box, win)
-        if colour > 0:
-            draws.append(_draw_jitter(rng, imgs[i].shape, colour))
-        tg[i, 0] = _cut(s.fg, box, win)
-        tg[i, 1] = _cut(s.dist, box, win)
-        tg[i, 2] = 1.0 if s.weight is None else _cut(s.weight, box, win)
-    if draws:
-
-        def jitter(i: int) -> None:
-            imgs[i] = _apply_jitter(imgs[i], draws[i])
-
-        list((pool or _jitter_pool()).map(jitter, range(batch)))
-    x = to_network_input(imgs, device)
-    y = torch.from_numpy(tg) if device is None else torch.from_numpy(tg).to(device)
-    return _affine_batch(x, y, crop, rng, scale)
-
-
 # ------------------------------------------------------------------------------------------ loss
 
 
@@ -241,6 +86,20 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 # ------------------------------------------------------------------------------------------ fit
 
 
+def _fits_on_device(samples: Sequence[Sample], device: torch.device) -> bool:
+    """Whether the samples take under a quarter of ``device``'s free memory (CUDA; other devices:
+    yes). A fit on thousands of large images makes its crops on the CPU instead."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    need = sum(s.nbytes for s in samples)
+    if need <= free / 4:
+        return True
+    log.info("training crops made on the CPU: the samples (%.1f GB) would take over a quarter "
+             "of the GPU's free memory", need / 1e9)  # fmt: skip
+    return False
+
+
 def fit_segmenter(
     samples: Sequence[Sample],
     *,
@@ -256,26 +115,38 @@ def fit_segmenter(
     device: torch.device | None = None,
     init: SegNet | None = None,
     progress: Progress | None = None,
+    device_crops: bool | None = None,
 ) -> SegNet:
-    """Train a :class:`SegNet` (or continue ``init``) on ``samples``: Adam, one-cycle cosine lr."""
+    """Train a :class:`SegNet` (or continue ``init``) on ``samples``: Adam, one-cycle cosine lr.
+
+    ``device_crops``: make the crops on ``device`` (:class:`DeviceCrops`); None = on any device but
+    the CPU, when the samples fit in a quarter of its free memory."""
     device = device or torch.device("cpu")
     if not samples:
         raise ValueError("fit_segmenter needs at least one training sample")
     rng = np.random.default_rng(seed)
+    if device_crops is None:
+        device_crops = device.type != "cpu" and _fits_on_device(samples, device)
+    crops = DeviceCrops(samples, device, seed=seed) if device_crops else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = init if init is not None else SegNet(width=width, depth=depth)
-    # channels-last on a CPU: oneDNN's convolutions train ~1.35x faster in it (one step at batch 8
-    # of 128² crops, 2 cores: 175 -> 125 ms); another float path than the plain layout, so a fit's
-    # weights are not bit-identical across the two (the shipped file predates it). CUDA keeps the
-    # plain layout (training in it not measured there; the GPU fit waits on the crops anyway).
-    layout = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    # channels-last: one step at batch 8 of 128² crops trains ~1.35x faster in it, on 2 CPU cores
+    # (oneDNN: 175 -> 125 ms) as on an H200 (cuDNN: 10.7 -> 8.1 ms); another float path than the
+    # plain layout, so a fit's weights are not bit-identical across the two (the shipped file
+    # predates it). Other devices (MPS) keep the plain layout: not measured there.
+    layout = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
     net = net.to(device).to(memory_format=layout).train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = one_cycle(opt, lr, steps)
     t0 = time.perf_counter()
     for step in range(steps):
-        x, y = sample_batch(samples, rng, batch, crop, colour=colour, scale=scale, device=device)
+        if crops is not None:
+            x, y = crops.batch(rng, batch, crop, colour=colour, scale=scale)
+        else:
+            x, y = sample_batch(
+                samples, rng, batch, crop, colour=colour, scale=scale, device=device
+            )
         loss = segmentation_loss(net(x.contiguous(memory_format=layout)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -379,7 +250,7 @@ def voronoi_sample(
     a threshold-like pseudo mask do not carry over. Instances for the distance target: the nucleus
     pixels of each Voronoi cell.
     """
-    from sklearn.cluster import KMeans
+    from wsi_psm.clustering import fit_kmeans
 
     h, w = image.shape[:2]
     seeds = np.zeros((h, w), np.int32)
@@ -398,9 +269,9 @@ def voronoi_sample(
     feats = np.concatenate([od, (np.minimum(dist, trunc) / trunc).reshape(-1, 1)], axis=1)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(feats), min(len(feats), 50000), replace=False)
-    km = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(feats[pick])
-    cl = km.predict(feats).reshape(h, w)
-    order = np.argsort(km.cluster_centers_[:, -1])  # by distance to the points
+    cents = fit_kmeans(feats[pick], 3, n_init=3, seed=seed).cluster_centers_
+    cl = np.argmin([((feats - c) ** 2).sum(axis=1) for c in cents], axis=0).reshape(h, w)
+    order = np.argsort(cents[:, -1])  # by distance to the points
     disc = ndi.binary_dilation(seeds > 0, iterations=max(1, round(point_radius_um / mpp)))
     nuc = ((cl == order[0]) & ~edges) | disc
     nuc = ndi.binary_fill_holes(nuc) & ~edges
