@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
-import os
 import sys
 import time
 from collections import Counter, deque
@@ -30,6 +29,7 @@ import numpy as np
 from .allocator import tune_malloc
 from .atomic import OutputFolder, check_writable, remove_stale_temps
 from .config import RunConfig
+from .cores import usable_cores
 from .export import (
     CellBlock,
     CellRecord,
@@ -257,7 +257,7 @@ def decode_workers(cfg: RunConfig, on_gpu: bool) -> int:
     to keep it fed (a quarter of the cores, 2 to 8), the rest left to post-processing."""
     if cfg.tiles.decode_workers:
         return cfg.tiles.decode_workers
-    return min(8, max(2, (os.cpu_count() or 2) // 4)) if on_gpu else 2
+    return min(8, max(2, usable_cores() // 4)) if on_gpu else 2
 
 
 def _post_pool(cfg: RunConfig, work: TileWork, on_gpu: bool) -> tuple[Executor, int, bool]:
@@ -265,7 +265,7 @@ def _post_pool(cfg: RunConfig, work: TileWork, on_gpu: bool) -> tuple[Executor, 
     processes when a GPU does the network and the CPU cores would otherwise sit behind the GIL."""
     processes = cfg.tiles.post_mode == "processes" or (cfg.tiles.post_mode == "auto" and on_gpu)
     n = cfg.tiles.post_workers or (
-        max(1, min((os.cpu_count() or 2) - decode_workers(cfg, on_gpu) - 1, 12))
+        max(1, min(usable_cores() - decode_workers(cfg, on_gpu) - 1, 12))
         if processes
         else decode_workers(cfg, on_gpu)
     )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from scipy import ndimage as ndi
 from torch.nn import functional as F
 
+from wsi_psm.cores import usable_cores
 from wsi_psm.preprocess import OFFSET, SCALE, to_network_input
 from wsi_psm.stain import default_stain_matrix, rgb_to_od
 
@@ -163,7 +163,7 @@ def _apply_jitter_batch(
 def _jitter_pool() -> ThreadPoolExecutor:
     # numpy releases the GIL on whole-crop arithmetic: beside a GPU, whose training step takes a
     # few ms, jittering a batch's crops one after another on one core was most of a step
-    return ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="wsi-psm-jitter")
+    return ThreadPoolExecutor(min(8, usable_cores()), thread_name_prefix="wsi-psm-jitter")
 
 
 def _affine_batch(
