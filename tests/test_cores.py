@@ -37,3 +37,23 @@ def test_gpu_run_pools_are_sized_from_the_usable_cores(monkeypatch, cores, decod
         assert (n, processes) == (post, True)
     finally:
         pool.shutdown()
+
+
+def test_torch_threads_capped_at_the_usable_cores(monkeypatch) -> None:
+    """A container's CPU quota (which torch does not read) caps torch's threads when a command
+    picks its device; a larger count never raises them."""
+    import torch
+
+    import wsi_psm.device as device
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(device, "usable_cores", lambda: 1)
+        device.select_device("cpu")
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(device, "usable_cores", lambda: 64)
+        device.select_device("cpu")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from wsi_psm.cores import usable_cores
 from wsi_psm.errors import WsiPsmError
 
 
@@ -16,13 +17,24 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+def cap_torch_threads() -> None:
+    """torch's CPU threads at most the usable cores (:func:`usable_cores`). torch follows the
+    affinity mask but not a container's CPU quota: in a pod limited to 4 CPUs on a 64-core node it
+    would run 32-64 threads on 4 CPUs' time, throttled."""
+    n = usable_cores()
+    if torch.get_num_threads() > n:
+        torch.set_num_threads(n)
+
+
 def select_device(spec: str = "auto") -> torch.device:
-    """Resolve ``spec`` ("auto", "cpu", "cuda", "cuda:N", "mps") to an available ``torch.device``.
+    """Resolve ``spec`` ("auto", "cpu", "cuda", "cuda:N", "mps") to an available ``torch.device``
+    (and cap torch's CPU threads at the usable cores).
 
     "auto" prefers CUDA, then MPS, then CPU. An explicit choice that this machine cannot honour raises
     :class:`DeviceError` (a ``WsiPsmError``) rather than silently falling back, so a run that was
     asked to use a GPU never quietly takes hours on a CPU.
     """
+    cap_torch_threads()
     s = (spec or "auto").strip().lower()
     if s == "auto":
         if torch.cuda.is_available():
