@@ -57,3 +57,15 @@ def test_torch_threads_capped_at_the_usable_cores(monkeypatch) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_usable_cores_do_not_depend_on_joblib_multiprocessing() -> None:
+    """joblib.cpu_count says 1 wherever joblib's multiprocessing is off; the count used here does
+    not."""
+    env = {**os.environ, "JOBLIB_MULTIPROCESSING": "0"}
+    code = "from wsi_psm.cores import usable_cores; print(usable_cores())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert int(out.stdout) == len(os.sched_getaffinity(0))

@@ -357,20 +357,109 @@ def test_fit_with_crops_made_on_the_device_learns() -> None:
     assert maps[0][labels > 0].mean() > maps[0][labels == 0].mean() + 0.2
 
 
+def test_cpu_batches_are_those_the_shipped_model_was_fitted_on() -> None:
+    """sample_batch's stream is pinned (sums of one seeded batch, as 3813df1 made it): a change to
+    the draws or their order would make the CPU fit another fit than the shipped model's."""
+    img, labels = synthetic_tile(96)
+    x, y = sample_batch([sample_from_labels(img, labels)], np.random.default_rng(7), 4, 48)
+    assert float(x.double().sum()) == pytest.approx(14365.0790, rel=1e-6)
+    assert float(x.double().abs().sum()) == pytest.approx(16083.7503, rel=1e-6)
+    assert float(y.double().sum()) == pytest.approx(10446.0589, rel=1e-6)
+
+
+def off_square_samples() -> list:
+    """Samples smaller than a 48-px crop's window in one side or both, or one pixel wide."""
+    out = []
+    for h, w in [(20, 200), (200, 33), (40, 40), (1, 120)]:
+        img, labels = synthetic_tile(max(h, w))
+        out.append(sample_from_labels(img[:h, :w].copy(), labels[:h, :w].copy()))
+    return out
+
+
 @pytest.mark.parametrize("size", [96, 40])
 def test_device_crops_without_jitter_are_the_cpu_batches(size: int) -> None:
     """Cut and warped on the device, the batch is sample_batch's exactly (the same draws), a
-    weight map and an image smaller than the window (reflect-padded) included."""
+    weight map and images smaller than the window (reflect-padded) included."""
     img, labels = synthetic_tile(size)
     weighted = sample_from_labels(
         img, labels, weight=np.linspace(0, 1, size * size).reshape(size, -1).astype(np.float32)
     )
-    samples = [sample_from_labels(img, labels), weighted]
+    samples = [sample_from_labels(img, labels), weighted, *off_square_samples()]
     crops = DeviceCrops(samples, CPU)
-    for seed in range(3):
+    for seed in range(6):
         a = sample_batch(samples, np.random.default_rng(seed), 5, 48, colour=0.0)
         b = crops.batch(np.random.default_rng(seed), 5, 48, colour=0.0)
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_jittered_device_crops_are_the_cpu_batches(monkeypatch) -> None:
+    """With colour jitter (crops drawn without noise, so both streams stay together): the same
+    windows, warps and targets as sample_batch, the images within one grey level; and the jitter
+    did change them."""
+    from dataclasses import replace
+
+    import wsi_psm.segmenter.crops as crops_mod
+
+    draw = crops_mod._draw_jitter
+    monkeypatch.setattr(
+        crops_mod, "_draw_jitter",
+        lambda rng, shape, s: replace(draw(rng, None, s), noise_sigma=None, noise=None),
+    )  # fmt: skip
+    img, labels = synthetic_tile(96)
+    samples = [sample_from_labels(img, labels), *off_square_samples()]
+    crops = DeviceCrops(samples, CPU)
+    for seed in range(4):
+        xa, ya = sample_batch(samples, np.random.default_rng(seed), 6, 48, colour=1.0)
+        xb, yb = crops.batch(np.random.default_rng(seed), 6, 48, colour=1.0)
+        plain, _ = crops.batch(np.random.default_rng(seed), 6, 48, colour=0.0)
+        assert torch.equal(ya, yb)
+        assert (xa - xb).abs().max() <= 1 / 127.5 + 1e-6
+        assert (xb - plain).abs().mean() > 0.02
+
+
+def test_device_crops_add_noise(monkeypatch) -> None:
+    """A crop drawn with noise gets it, at its sigma (grey levels; the warp smooths it a little)."""
+    from dataclasses import replace
+
+    import wsi_psm.segmenter.crops as crops_mod
+
+    draw = crops_mod._draw_jitter
+
+    def with_sigma(sigma):
+        return lambda rng, shape, s: replace(draw(rng, None, s), noise_sigma=sigma, noise=None)
+
+    img, labels = synthetic_tile(96)
+    flat = np.full_like(img, 128)  # mid-grey: no clipping
+    samples = [sample_from_labels(flat, labels)]
+    monkeypatch.setattr(crops_mod, "_draw_jitter", with_sigma(None))
+    clean, _ = DeviceCrops(samples, CPU).batch(np.random.default_rng(0), 4, 48)
+    monkeypatch.setattr(crops_mod, "_draw_jitter", with_sigma(6.0))
+    noisy, _ = DeviceCrops(samples, CPU).batch(np.random.default_rng(0), 4, 48)
+    std = float((noisy - clean).std()) * 127.5
+    assert 2.0 < std < 6.5
+
+
+def test_device_crops_make_no_float64_tensors() -> None:
+    """MPS has no float64: the device path (jitter, blur, warp) creates none."""
+    from torch.overrides import TorchFunctionMode
+
+    class NoDouble(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                self.seen.add(getattr(func, "__name__", str(func)))
+            return out
+
+    img, labels = synthetic_tile(96)
+    crops = DeviceCrops([sample_from_labels(img, labels)], CPU)
+    with NoDouble() as mode:
+        for seed in range(4):  # blurred and noisy crops among them
+            crops.batch(np.random.default_rng(seed), 8, 48)
+    assert not mode.seen
 
 
 def test_device_jitter_is_the_cpu_jitter() -> None:

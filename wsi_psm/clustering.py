@@ -148,12 +148,18 @@ def _large_regions(mask: np.ndarray, min_px: float) -> np.ndarray:
     return mask & large[lab]
 
 
+def one_openmp_thread() -> threadpool_limits:
+    """A scope in which scikit-learn's k-means runs on one OpenMP thread. Its problems here are
+    small (at most a few hundred thousand rows of 2-6 features): on a 16-core GPU machine its 16
+    threads, beside torch's spinning ones, took 4x the 2-core machine's time (BCData's 83 fits:
+    20 s against 5 s), and on the 2-core machine one thread is as fast as two
+    (benchmarks/README.md)."""
+    return threadpool_limits(1, user_api="openmp")
+
+
 def fit_kmeans(x: np.ndarray, k: int, *, n_init: int, seed: int) -> KMeans:
-    """scikit-learn's k-means on one OpenMP thread. The fits here are small (at most a few hundred
-    thousand rows of 2-6 features): on a 16-core GPU machine its 16 threads, beside torch's
-    spinning ones, took 4x the 2-core machine's time (BCData's 83 fits: 20 s against 5 s), and
-    on the 2-core machine one thread is as fast as two (benchmarks/README.md)."""
-    with threadpool_limits(1, user_api="openmp"):
+    """scikit-learn's k-means, on one OpenMP thread (:func:`one_openmp_thread`)."""
+    with one_openmp_thread():
         return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
 
 

@@ -12,8 +12,10 @@ Two ways to make a batch, with the same arithmetic:
   pool), warped by torch. Bit-reproducible on one CPU type: the shipped model was fitted this way.
 - :class:`DeviceCrops` (a fit on a GPU): the samples are copied to the device once, and every
   batch is cut, jittered and warped there. Made on the CPU, a batch took ~20-65 ms of one core
-  while the GPU's training step takes a few: the fit waited on the crops (GPU 5% busy). The
-  random numbers are the same draws, except the noise, which the device makes itself.
+  while the GPU's training step takes a few: the fit waited on the crops (GPU 5% busy). It draws
+  the same numbers in the same order from the numpy Generator, but not the noise arrays (a
+  229² crop's noise is ~2.5 ms of one core), which a torch Generator makes on the device: its
+  stream parts from :func:`sample_batch`'s at the first noisy crop.
 """
 
 from __future__ import annotations
@@ -113,9 +115,9 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     """``scipy.ndimage.gaussian_filter(img, (sigma, sigma, 0))`` for one (H, W, 3) float crop:
     the same kernel (truncated at 4 sigma) and borders (``reflect``: the edge pixel repeated)."""
     r = int(4.0 * sigma + 0.5)
-    t = torch.arange(-r, r + 1, device=img.device, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = (k / k.sum()).to(img.dtype)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    # (built in numpy: MPS has no float64)
+    k = torch.as_tensor(k / k.sum(), dtype=img.dtype, device=img.device)
     x = img.permute(2, 0, 1)[None]  # (1, 3, H, W)
     for dim in (2, 3):
         n = x.shape[dim]
@@ -253,9 +255,9 @@ def sample_batch(
 
 class DeviceCrops:
     """The samples held on ``device``, each batch cut, jittered and warped there (:func:`sample_batch`
-    otherwise). The same draws from ``rng`` as :func:`sample_batch` but the noise, which comes
-    from a torch Generator on the device seeded with ``seed``: with ``colour=0`` the batches are
-    :func:`sample_batch`'s; with jitter they match it to float rounding but for the noise."""
+    otherwise). The draws from ``rng`` are :func:`sample_batch`'s but the noise arrays, which come
+    from a torch Generator on the device seeded with ``seed``: with ``colour=0``, or crops without
+    noise, the batches are :func:`sample_batch`'s (to float rounding once jittered)."""
 
     def __init__(self, samples: Sequence[Sample], device: torch.device, *, seed: int = 0) -> None:
         if not samples:
@@ -266,7 +268,8 @@ class DeviceCrops:
         self.targets = []
         for s in samples:
             w = np.ones_like(s.fg) if s.weight is None else s.weight
-            self.targets.append(torch.from_numpy(np.stack([s.fg, s.dist, w])).to(device))
+            tg = np.stack([s.fg, s.dist, w]).astype(np.float32, copy=False)
+            self.targets.append(torch.from_numpy(tg).to(device))
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     @staticmethod
@@ -275,6 +278,8 @@ class DeviceCrops:
         dy, dx = hw_dims
         c = a.narrow(dy, y0, min(win, a.shape[dy] - y0)).narrow(dx, x0, min(win, a.shape[dx] - x0))
         for dim in hw_dims:
+            if c.shape[dim] == 1:  # (np.pad repeats a lone pixel)
+                c = torch.cat([c] * win, dim)
             while c.shape[dim] < win:  # np.pad reflects again off the new edge when a pass is short
                 n = min(win - c.shape[dim], c.shape[dim] - 1)
                 c = torch.cat([c, c.narrow(dim, c.shape[dim] - 1 - n, n).flip(dim)], dim)

@@ -8,7 +8,7 @@ The training crops and their augmentation are :mod:`wsi_psm.segmenter.crops`'s.
 
 Seeded: crops and jitter come from a numpy Generator and the weights from a forked torch RNG, so a
 fit with the same seed, data and config gives the same weights on CPU. On a GPU the crops are made
-on the device (:class:`DeviceCrops`): the same draws but the noise, and another float path.
+on the device (:class:`DeviceCrops`: its noise from a torch Generator, another float path).
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def voronoi_sample(
     a threshold-like pseudo mask do not carry over. Instances for the distance target: the nucleus
     pixels of each Voronoi cell.
     """
-    from wsi_psm.clustering import fit_kmeans
+    from wsi_psm.clustering import fit_kmeans, one_openmp_thread
 
     h, w = image.shape[:2]
     seeds = np.zeros((h, w), np.int32)
@@ -269,9 +269,10 @@ def voronoi_sample(
     feats = np.concatenate([od, (np.minimum(dist, trunc) / trunc).reshape(-1, 1)], axis=1)
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(feats), min(len(feats), 50000), replace=False)
-    cents = fit_kmeans(feats[pick], 3, n_init=3, seed=seed).cluster_centers_
-    cl = np.argmin([((feats - c) ** 2).sum(axis=1) for c in cents], axis=0).reshape(h, w)
-    order = np.argsort(cents[:, -1])  # by distance to the points
+    km = fit_kmeans(feats[pick], 3, n_init=3, seed=seed)
+    with one_openmp_thread():
+        cl = km.predict(feats).reshape(h, w)
+    order = np.argsort(km.cluster_centers_[:, -1])  # by distance to the points
     disc = ndi.binary_dilation(seeds > 0, iterations=max(1, round(point_radius_um / mpp)))
     nuc = ((cl == order[0]) & ~edges) | disc
     nuc = ndi.binary_fill_holes(nuc) & ~edges
