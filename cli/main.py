@@ -163,7 +163,12 @@ SegmentModelOpt = Annotated[
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")]
 SkipOpt = Annotated[
-    bool, typer.Option("--skip-existing", help="Skip slides whose output folder exists.")
+    bool,
+    typer.Option(
+        "--skip-existing",
+        help="Skip slides whose folder holds a finished output (its summary.json and the files it "
+        "lists); anything else at that path is an error for that slide.",
+    ),
 ]
 StainOpt = Annotated[
     Literal["auto", "he", "ihc-dab"] | None,
@@ -393,8 +398,9 @@ def run(
                 failed.append(s.name)
                 continue
             counts = ", ".join(f"{k} {v}" for k, v in sorted(res.counts.items())) or "no cells"
+            on = res.summary["model"].get("device", "")
             console.print(
-                f"{s.name}: {res.cells} cells ({counts}) -> {res.out_dir}", highlight=False
+                f"{s.name}: {res.cells} cells ({counts}) on {on} -> {res.out_dir}", highlight=False
             )
         completed = True
     finally:  # the finished slides' rows, also when a stop (Ctrl-C) or an error ends the run
@@ -519,7 +525,8 @@ def batch(
         int,
         typer.Option(
             "--threads-per-worker",
-            help="Local cluster: slides each worker runs at once; also its torch threads.",
+            help="Local cluster: slides each worker runs at once, sharing this many torch "
+            "threads (on a CPU, keep slides at once at about half the cores).",
             min=1,
         ),
     ] = 2,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,8 @@ def test_outputs_meet_the_contract(cmu_run):
     assert 0.3 < summary["tissue_area_mm2"] < 1.65  # the slide is 1.64 mm², partly glass
     # thousands of nuclei on this slide
     assert cmu_run.cells > 2000
+    # what the network ran on, as the run's line says it
+    assert re.fullmatch(r"cpu \(\d+ threads\)|cuda:\d+ \(.+\)|mps", summary["model"]["device"])
 
 
 def test_slide_cells_come_from_the_downstream_network(cmu_run, quick_model):

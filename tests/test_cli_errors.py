@@ -660,7 +660,12 @@ def test_run_stopped_keeps_the_finished_slides_rows(tmp_path, capsys, monkeypatc
         if Path(path).stem == "b":
             raise KeyboardInterrupt
         _fake_summary(Path(out_dir), 7)
-        return type("Run", (), {"cells": 7, "counts": {"Nucleus": 7}, "out_dir": out_dir})
+        summary = {"model": {"device": "cpu (2 threads)"}}
+        return type(
+            "Run",
+            (),
+            {"cells": 7, "counts": {"Nucleus": 7}, "out_dir": out_dir, "summary": summary},
+        )
 
     monkeypatch.setattr(wsi_psm.pipeline, "process_slide", process)
     code, _, _ = _run(["run", str(slides), "-o", str(tmp_path / "out"), "-q"], capsys)

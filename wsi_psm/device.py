@@ -26,6 +26,16 @@ def cap_torch_threads() -> None:
         torch.set_num_threads(n)
 
 
+def device_label(device: torch.device) -> str:
+    """What a run says it ran on: "cpu (2 threads)", "cuda:0 (NVIDIA H200)", "mps"."""
+    if device.type == "cuda":
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
 def select_device(spec: str = "auto") -> torch.device:
     """Resolve ``spec`` ("auto", "cpu", "cuda", "cuda:N", "mps") to an available ``torch.device``
     (and cap torch's CPU threads at the usable cores).

@@ -37,6 +37,7 @@ class SlideOutcome:
     seconds: float = 0.0
     error: str | None = None
     skipped: bool = False
+    device: str = ""  # what the slide ran on (device.device_label)
 
 
 def process_slide_task(
@@ -66,7 +67,10 @@ def process_slide_task(
                             backend=backend, overwrite=overwrite)  # fmt: skip
     except WsiPsmError as err:
         return SlideOutcome(name, path, out_dir, error=str(err), seconds=time.perf_counter() - t0)
-    return SlideOutcome(name, path, out_dir, res.cells, res.counts, time.perf_counter() - t0)
+    return SlideOutcome(
+        name, path, out_dir, res.cells, res.counts, time.perf_counter() - t0,
+        device=res.summary["model"].get("device", ""),
+    )  # fmt: skip
 
 
 def _torch_threads() -> None:
@@ -274,7 +278,10 @@ def _run_on_cluster(
                 if report_failures:
                     report(f"{s.name}: error: {out.error.removeprefix(s.name + ': ')}")
             else:
-                report(f"{s.name}: {out.cells} cells in {out.seconds:.0f} s -> {out.out_dir}")
+                report(
+                    f"{s.name}: {out.cells} cells in {out.seconds:.0f} s on {out.device} "
+                    f"-> {out.out_dir}"
+                )
         stopping = False
     finally:
         with shielded(stopping):

@@ -565,7 +565,7 @@ def process_slide(
     ctx = prepare_slide(path, cfg, mpp=mpp, backend=backend)
     try:
         check_writable(out_dir)  # the slide is fine: can its outputs be written, before the work?
-        from .device import select_device
+        from .device import device_label, select_device
         from .fit import fit_cell_classes, fit_model_on_context
         from .inference import make_predictor
         from .magnification import ScaleChoosingPredictor, check_slide_magnification, magnified_run
@@ -588,6 +588,7 @@ def process_slide(
                 log.warning(warning)
                 model_info["stain_warning"] = warning
         model_info["provenance"] = model.provenance
+        model_info["device"] = device_label(device)
         predictor, annotator, extras = make_predictor(model, device=device, cfg=cfg)
         run_ctx, run_cfg = ctx, cfg
         # the magnification check was measured on the shipped network only
