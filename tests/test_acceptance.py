@@ -215,7 +215,8 @@ def test_dicom_gives_the_same_cells_as_svs(cmu_run, quick_model, tmp_path):
     _check_cmu_output(tmp_path / "dicom")
 
 
-def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path):
+def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path, monkeypatch):
+    import wsi_psm.distributed
     from wsi_psm.atomic import host_tag
     from wsi_psm.demo import write_demo_slide
     from wsi_psm.discovery import find_slides
@@ -229,9 +230,22 @@ def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path):
     cfg = CONTRACT.with_updates(**{"tiles.core_um": 128.0})
     slides = find_slides([slides_dir])
     out = tmp_path / "out"
-    results = run_batch(slides, out, cfg, model_path=quick_model, n_workers=2, threads_per_worker=1)
+    said: list[str] = []
+    # as if on one core: the two slides at once are more than it has, and the batch says so
+    monkeypatch.setattr(wsi_psm.distributed, "usable_cores", lambda: 1)
+    results = run_batch(
+        slides, out, cfg, model_path=quick_model, n_workers=2, threads_per_worker=1,
+        report=said.append,
+    )  # fmt: skip
     by_name = {r.name: r for r in results}
-    # an H&E model on an IHC field finds few cells; this test is about the batch mechanics
+    assert said[:2] == [
+        "3 slide(s) sent to a local cluster: 2 at a time",
+        "warning: 2 slides at once on 1 usable core(s), about 2 GB of memory each: fewer at once "
+        "(--n-workers x --threads-per-worker) is usually faster",
+    ]
+    # a line per finished slide, with what it ran on
+    ran = [line for line in said if line.startswith("a: ")]
+    assert len(ran) == 1 and re.search(r" on (cpu \(\d+ threads\)|cuda:\d+ \(.+\)|mps) -> ", ran[0])
     assert by_name["a"].cells > 10 and by_name["b"].cells == by_name["a"].cells
     assert by_name["broken"].error and "broken.svs" in by_name["broken"].error
     assert (out / "a" / "summary.json").exists() and not (out / "broken").exists()

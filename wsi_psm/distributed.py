@@ -20,6 +20,7 @@ from typing import Any
 
 from .atomic import make_dirs, process_gone, remove_made, remove_stale_temps, write_error
 from .config import RunConfig
+from .cores import usable_cores
 from .counts_table import check_counts_table, finished_output, write_slides_table
 from .discovery import SlideInput
 from .errors import ClusterStartError, InvalidArgumentError, WsiPsmError
@@ -262,6 +263,13 @@ def _run_on_cluster(
             slots = sum(client.nthreads().values())
             where = "a local cluster" if cluster is not None else scheduler
             report(f"{len(todo)} slide(s) sent to {where}: {slots} at a time")
+            cores = usable_cores()
+            if cluster is not None and slots > cores:  # (a remote cluster's cores are its own)
+                report(
+                    f"warning: {slots} slides at once on {cores} usable core(s), about 2 GB of "
+                    "memory each: fewer at once (--n-workers x --threads-per-worker) is usually "
+                    "faster"
+                )
         for fut in as_completed(futures):
             s = futures[fut]
             try:
