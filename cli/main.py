@@ -172,7 +172,11 @@ SkipOpt = Annotated[
 ]
 StainOpt = Annotated[
     Literal["auto", "he", "ihc-dab"] | None,
-    typer.Option("--stain", help="Stain (auto: detected per slide or image)."),
+    typer.Option(
+        "--stain",
+        help="Stain (auto: detected per slide or image). With --model, a slide judged another "
+        "stain than the model's is refused unless --stain says it is the model's.",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 GzipOpt = Annotated[bool | None, typer.Option("--gzip/--no-gzip", help="Write cells.geojson.gz.")]

@@ -227,7 +227,8 @@ def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path, monkeypatch
     write_demo_slide(slides_dir / "a.tiff")
     write_demo_slide(slides_dir / "b.tiff")
     (slides_dir / "broken.svs").write_text("not a slide")
-    cfg = CONTRACT.with_updates(**{"tiles.core_um": 128.0})
+    # (the demo slides are Ki-67 and the quick model H&E: declared H&E so that they are taken)
+    cfg = CONTRACT.with_updates(**{"tiles.core_um": 128.0, "stain": "he"})
     slides = find_slides([slides_dir])
     out = tmp_path / "out"
     said: list[str] = []
@@ -291,7 +292,8 @@ def test_a_stopped_batch_leaves_finished_slides_and_no_temporary_folders(quick_m
     slides_dir.mkdir()
     for name in ("a", "b"):
         write_demo_slide(slides_dir / f"{name}.tiff")
-    cfg = CONTRACT.with_updates(**{"tiles.core_um": 128.0})
+    # (the demo slides are Ki-67 and the quick model H&E: declared H&E so that they are taken)
+    cfg = CONTRACT.with_updates(**{"tiles.core_um": 128.0, "stain": "he"})
     out = tmp_path / "out"
 
     def stop_at_first_slide(line: str) -> None:
@@ -309,10 +311,13 @@ def test_a_stopped_batch_leaves_finished_slides_and_no_temporary_folders(quick_m
     assert sorted(pd.read_csv(out / "summary.csv")["name"]) == finished
 
 
-def test_a_model_on_a_slide_of_another_stain_is_flagged(cmu_run, quick_model, tmp_path, caplog):
-    """The H&E model of CMU-1 on the Ki-67 demo slide: one warning line, kept in the summary; the
-    same model on its own kind of slide: none."""
+def test_a_model_on_a_slide_of_another_stain_is_refused(cmu_run, quick_model, tmp_path, caplog):
+    """The H&E model of CMU-1 on the Ki-67 demo slide: refused in one line, nothing written (its
+    Positive index would mean nothing); declared another stain than the model's: refused;
+    declared the model's stain with --stain, it goes ahead with one line in the log and the
+    summary. The same model on its own kind of slide: nothing said."""
     from wsi_psm.demo import DEMO_MPP, write_demo_slide
+    from wsi_psm.errors import StainMismatchError
     from wsi_psm.model import ModelBundle
 
     model = ModelBundle.load(quick_model)
@@ -321,8 +326,20 @@ def test_a_model_on_a_slide_of_another_stain_is_flagged(cmu_run, quick_model, tm
         "stain_warning" not in json.loads((cmu_run.out_dir / "summary.json").read_text())["model"]
     )
     ihc = write_demo_slide(tmp_path / "demo-ihc.tiff")
+    with pytest.raises(StainMismatchError) as err:
+        process_slide(ihc, tmp_path / "out", CONTRACT, model=model, mpp=DEMO_MPP)
+    assert str(err.value).startswith("demo-ihc looks ihc-dab but the model was fitted on he")
+    assert "pass --stain he if the slide is he" in str(err.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(StainMismatchError, match="--stain ihc-dab, but the model was fitted on he"):
+        process_slide(
+            ihc, tmp_path / "out", CONTRACT.with_updates(stain="ihc-dab"), model=model,
+            mpp=DEMO_MPP,
+        )  # fmt: skip
     with caplog.at_level("WARNING", logger="wsi_psm.pipeline"):
-        res = process_slide(ihc, tmp_path / "out", CONTRACT, model=model, mpp=DEMO_MPP)
+        res = process_slide(
+            ihc, tmp_path / "out", CONTRACT.with_updates(stain="he"), model=model, mpp=DEMO_MPP
+        )
     warning = res.summary["model"]["stain_warning"]
-    assert warning.startswith("demo-ihc looks ihc-dab but the model was fitted on he tissue")
+    assert warning == "demo-ihc looks ihc-dab; taken as he (--stain), as the model was fitted"
     assert [r.getMessage() for r in caplog.records] == [warning]

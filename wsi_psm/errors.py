@@ -53,6 +53,10 @@ class MixedStainError(WsiPsmError):
     """One model was asked to fit slides of more than one stain (its stages assume one)."""
 
 
+class StainMismatchError(WsiPsmError):
+    """A slide's stain is not the one the model given for it was fitted on."""
+
+
 class ClusterStartError(WsiPsmError):
     """A local Dask cluster for a batch run could not be started."""
 

@@ -515,18 +515,31 @@ def build_summary(
     }
 
 
-def model_stain_warning(ctx: SlideContext, model_stain: str) -> str | None:
-    """One line when the slide's stain (judged on its thumbnail) is not the one a model was fitted
-    on: its activation net, pseudo-mask clustering, network and classes all assume that stain, so
-    e.g. an H&E model on a Ki-67 slide finds and names cells by the wrong colours."""
+def check_model_stain(ctx: SlideContext, model_stain: str, declared: str) -> str | None:
+    """Refuse a slide whose stain is not the one the model was fitted on: its activation net,
+    pseudo-mask clustering, network and classes all assume that stain, so e.g. a Ki-67 model on an
+    H&E slide would put a meaningless Positive index in the cohort table. The stain is judged on
+    the thumbnail (eosin's pink: the H&E and Ki-67 sets measured lie far apart, stain.detect_stain)
+    unless the run declares it (``declared``, from ``--stain``): declared as the model's, the slide
+    goes ahead, with one line (returned) when it looks otherwise. Raises StainMismatchError."""
+    from .errors import StainMismatchError
+
+    name = ctx.slide.name
+    if declared not in ("auto", model_stain):
+        raise StainMismatchError(
+            f"{name}: --stain {declared}, but the model was fitted on {model_stain} tissue: fit a "
+            f"model on {declared} slides, or run without --model"
+        )
     slide_stain = detect_stain(ctx.thumbnail)
     if slide_stain == model_stain:
         return None
-    return (
-        f"{ctx.slide.name} looks {slide_stain} but the model was fitted on {model_stain} tissue: "
-        f"its cells and classes assume {model_stain} (fit a model on {slide_stain} slides, or run "
-        "without --model)"
-    )
+    if declared == "auto":
+        raise StainMismatchError(
+            f"{name} looks {slide_stain} but the model was fitted on {model_stain} tissue, so its "
+            f"cells and classes would mean nothing: fit a model on {slide_stain} slides, run "
+            f"without --model, or pass --stain {model_stain} if the slide is {model_stain}"
+        )
+    return f"{name} looks {slide_stain}; taken as {model_stain} (--stain), as the model was fitted"
 
 
 def process_slide(
@@ -558,12 +571,14 @@ def process_slide(
         raise OutputExistsError(
             f"output exists: {out_dir} (use --overwrite to replace it, or --skip-existing)"
         )
+    declared = cfg.stain  # (a model's own stain replaces it in the run's configuration)
     if model is not None:
         cfg = model_run_config(cfg, model.config)
     # the slide's checks (unreadable, no mpp, fluorescence, no tissue) come first, in about a
     # second: they need neither torch nor a device
     ctx = prepare_slide(path, cfg, mpp=mpp, backend=backend)
     try:
+        stain_note = None if model is None else check_model_stain(ctx, model.stain, declared)
         check_writable(out_dir)  # the slide is fine: can its outputs be written, before the work?
         from .device import device_label, select_device
         from .fit import fit_cell_classes, fit_model_on_context
@@ -583,10 +598,9 @@ def process_slide(
             model_info = {"source": "fitted on this slide"}
         else:
             model_info = {"source": "model file"}
-            warning = model_stain_warning(ctx, model.stain)
-            if warning is not None:
-                log.warning(warning)
-                model_info["stain_warning"] = warning
+            if stain_note is not None:
+                log.warning(stain_note)
+                model_info["stain_warning"] = stain_note
         model_info["provenance"] = model.provenance
         model_info["device"] = device_label(device)
         predictor, annotator, extras = make_predictor(model, device=device, cfg=cfg)
