@@ -174,8 +174,8 @@ StainOpt = Annotated[
     Literal["auto", "he", "ihc-dab"] | None,
     typer.Option(
         "--stain",
-        help="Stain (auto: detected per slide or image). With --model, a slide judged another "
-        "stain than the model's is refused unless --stain says it is the model's.",
+        help="Stain (auto: detected per slide or image). run and batch with --model refuse a "
+        "slide judged another stain than the model's, unless this declares the model's stain.",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -365,8 +365,8 @@ def run(
     OUTPUT/summary.csv (a row per slide: cells per class, Positive index, density). Without --model,
     each slide is fitted on itself, label-free: an H&E slide gets the shipped segmentation network,
     and only its stain vectors and cell classes are fitted (seconds); an IHC slide gets the PSM,
-    pseudo masks and a segmentation network trained on them (4-11 minutes on 2 CPU cores, a
-    minute or two on a GPU), then its Positive / Negative rule.
+    pseudo masks and a segmentation network trained on them (3-11 minutes on 2 CPU cores, about a
+    minute on a GPU), then its Positive / Negative rule.
     """
     from wsi_psm.atomic import remove_stale_temps
     from wsi_psm.counts_table import check_counts_table, finished_output
@@ -530,7 +530,7 @@ def batch(
         typer.Option(
             "--threads-per-worker",
             help="Local cluster: slides each worker runs at once, sharing this many torch "
-            "threads (on a CPU, keep slides at once at about half the cores).",
+            "threads (on a CPU, keep slides at once at most the usable cores).",
             min=1,
         ),
     ] = 2,
@@ -647,8 +647,8 @@ def segment(
     OUTPUT/summary.csv gets a row per image: cells per class, Positive index, cells per mm².
 
     Without --model: H&E images go through the network shipped with wsi-psm; IHC images (which it
-    was not trained on) get a network fitted on themselves, label-free (4-11 minutes on 2 CPU
-    cores, 1-2 on a GPU). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
+    was not trained on) get a network fitted on themselves, label-free (3-11 minutes on 2 CPU
+    cores, about a minute on a GPU, whatever the number of images). Cell classes (IHC Positive/Negative, H&E groups) are fitted on the
     images' own cells (a --model's own classes of the images' stain are used instead); a mix of
     stains is segmented stain by stain. segmenter.default_model in
     --config changes the route (shipped, fit, none).

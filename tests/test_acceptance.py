@@ -86,7 +86,9 @@ def test_outputs_meet_the_contract(cmu_run):
     # thousands of nuclei on this slide
     assert cmu_run.cells > 2000
     # what the network ran on, as the run's line says it
-    assert re.fullmatch(r"cpu \(\d+ threads\)|cuda:\d+ \(.+\)|mps", summary["model"]["device"])
+    assert re.fullmatch(
+        r"cpu \(\d+ threads\)|cuda:\d+ \(.+\)|mps(:\d+)?", summary["model"]["device"]
+    )
 
 
 def test_slide_cells_come_from_the_downstream_network(cmu_run, quick_model):
@@ -246,7 +248,9 @@ def test_batch_on_dask_distributed_and_resume(quick_model, tmp_path, monkeypatch
     ]
     # a line per finished slide, with what it ran on
     ran = [line for line in said if line.startswith("a: ")]
-    assert len(ran) == 1 and re.search(r" on (cpu \(\d+ threads\)|cuda:\d+ \(.+\)|mps) -> ", ran[0])
+    assert len(ran) == 1 and re.search(
+        r" on (cpu \(\d+ threads\)|cuda:\d+ \(.+\)|mps(:\d+)?) -> ", ran[0]
+    )
     assert by_name["a"].cells > 10 and by_name["b"].cells == by_name["a"].cells
     assert by_name["broken"].error and "broken.svs" in by_name["broken"].error
     assert (out / "a" / "summary.json").exists() and not (out / "broken").exists()
@@ -328,10 +332,10 @@ def test_a_model_on_a_slide_of_another_stain_is_refused(cmu_run, quick_model, tm
     ihc = write_demo_slide(tmp_path / "demo-ihc.tiff")
     with pytest.raises(StainMismatchError) as err:
         process_slide(ihc, tmp_path / "out", CONTRACT, model=model, mpp=DEMO_MPP)
-    assert str(err.value).startswith("demo-ihc looks ihc-dab but the model was fitted on he")
+    assert str(err.value).startswith("demo-ihc: looks ihc-dab but the model was fitted on he")
     assert "pass --stain he if the slide is he" in str(err.value)
     assert not (tmp_path / "out").exists()
-    with pytest.raises(StainMismatchError, match="--stain ihc-dab, but the model was fitted on he"):
+    with pytest.raises(StainMismatchError, match=r"stain is ihc-dab .*, but the model was fitted"):
         process_slide(
             ihc, tmp_path / "out", CONTRACT.with_updates(stain="ihc-dab"), model=model,
             mpp=DEMO_MPP,
@@ -341,5 +345,8 @@ def test_a_model_on_a_slide_of_another_stain_is_refused(cmu_run, quick_model, tm
             ihc, tmp_path / "out", CONTRACT.with_updates(stain="he"), model=model, mpp=DEMO_MPP
         )
     warning = res.summary["model"]["stain_warning"]
-    assert warning == "demo-ihc looks ihc-dab; taken as he (--stain), as the model was fitted"
+    assert warning == (
+        "demo-ihc: looks ihc-dab; taken as he, the run's stain (--stain or --config), as the "
+        "model was fitted"
+    )
     assert [r.getMessage() for r in caplog.records] == [warning]

@@ -263,10 +263,10 @@ def _run_on_cluster(
             slots = sum(client.nthreads().values())
             where = "a local cluster" if cluster is not None else scheduler
             report(f"{len(todo)} slide(s) sent to {where}: {slots} at a time")
-            cores = usable_cores()
-            if cluster is not None and slots > cores:  # (a remote cluster's cores are its own)
+            cores, at_once = usable_cores(), min(slots, len(todo))
+            if cluster is not None and at_once > cores:  # (a remote cluster's cores are its own)
                 report(
-                    f"warning: {slots} slides at once on {cores} usable core(s), about 2 GB of "
+                    f"warning: {at_once} slides at once on {cores} usable core(s), about 2 GB of "
                     "memory each: fewer at once (--n-workers x --threads-per-worker) is usually "
                     "faster"
                 )

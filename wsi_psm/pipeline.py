@@ -520,26 +520,30 @@ def check_model_stain(ctx: SlideContext, model_stain: str, declared: str) -> str
     pseudo-mask clustering, network and classes all assume that stain, so e.g. a Ki-67 model on an
     H&E slide would put a meaningless Positive index in the cohort table. The stain is judged on
     the thumbnail (eosin's pink: the H&E and Ki-67 sets measured lie far apart, stain.detect_stain)
-    unless the run declares it (``declared``, from ``--stain``): declared as the model's, the slide
+    unless the run declares it (``declared``: ``--stain`` or the config file's): declared as the model's, the slide
     goes ahead, with one line (returned) when it looks otherwise. Raises StainMismatchError."""
     from .errors import StainMismatchError
 
     name = ctx.slide.name
     if declared not in ("auto", model_stain):
         raise StainMismatchError(
-            f"{name}: --stain {declared}, but the model was fitted on {model_stain} tissue: fit a "
-            f"model on {declared} slides, or run without --model"
+            f"{name}: the run's stain is {declared} (--stain or --config), but the model was "
+            f"fitted on {model_stain} tissue: fit a model on {declared} slides, or run without "
+            "--model"
         )
     slide_stain = detect_stain(ctx.thumbnail)
     if slide_stain == model_stain:
         return None
     if declared == "auto":
         raise StainMismatchError(
-            f"{name} looks {slide_stain} but the model was fitted on {model_stain} tissue, so its "
+            f"{name}: looks {slide_stain} but the model was fitted on {model_stain} tissue, so its "
             f"cells and classes would mean nothing: fit a model on {slide_stain} slides, run "
             f"without --model, or pass --stain {model_stain} if the slide is {model_stain}"
         )
-    return f"{name} looks {slide_stain}; taken as {model_stain} (--stain), as the model was fitted"
+    return (
+        f"{name}: looks {slide_stain}; taken as {model_stain}, the run's stain (--stain or "
+        "--config), as the model was fitted"
+    )
 
 
 def process_slide(

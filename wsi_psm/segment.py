@@ -590,7 +590,7 @@ def _segment_images(
         rows += skipped
         return []
     model_stain = getattr(model, "stain", None)
-    if model_stain is not None and model_stain != cfg.stain:  # as `run --model` warns
+    if model_stain is not None and model_stain != cfg.stain:  # (`run --model` refuses a slide)
         log.warning(
             "%d image(s) look %s but the model was fitted on %s tissue: its cells and classes "
             "assume %s (fit a model on %s images, or segment without --model)",
