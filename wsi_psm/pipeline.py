@@ -520,8 +520,9 @@ def check_model_stain(ctx: SlideContext, model_stain: str, declared: str) -> str
     pseudo-mask clustering, network and classes all assume that stain, so e.g. a Ki-67 model on an
     H&E slide would put a meaningless Positive index in the cohort table. The stain is judged on
     the thumbnail (eosin's pink: the H&E and Ki-67 sets measured lie far apart, stain.detect_stain)
-    unless the run declares it (``declared``: ``--stain`` or the config file's): declared as the model's, the slide
-    goes ahead, with one line (returned) when it looks otherwise. Raises StainMismatchError."""
+    unless the run declares it (``declared``: ``--stain`` or the config file's): declared as the
+    model's, the slide goes ahead, with one line (returned) when it looks otherwise. Raises
+    StainMismatchError."""
     from .errors import StainMismatchError
 
     name = ctx.slide.name

@@ -61,7 +61,7 @@ _M_INV = np.linalg.inv(_M).astype(np.float32)
 class _JitterDraw:
     """One crop's random colour-jitter numbers (:func:`colour_jitter`), drawn apart from its
     arithmetic: a batch's draws are made in order on one Generator, then its crops are jittered in
-    threads (or on the device), so the random stream does not depend on where the arithmetic runs."""
+    threads (or on the device), so a CPU batch does not depend on the threads that jitter it."""
 
     alpha: np.ndarray  # per stain: amount factor
     beta: np.ndarray  # per stain: shift
