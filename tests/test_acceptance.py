@@ -22,9 +22,9 @@ import shapely
 from conftest import DATA, data_path
 
 from wsi_psm.config import RunConfig
-from wsi_psm.export import load_schema
 from wsi_psm.fit import fit_model_on_slides
 from wsi_psm.pipeline import process_slide
+from wsi_psm.summary import load_schema
 
 pytestmark = pytest.mark.acceptance
 

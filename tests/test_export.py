@@ -1,4 +1,4 @@
-"""export: streamed GeoJSON + GeoParquet with the same cells, summary.json, overlay, atomic folder."""
+"""export (cells: GeoJSON + GeoParquet), summary.json, overlay, the atomic output folder."""
 
 from __future__ import annotations
 
@@ -28,20 +28,21 @@ from wsi_psm.export import (
     CellRecord,
     GeoJSONWriter,
     GeoParquetWriter,
-    OverlayRenderer,
     PreparedCell,
-    class_counts_summary,
-    config_json_schema,
-    load_schema,
     pack_cells,
     prepare_cell,
     prepare_cells,
-    render_overlay,
+)
+from wsi_psm.overlay import OverlayRenderer, render_overlay
+from wsi_psm.polygons import MEASUREMENT_NAMES, labels_to_polygons, polygon_measurements
+from wsi_psm.summary import (
+    class_counts_summary,
+    config_json_schema,
+    load_schema,
     software_versions,
     utc_now_iso,
     write_summary,
 )
-from wsi_psm.polygons import MEASUREMENT_NAMES, labels_to_polygons, polygon_measurements
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK_CELLS = ROOT.parent / "shared" / "tools" / "check_cells.py"
@@ -445,7 +446,7 @@ def test_config_schema_file_matches_runconfig():
     committed = json.loads((ROOT / "schemas" / "config.schema.json").read_text())
     assert committed == config_json_schema(), (
         "schemas/config.schema.json is stale; regenerate with "
-        "python -c 'from wsi_psm.export import write_config_schema; write_config_schema()'"
+        "python -c 'from wsi_psm.summary import write_config_schema; write_config_schema()'"
     )
     jsonschema.Draft202012Validator.check_schema(committed)
     jsonschema.validate(RunConfig().to_dict(), committed)

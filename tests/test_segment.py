@@ -18,7 +18,6 @@ from test_segmenter import synthetic_tile
 from wsi_psm.config import RunConfig
 from wsi_psm.errors import MissingMppError, ModelError, OutputExistsError
 from wsi_psm.evaluation import rasterise_features
-from wsi_psm.export import load_schema
 from wsi_psm.networks import (
     DEFAULT_MODEL,
     load_segmenter,
@@ -30,6 +29,7 @@ from wsi_psm.pipeline import ShapeOnly
 from wsi_psm.segment import SegmentInputError, model_classes, output_paths, segment_images
 from wsi_psm.segmenter.network import SegNet, save_segmenter
 from wsi_psm.segmenter.train import fit_segmenter, sample_from_labels
+from wsi_psm.summary import load_schema
 
 CFG = RunConfig().with_updates(**{"segmenter.tta": False, "device": "cpu"})
 

@@ -1,6 +1,6 @@
-"""Writing one slide's results: cells as streamed GeoJSON and GeoParquet, summary.json, overlay.png,
-written into an output folder that appears under its final name only when complete
-(:class:`wsi_psm.atomic.OutputFolder`).
+"""Writing one slide's cells: streamed GeoJSON and GeoParquet, with the same ids and geometry.
+(summary.json: :mod:`wsi_psm.summary`; overlay.png: :mod:`wsi_psm.overlay`; the output folder that
+appears under its final name only when complete: :class:`wsi_psm.atomic.OutputFolder`.)
 
 Contract (DESIGN.md "Outputs"): every cell is a Feature with a UUID ``id``, a Polygon in level-0 px and
 ``properties = {"objectType": "detection", "classification": {"name", "color"}, "measurements": {..}}``;
@@ -11,41 +11,27 @@ hold the same cells with the same ids and the same (rounded) geometry.
 from __future__ import annotations
 
 import gzip as _gzip
-import importlib.metadata
-import importlib.resources
 import json
 import math
 import os
-import platform
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
-from functools import cache
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
-from PIL import Image, ImageDraw
 from shapely.geometry import Polygon
 
 from wsi_psm import __version__
-from wsi_psm.config import RunConfig
+from wsi_psm.overlay import Outline, overlay_outlines, ring_bounds
 
-JSON_SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
-SUMMARY_SCHEMA_VERSION = "1.0"
 # Namespace of the deterministic cell ids (uuid5); changing it changes every id ever written.
 CELL_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "wsi-psm:cell")
-# errno values that mean "this output cannot be written here" rather than a bug.
-
-
-# --------------------------------------------------------------------------------------------------
-# cells
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,9 +186,9 @@ def _prepare_cells(
             cells[i] = replace(cells[i], polygon=snap_polygon(cells[i].polygon, decimals))
         return _prepare_cells(cells, slide_key, decimals, overlay_scale, snapped=True)
     wkbs = shapely.to_wkb(rounded)
-    lo, hi = _ring_bounds(xy, starts)
+    lo, hi = ring_bounds(xy, starts)
     outlines = (
-        None if overlay_scale is None else _overlay_outlines(xy_raw, starts, ends, overlay_scale)
+        None if overlay_scale is None else overlay_outlines(xy_raw, starts, ends, overlay_scale)
     )
     out = []
     for i, cell in enumerate(cells):
@@ -642,282 +628,15 @@ class GeoParquetWriter(_CellSink):
                 self._writer = None
 
 
-# --------------------------------------------------------------------------------------------------
-# schemas and summary.json
-
-
-@cache
-def load_schema(name: str) -> dict[str, Any]:
-    """A shipped JSON Schema by short name: "cells", "summary" or "config" (cached: do not mutate)."""
-    text = importlib.resources.files("wsi_psm.schemas").joinpath(f"{name}.schema.json").read_text()
-    return json.loads(text)
-
-
-@cache
-def config_json_schema() -> dict[str, Any]:
-    """The run-config schema as generated from :class:`RunConfig` (what config.schema.json holds;
-    runs validate against this live one, a test keeps the file equal to it)."""
-    return {"$schema": JSON_SCHEMA_DRAFT, **RunConfig.model_json_schema()}
-
-
-def write_config_schema(path: str | os.PathLike[str] | None = None) -> Path:
-    """Regenerate schemas/config.schema.json after RunConfig changes (a test checks they agree)."""
-    target = (
-        Path(path)
-        if path
-        else Path(__file__).resolve().parents[1] / "schemas" / "config.schema.json"
-    )
-    target.write_text(json.dumps(config_json_schema(), indent=2, ensure_ascii=False) + "\n")
-    return target
-
-
-def software_versions() -> dict[str, str | None]:
-    """Versions for summary.json, read from package metadata (nothing heavy is imported);
-    ``openslide`` is the OpenSlide C library as shipped by openslide-bin."""
-    dists = {
-        "numpy": "numpy",
-        "scipy": "scipy",
-        "scikit-image": "scikit-image",
-        "scikit-learn": "scikit-learn",
-        "torch": "torch",
-        "dask": "dask",
-        "shapely": "shapely",
-        "geopandas": "geopandas",
-        "pyarrow": "pyarrow",
-        "rasterio": "rasterio",
-        "openslide-python": "openslide-python",
-        "openslide": "openslide-bin",
-        "tiffslide": "tiffslide",
-        "tifffile": "tifffile",
-        "pillow": "pillow",
-        "pydantic": "pydantic",
-    }
-    out: dict[str, str | None] = {"wsi_psm": __version__, "python": platform.python_version()}
-    for key, dist in dists.items():
-        try:
-            out[key] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[key] = None
-    return out
-
-
-def utc_now_iso() -> str:
-    """The current time as ISO 8601 with offset, as summary.json's ``created`` wants."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def class_counts_summary(
-    counts: Mapping[str, int],
-    colors: Mapping[str, Sequence[int]],
-    tissue_area_mm2: float,
-) -> dict[str, dict[str, Any]]:
-    """summary.json's ``class_counts``: per class its count, fraction of all cells, density per mm²
-    of tissue (0 when there is no tissue area) and colour."""
-    total = sum(counts.values())
-    return {
-        name: {
-            "count": int(n),
-            "fraction": n / total if total else 0.0,
-            "density_per_mm2": n / tissue_area_mm2 if tissue_area_mm2 > 0 else 0.0,
-            "color": [int(v) for v in colors[name]],
-        }
-        for name, n in counts.items()
-    }
-
-
-def _schema_error(what: str, err: jsonschema.ValidationError) -> ValueError:
-    where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-    return ValueError(f"{what} does not match its schema at {where}: {err.message}")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> Path:
-    """Validate ``summary`` against schemas/summary.schema.json (and its ``config`` against
-    config.schema.json) and write it as indented JSON. ``schema_version`` is filled in when absent;
-    numpy scalars and arrays, tuples and paths are accepted and written as plain JSON.
-
-    Raises ValueError (a programming error, not a user's) when the content breaks the schema, when
-    ``created`` is not ISO 8601 with an offset, or when the class counts do not add up to
-    ``cells_total``.
-    """
-    try:
-        text = json.dumps(
-            {"schema_version": SUMMARY_SCHEMA_VERSION, **summary},
-            indent=2,
-            ensure_ascii=False,
-            allow_nan=False,
-            default=_json_default,
-        )
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"summary.json cannot be written as JSON: {err}") from None
-    data = json.loads(text)
-    err = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(load_schema("summary")).iter_errors(data)
-    )
-    if err is not None:
-        raise _schema_error("summary.json", err)
-    err = jsonschema.exceptions.best_match(
-        jsonschema.Draft202012Validator(config_json_schema()).iter_errors(data["config"])
-    )
-    if err is not None:
-        raise _schema_error("summary.json config", err)
-    try:
-        datetime.fromisoformat(data["created"].replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"summary.json created={data['created']!r} is not ISO 8601") from None
-    counted = sum(c["count"] for c in data["class_counts"].values())
-    if counted != data["cells_total"]:
-        raise ValueError(
-            f"summary.json class counts add up to {counted}, cells_total is {data['cells_total']}"
-        )
-    out = Path(path)
-    out.write_text(text + "\n", encoding="utf-8")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# overlay.png
-
-
-# a cell on the overlay: its bounding box and the (n, 2) points to draw (one point: a dot), in
-# thumbnail px; one array, not n tuples, so it crosses from a worker process cheaply
-Outline = tuple[tuple[float, float, float, float], np.ndarray]
-
-
-def overlay_outline(polygon: Polygon, scale: float) -> Outline:
-    """A cell's exterior in thumbnail px (``scale`` level-0 px each); cells under about a pixel
-    become their mean point, so dense slides still show their classes."""
-    xy = shapely.get_coordinates(polygon.exterior)
-    return _overlay_outlines(xy, np.array([0]), np.array([len(xy)]), scale)[0]
-
-
-def _ring_bounds(xy: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per ring (points ``xy[starts[i]:starts[i + 1]]``) the (n, 2) minima and maxima of x, y."""
-    lo = np.stack([np.minimum.reduceat(xy[:, k], starts) for k in (0, 1)], axis=1)
-    hi = np.stack([np.maximum.reduceat(xy[:, k], starts) for k in (0, 1)], axis=1)
-    return lo, hi
-
-
-def _overlay_outlines(
-    xy: np.ndarray, starts: np.ndarray, ends: np.ndarray, scale: float
-) -> list[Outline]:
-    """:func:`overlay_outline` of the exteriors ``xy[starts[i]:ends[i]]`` (level-0 px)."""
-    xy = xy / scale
-    lo, hi = _ring_bounds(xy, starts)
-    dot = (hi[:, 0] - lo[:, 0] < 1.5) & (hi[:, 1] - lo[:, 1] < 1.5)
-    out: list[Outline] = []
-    for i, (a, b) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-        box = (float(lo[i, 0]), float(lo[i, 1]), float(hi[i, 0]), float(hi[i, 1]))
-        out.append((box, xy[a:b].mean(axis=0, keepdims=True) if dot[i] else xy[a:b]))
-    return out
-
-
-class OverlayRenderer:
-    """Draw cells onto a slide thumbnail one at a time (nothing but the image is kept).
-
-    ``scale``: level-0 px per thumbnail px. Thumbnails larger than ``max_side`` are shrunk first.
-    Cells are filled in their class colour at ``fill_alpha`` with an opaque outline; cells smaller
-    than about a pixel of the thumbnail become a single dot, so dense slides still show their classes.
-    """
-
-    def __init__(
-        self,
-        thumbnail_rgb: np.ndarray,
-        scale: float,
-        *,
-        max_side: int = 2048,
-        fill_alpha: int = 110,
-    ) -> None:
-        img = Image.fromarray(np.asarray(thumbnail_rgb, dtype=np.uint8)).convert("RGB")
-        shrink = max(img.size) / max_side
-        if shrink > 1:
-            size = (max(1, round(img.width / shrink)), max(1, round(img.height / shrink)))
-            scale *= img.width / size[0]
-            img = img.resize(size, Image.Resampling.LANCZOS)
-        self.image = img
-        self.scale = float(scale)
-        self.fill_alpha = fill_alpha
-        self.count = 0
-        self._layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
-        self._draw = ImageDraw.Draw(self._layer)
-
-    def add(self, polygon: Polygon, color: Sequence[int]) -> None:
-        self.add_outline(overlay_outline(polygon, self.scale), color)
-
-    def add_outline(self, outline: Outline, color: Sequence[int]) -> None:
-        """Draw a cell from :func:`overlay_outline` (computed elsewhere, e.g. in a worker)."""
-        (x0, y0, x1, y1), pts = outline
-        if x1 < 0 or y1 < 0 or x0 >= self.image.width or y0 >= self.image.height:
-            return
-        rgb = tuple(int(v) for v in color[:3])
-        flat = pts.ravel().tolist()  # x, y, x, y, ...
-        if len(pts) == 1:
-            self._draw.point(flat, fill=(*rgb, 255))
-        else:
-            self._draw.polygon(flat, fill=(*rgb, self.fill_alpha), outline=(*rgb, 255))
-        self.count += 1
-
-    def add_block(self, block: CellBlock) -> None:
-        """Draw the cells of a :class:`CellBlock` (packed with their outlines)."""
-        o = block.outlines
-        if o is None:
-            raise ValueError("the block was packed without overlay outlines")
-        for k, (box, rgb) in enumerate(zip(o.boxes.tolist(), o.colours.tolist(), strict=True)):
-            self.add_outline((box, o.points[o.offsets[k] : o.offsets[k + 1]]), rgb)
-
-    def add_cell(self, cell: CellRecord) -> None:
-        self.add(cell.polygon, cell.color)
-
-    def to_image(self) -> Image.Image:
-        return Image.alpha_composite(self.image.convert("RGBA"), self._layer).convert("RGB")
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        out = Path(path)
-        self.to_image().save(out, format="PNG", optimize=False)
-        return out
-
-
-def render_overlay(
-    thumbnail_rgb: np.ndarray,
-    cells: Iterable[CellRecord] | Iterable[tuple[Polygon, Sequence[int]]],
-    scale: float,
-    path: str | os.PathLike[str],
-    *,
-    max_side: int = 2048,
-) -> Path:
-    """Write overlay.png: the thumbnail (``scale`` = level-0 px per thumbnail px) with every cell of
-    ``cells`` (CellRecords or (polygon, colour) pairs, consumed lazily) drawn in its class colour."""
-    r = OverlayRenderer(thumbnail_rgb, scale, max_side=max_side)
-    for c in cells:
-        if isinstance(c, CellRecord):
-            r.add_cell(c)
-        else:
-            r.add(c[0], c[1])
-    return r.save(path)
-
-
 __all__ = [
     "CELL_ID_NAMESPACE",
+    "CellBlock",
     "CellRecord",
     "GeoJSONWriter",
     "GeoParquetWriter",
-    "OverlayRenderer",
+    "PreparedCell",
     "cell_id",
-    "class_counts_summary",
-    "config_json_schema",
-    "load_schema",
-    "render_overlay",
-    "software_versions",
-    "utc_now_iso",
-    "write_config_schema",
-    "write_summary",
+    "pack_cells",
+    "prepare_cell",
+    "prepare_cells",
 ]

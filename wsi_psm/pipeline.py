@@ -35,21 +35,18 @@ from .export import (
     CellRecord,
     GeoJSONWriter,
     GeoParquetWriter,
-    OverlayRenderer,
     PreparedCell,
-    class_counts_summary,
     pack_cells,
     prepare_cells,
-    software_versions,
-    utc_now_iso,
-    write_summary,
 )
+from .overlay import OverlayRenderer
 from .polygons import measurement_dicts, polygon_measurements
 from .progress import NullProgress, ProgressHook
 from .slide import Slide, warn_mpp_override
 from .stain import detect_stain
 from .stitching import Candidate, SeamResolver, interior, tile_candidates
 from .stream import stream_batches
+from .summary import class_counts_summary, software_versions, utc_now_iso, write_summary
 from .tiling import Tile, TileGrid, check_input_resolution, check_slide_size, make_grid
 from .tissue import TissueMask, check_input_image, detect_tissue
 
