@@ -278,9 +278,8 @@ def test_objects_of_marking_ink_get_no_payload_and_stay_out_of_the_fit() -> None
     ref = CellClassifier.fit(
         [img], [without], mpp=MPP, stain="he", matrix=default_stain_matrix("he")
     )
-    assert clf.pale == ref.pale and clf.classes == ref.classes
-    if clf.groups is not None:
-        np.testing.assert_allclose(clf.groups.means, ref.groups.means)
+    # (too few cells for groups: the pale rule is the fit that shows it, fitted as without them)
+    assert clf.groups is None and clf.pale is not None and clf.pale == ref.pale
     back = CellClassifier.from_state(json.loads(json.dumps(clf.to_state())))
     assert back.max_ink == clf.max_ink
     polys = labels_to_polygons(labels)
@@ -293,6 +292,7 @@ def test_objects_of_marking_ink_get_no_payload_and_stay_out_of_the_fit() -> None
     assert CellClassifier.from_state({**old, "version": 2}).max_ink is None
     keep = CellClassifier.fit([img], [labels], mpp=MPP, stain="he", matrix=default_stain_matrix("he"),
                               cfg=ClassConfig(max_ink_fraction=None))  # fmt: skip
+    assert keep.pale != clf.pale  # inked objects in the fit move the rule: the equality above tells
     keep.annotate(img, labels, cands, MPP)
     assert {c.label for c in cands if c.payload is None} == pale
     # IHC has no ink rule: its pale haematoxylin can be cyan

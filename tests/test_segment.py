@@ -598,11 +598,19 @@ def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:
     out = tmp_path / "out"
     segment_images([src], out, cfg, mpp=0.5)
     geo, tif = output_paths(src, out)
-    names = [
-        f["properties"]["classification"]["name"] for f in json.loads(geo.read_text())["features"]
-    ]
+    feats = json.loads(geo.read_text())["features"]
+    names = [f["properties"]["classification"]["name"] for f in feats]
+    meas = [f["properties"]["measurements"] for f in feats]
     assert len(names) == tifffile.imread(tif).max() > 100
     assert set(names) == {"Positive", "Negative"}
+    # the names follow the stain: Positive nuclei are the brown ones
+    dab = {
+        c: np.median(
+            [m["Nucleus: DAB OD mean"] for n, m in zip(names, meas, strict=True) if n == c]
+        )
+        for c in ("Positive", "Negative")
+    }
+    assert dab["Positive"] > 2 * dab["Negative"]
 
 
 def test_blank_tiles_beside_ihc_tiles_get_no_cells(tmp_path) -> None:
