@@ -20,6 +20,7 @@ from wsi_psm.errors import MissingMppError, ModelError, OutputExistsError
 from wsi_psm.evaluation import rasterise_features
 from wsi_psm.networks import (
     DEFAULT_MODEL,
+    few_images_note,
     load_segmenter,
     model_mpp,
     resolve_model,
@@ -585,7 +586,17 @@ def test_he_groups_kept_across_calls_with_the_shipped_network(tmp_path, monuseg_
     assert alone[1].read_bytes() == (tmp_path / "all" / "q2_labels.tif").read_bytes()
 
 
-def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:
+def test_a_fit_on_few_images_is_warned_about() -> None:
+    # BCData's 26 tiles (640² at 0.25 µm/px) are enough; 3 of them, or one 1000² tile, are not
+    assert few_images_note([(640, 640)] * 26, 0.25) is None
+    assert few_images_note([(320, 320)] * 26, 0.5) is None  # (the same area, resampled)
+    note = few_images_note([(320, 320)] * 3, 0.5)
+    assert note is not None and "3 image(s), 0.077 mm²" in note
+    assert "\n" not in note and "--save-model" in note
+    assert few_images_note([(1000, 1000)], 0.25) is not None
+
+
+def test_ihc_tiles_get_positive_and_negative_cells(tmp_path, caplog) -> None:
     # the shipped default on IHC: a network fitted on the images (short schedule here), then the
     # label-free classes fitted on the images' cells
     from skimage import data
@@ -596,7 +607,9 @@ def test_ihc_tiles_get_positive_and_negative_cells(tmp_path) -> None:
         **{"psm.fit_steps": 30, "segmenter.fit_steps": 40, "segmenter.refine_rounds": 0}
     )
     out = tmp_path / "out"
-    segment_images([src], out, cfg, mpp=0.5)
+    with caplog.at_level("WARNING", logger="wsi_psm.networks"):
+        segment_images([src], out, cfg, mpp=0.5)
+    assert "the network is fitted on 1 image(s)" in caplog.text  # (0.066 mm²)
     geo, tif = output_paths(src, out)
     feats = json.loads(geo.read_text())["features"]
     names = [f["properties"]["classification"]["name"] for f in feats]

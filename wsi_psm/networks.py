@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -28,6 +29,12 @@ from .slide import Slide
 from .stain import stained_pixels
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default.pt"
+# Image area (mm², at any resolution) under which a fit is warned about. Measured on BCData
+# (0.025 mm² per tile): the 26 tiles of a call (0.67 mm²) fitted 13 at a time lost 0.00-0.03 mean
+# F1 on them, 3 at a time (0.08 mm²) 0.05-0.07 (benchmarks/README.md, "Robustness checks").
+FEW_IMAGES_MM2 = 0.25
+
+log = logging.getLogger(__name__)
 
 
 def load_segmenter(path: str | Path) -> Segmenter:
@@ -93,6 +100,19 @@ def pseudo_masks_per_image(
         )
         masks.append(pm.predict(im, psm))
     return masks
+
+
+def few_images_note(shapes: Sequence[tuple[int, int]], mpp: float) -> str | None:
+    """A one-line warning when a fit is to learn from under :data:`FEW_IMAGES_MM2` of image
+    (``shapes`` in px at ``mpp``), else None."""
+    area = sum(h * w for h, w in shapes) * mpp * mpp / 1e6
+    if area >= FEW_IMAGES_MM2:
+        return None
+    return (
+        f"the network is fitted on {len(shapes)} image(s), {area:.2g} mm² in all: a fit on a few "
+        "tiles is weaker (3 BCData tiles alone: mean F1 0.05-0.07 lower); segment a few dozen "
+        "tiles together, or reuse a model saved from more (--save-model, then --model)"
+    )
 
 
 def fit_on_images(
@@ -253,6 +273,9 @@ def resolve_model(
         sample = fit_sample(paths, cfg)
         images = read_processing_images(sample, cfg, mpp)
         sources = [p.name for p in sample]
+        note = few_images_note([im.shape[:2] for im in images], cfg.target_mpp)
+        if note:
+            log.warning("%s", note)
         bundle = fit_on_images(images, cfg, device=device, progress=progress, sources=sources)
         if fitted is not None:
             fitted.append(bundle)
@@ -326,10 +349,12 @@ def uses_shipped_network(stain: str, cfg: RunConfig) -> bool:
 
 __all__ = [
     "DEFAULT_MODEL",
+    "FEW_IMAGES_MM2",
     "SEGMENTER_COMPONENT",
     "attach_segmenter",
     "bundle_segmenter",
     "default_model",
+    "few_images_note",
     "fit_on_images",
     "fit_sample",
     "fit_start",
