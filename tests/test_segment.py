@@ -594,6 +594,9 @@ def test_a_fit_on_few_images_is_warned_about() -> None:
     assert note is not None and "3 image(s), 0.077 mm²" in note
     assert "\n" not in note and "--save-model" in note
     assert few_images_note([(1000, 1000)], 0.25) is not None
+    # many small tiles, of which the fit samples 64: the sample size is what to raise
+    note = few_images_note([(100, 100)] * 64, 0.5, given=200)
+    assert note is not None and "psm.fit_tiles" in note and "64 of the 200" in note
 
 
 def test_ihc_tiles_get_positive_and_negative_cells(tmp_path, caplog) -> None:

@@ -102,16 +102,21 @@ def pseudo_masks_per_image(
     return masks
 
 
-def few_images_note(shapes: Sequence[tuple[int, int]], mpp: float) -> str | None:
+def few_images_note(
+    shapes: Sequence[tuple[int, int]], mpp: float, given: int | None = None
+) -> str | None:
     """A one-line warning when a fit is to learn from under :data:`FEW_IMAGES_MM2` of image
-    (``shapes`` in px at ``mpp``), else None."""
+    (``shapes`` in px at ``mpp``: the images the fit samples, of ``given``), else None."""
     area = sum(h * w for h, w in shapes) * mpp * mpp / 1e6
     if area >= FEW_IMAGES_MM2:
         return None
+    if given is not None and given > len(shapes):  # many small tiles: the sample is the limit
+        more = f"raise psm.fit_tiles (the fit samples {len(shapes)} of the {given} given)"
+    else:
+        more = "segment a few dozen tiles together, or reuse a model saved from more (--save-model)"
     return (
-        f"the network is fitted on {len(shapes)} image(s), {area:.2g} mm² in all: a fit on a few "
-        "tiles is weaker (3 BCData tiles alone: mean F1 0.05-0.07 lower); segment a few dozen "
-        "tiles together, or reuse a model saved from more (--save-model, then --model)"
+        f"the network is fitted on {len(shapes)} image(s), {area:.3f} mm² in all: a fit on a few "
+        f"tiles is weaker (3 BCData tiles alone: mean F1 0.05-0.07 lower); {more}"
     )
 
 
@@ -273,7 +278,7 @@ def resolve_model(
         sample = fit_sample(paths, cfg)
         images = read_processing_images(sample, cfg, mpp)
         sources = [p.name for p in sample]
-        note = few_images_note([im.shape[:2] for im in images], cfg.target_mpp)
+        note = few_images_note([im.shape[:2] for im in images], cfg.target_mpp, len(paths))
         if note:
             log.warning("%s", note)
         bundle = fit_on_images(images, cfg, device=device, progress=progress, sources=sources)

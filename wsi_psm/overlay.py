@@ -127,10 +127,10 @@ def render_overlay(
     ``cells`` (CellRecords or (polygon, colour) pairs, consumed lazily) drawn in its class colour."""
     r = OverlayRenderer(thumbnail_rgb, scale, max_side=max_side)
     for c in cells:
-        if isinstance(c, tuple):
-            r.add(c[0], c[1])
-        else:
+        if hasattr(c, "polygon"):  # a CellRecord (export's; not imported: export imports this)
             r.add_cell(c)
+        else:
+            r.add(c[0], c[1])
     return r.save(path)
 
 
