@@ -14,6 +14,7 @@ from wsi_psm.stain import (
     estimate_stain_matrix,
     rgb_to_od,
     stain_channels,
+    white_balanced_od,
 )
 
 
@@ -126,6 +127,26 @@ def test_monuseg_stain_estimate_and_detection(monuseg_dir) -> None:
 def test_bcdata_detected_as_dab(bcdata_dir) -> None:
     paths = sorted((bcdata_dir / "images" / "test").glob("*.png"))[:3]
     assert detect_stain([_read_rgb(p) for p in paths]) == "ihc-dab"
+
+
+def _cast(rgb: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
+    return np.clip(rgb * np.array(gains), 0, 255).round().astype(np.uint8)
+
+
+def test_stain_detection_survives_a_scanner_colour_cast(monuseg_dir, bcdata_dir) -> None:
+    """A bluish white balance (red x 0.9, blue x 1.06) took TCGA-21-5786's pink share from
+    0.88 to 0.02 against 255, and `segment` sent it down the Ki-67 route (2 cells, all
+    Positive); against the image's own white it stays H&E. Ki-67 stays Ki-67 under casts too."""
+    import tifffile
+
+    he = tifffile.imread(monuseg_dir / "images" / "TCGA-21-5786-01Z-00-DX1.tif")[..., :3]
+    ihc = [_read_rgb(p) for p in sorted((bcdata_dir / "images" / "test").glob("*.png"))[:3]]
+    for gains in [(0.9, 1.0, 1.06), (1.0, 1.0, 1.0), (1.06, 1.0, 0.9), (0.95, 0.95, 1.0)]:
+        assert detect_stain(_cast(he, gains)) == "he", gains
+        assert detect_stain([_cast(x, gains) for x in ihc]) == "ihc-dab", gains
+    # the cast moves every pixel's OD by one constant, which the sample's own white takes off
+    od = white_balanced_od(_cast(he, (0.9, 1.0, 1.06)))
+    np.testing.assert_allclose(np.median(od, 0), np.median(white_balanced_od(he), 0), atol=0.02)
 
 
 def test_an_image_of_one_colour_gets_the_fixed_vectors() -> None:
