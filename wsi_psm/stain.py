@@ -217,7 +217,9 @@ def detect_stain(rgb_samples: Sequence[np.ndarray] | np.ndarray, *, seed: int = 
     - against the own white the cast comes off (MoNuSeg 0.42-1.00, also with that cast or with the
       stain OD x 0.75 or x 1.3; CMU-1 0.89; BCData 0.02-0.11, 0.03-0.15 with its OD x 0.75), but a
       tile of stroma with no pale pixel has pink tissue as its white, and loses its pink.
-    0.25 lies midway (geometric mean) between 0.15 and 0.42. Nothing stained counts as H&E.
+    0.25 lies midway (geometric mean) between 0.15 and 0.42. Nothing stained counts as H&E. Not
+    handled: a magenta cast (green x 0.9) on Ki-67 shows pink against 255 (24 of the 26 BCData
+    images read as H&E); ``--stain`` overrides.
     """
     raw = _tissue_od(rgb_samples, 100_000, seed)
     if len(raw) < 100:
