@@ -136,12 +136,19 @@ def _cast(rgb: np.ndarray, gains: tuple[float, float, float]) -> np.ndarray:
 def test_stain_detection_survives_a_scanner_colour_cast(monuseg_dir, bcdata_dir) -> None:
     """A bluish white balance (red x 0.9, blue x 1.06) took TCGA-21-5786's pink share from
     0.88 to 0.02 against 255, and `segment` sent it down the Ki-67 route (2 cells, all
-    Positive); against the image's own white it stays H&E. Ki-67 stays Ki-67 under casts too."""
+    Positive); against the image's own white it stays H&E. A magenta one (green x 0.9) made
+    Ki-67 tiles pink against 255; their own white shows their DAB, and they stay Ki-67."""
     import tifffile
 
     he = tifffile.imread(monuseg_dir / "images" / "TCGA-21-5786-01Z-00-DX1.tif")[..., :3]
     ihc = [_read_rgb(p) for p in sorted((bcdata_dir / "images" / "test").glob("*.png"))[:3]]
-    for gains in [(0.9, 1.0, 1.06), (1.0, 1.0, 1.0), (1.06, 1.0, 0.9), (0.95, 0.95, 1.0)]:
+    for gains in [
+        (0.9, 1.0, 1.06),
+        (1.0, 1.0, 1.0),
+        (1.06, 1.0, 0.9),
+        (0.95, 0.95, 1.0),
+        (1.0, 0.9, 1.0),
+    ]:
         assert detect_stain(_cast(he, gains)) == "he", gains
         assert detect_stain([_cast(x, gains) for x in ihc]) == "ihc-dab", gains
     # a tile of pink stroma with no glass has pink tissue as its own white: still H&E (its pink
