@@ -649,9 +649,9 @@ def segment(
     Without --model: H&E images go through the network shipped with wsi-psm; IHC images (which it
     was not trained on) get a network fitted on themselves, label-free (3-11 minutes on 2 CPU
     cores, about a minute on a GPU, whatever the number of images; give a few dozen tiles at once:
-    a fit on a handful is weaker, and says so). Cell classes (IHC
-    Positive/Negative, H&E groups) are fitted on the images' own cells (a --model's own classes of
-    the images' stain are used instead); a mix of stains is segmented stain by stain.
+    a fit on a handful is weaker, and says so). Cell classes (IHC Positive/Negative, H&E groups)
+    are fitted on the images' own cells (a --model's own classes of the images' stain are used
+    instead); a mix of stains is segmented stain by stain.
     segmenter.default_model in --config changes the route (shipped, fit, none).
     A --model runs at the resolution it was trained at (over --target-mpp); the shipped network
     only at its own 0.5 µm/px, so another --target-mpp fits a network on the images.
